@@ -1,0 +1,3 @@
+from diffrobust.cli import main
+
+raise SystemExit(main())

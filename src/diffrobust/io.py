@@ -1,0 +1,51 @@
+"""Atomic writes: everything goes to a temporary file in the target folder, then os.replace() moves it into place,
+so a killed job never leaves a half-written output behind."""
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path next to `path`; rename it to `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    os.chmod(temp, 0o666 & ~_UMASK)  # mkstemp creates 0600 files; outputs should get the usual permissions
+    try:
+        yield Path(temp)
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+
+
+def atomic_write_text(path, text):
+    with atomic_path(path) as temp:
+        temp.write_text(text)
+
+
+def atomic_write_json(path, data):
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def atomic_write_yaml(path, data):
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
+
+
+def atomic_write_npz(path, arrays):
+    with atomic_path(path) as temp:
+        with open(temp, "wb") as handle:
+            np.savez(handle, **arrays)

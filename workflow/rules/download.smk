@@ -1,0 +1,26 @@
+# Checkpoint downloads (paper scale): one job per file of config/checkpoints.yaml, resumable, checksum-verified;
+# the sha256 seen at a first download is recorded in config/checkpoints.lock.yaml and enforced afterwards.
+
+
+rule download_checkpoint:
+    output:
+        "data/checkpoints/{name}/{file}",
+    log:
+        log="logs/download_checkpoint/{name}/{file}.log",
+        record="logs/download_checkpoint/{name}/{file}.run.json",
+    benchmark:
+        "benchmarks/download_checkpoint/{name}/{file}.tsv"
+    wildcard_constraints:
+        name="|".join(sorted(REGISTRY)),
+        file="[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*",
+    localrule: True
+    retries: 1
+    conda:
+        "../envs/diffrobust.yaml"
+    params:
+        arguments=fetch_arguments,
+    message:
+        "Downloading checkpoint file {wildcards.name}/{wildcards.file}"
+    shell:
+        "{DIFFROBUST} fetch {params.arguments} --dest {output} --lock {CHECKPOINT_LOCK}"
+        " --lock-key {wildcards.name}/{wildcards.file} --run-record {log.record} 2> {log.log}"

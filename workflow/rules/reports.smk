@@ -1,0 +1,30 @@
+# Reports: every paper table is a notebook in notebooks/ (jupytext percent script), executed with papermill with
+# parameters from the config, rendered to HTML without code, and registered for `snakemake --report`.
+
+
+rule render_report:
+    input:
+        unpack(report_inputs),
+    output:
+        html=report(
+            f"{RESULTS}/reports/{{notebook}}.html",
+            category="Reports",
+            labels={"preset": PRESET, "notebook": "{notebook}"},
+        ),
+        ipynb=f"{RESULTS}/reports/{{notebook}}.ipynb",
+    log:
+        log=f"{LOGS}/render_report/{{notebook}}.log",
+        record=f"{LOGS}/render_report/{{notebook}}.run.json",
+    benchmark:
+        f"{BENCHMARKS}/render_report/{{notebook}}.tsv"
+    wildcard_constraints:
+        notebook="|".join(CFG["reports"]),
+    conda:
+        "../envs/diffrobust.yaml"
+    params:
+        parameters=report_parameters,
+    message:
+        "Rendering notebooks/{wildcards.notebook}.py for preset " + PRESET
+    shell:
+        "{DIFFROBUST} render-notebook --notebook {input.notebook} --parameters {params.parameters:q}"
+        " --ipynb {output.ipynb} --html {output.html} --run-record {log.record} 2> {log.log}"

@@ -1,7 +1,6 @@
 # Helpers shared by all rules: the merged and validated config, paths, and params built from config.
 # Logic lives in src/diffrobust; this file only translates config into rule inputs and params.
 import json
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ SRC = str(Path(workflow.basedir) / "src")
 # Rules call `python -m diffrobust`; with --use-conda the package is not installed in the rule's env, so put the
 # source tree on the path (harmless in a venv where it is installed in editable mode).
 sys.path.insert(0, SRC)
-os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH")) if p)
+shell.prefix(f"export PYTHONPATH={shlex.quote(SRC)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
 from diffrobust.config import ConfigError, checkpoint_files, load_checkpoint_registry, load_config
 
@@ -28,7 +27,6 @@ RESULTS = f"results/{PRESET}"
 LOGS = f"logs/{PRESET}"
 BENCHMARKS = f"benchmarks/{PRESET}"
 CHECKPOINT_LOCK = "config/checkpoints.lock.yaml"
-DIFFROBUST = "python -m diffrobust"
 
 
 def as_json(value):

@@ -21,7 +21,7 @@ rule download_cifar10:
     message:
         "Downloading the CIFAR-10 python tarball (md5-verified)"
     shell:
-        "{DIFFROBUST} fetch --url {params.url:q} --md5 {params.md5} --size {params.size} --dest {output.tarball}"
+        "python -m diffrobust fetch --url {params.url:q} --md5 {params.md5} --size {params.size} --dest {output.tarball}"
         " --run-record {log.record} 2> {log.log}"
 
 
@@ -47,6 +47,6 @@ rule prepare_dataset:
     message:
         "Preparing the {wildcards.dataset} splits"
     shell:
-        "{DIFFROBUST} prepare-dataset --dataset {wildcards.dataset} --out-dir data/datasets/{wildcards.dataset}"
+        "python -m diffrobust prepare-dataset --dataset {wildcards.dataset} --out-dir data/datasets/{wildcards.dataset}"
         " --settings {params.settings:q} --subsets {params.subsets:q} {params.source}"
         " --run-record {output.record} 2> {log}"

@@ -19,8 +19,9 @@ rule download_checkpoint:
         "../envs/diffrobust.yaml"
     params:
         arguments=fetch_arguments,
+        lock=CHECKPOINT_LOCK,
     message:
         "Downloading checkpoint file {wildcards.name}/{wildcards.file}"
     shell:
-        "{DIFFROBUST} fetch {params.arguments} --dest {output} --lock {CHECKPOINT_LOCK}"
+        "python -m diffrobust fetch {params.arguments} --dest {output} --lock {params.lock}"
         " --lock-key {wildcards.name}/{wildcards.file} --run-record {log.record} 2> {log.log}"

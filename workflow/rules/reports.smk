@@ -24,7 +24,7 @@ rule render_report:
     params:
         parameters=report_parameters,
     message:
-        "Rendering notebooks/{wildcards.notebook}.py for preset " + PRESET
+        f"Rendering notebooks/{{wildcards.notebook}}.py for preset {PRESET}"
     shell:
-        "{DIFFROBUST} render-notebook --notebook {input.notebook} --parameters {params.parameters:q}"
+        "python -m diffrobust render-notebook --notebook {input.notebook} --parameters {params.parameters:q}"
         " --ipynb {output.ipynb} --html {output.html} --run-record {log.record} 2> {log.log}"

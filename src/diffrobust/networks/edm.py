@@ -15,6 +15,7 @@ the network classes and executes it on load. `read_edm_network_pickle` reads suc
 unpickler that never runs that source; it only rebuilds tensors and returns the network's state dict.
 """
 
+import _compat_pickle
 import io
 import pickle
 from collections import OrderedDict
@@ -446,8 +447,9 @@ class VPPrecond(_Preconditioned):
         self.beta_min = beta_min
         self.M = M
         self.epsilon_t = epsilon_t
-        # float32 like EDM's float(self.sigma(epsilon_t)), so the values are identical to theirs (float32 rounding
-        # moves sigma_min by ~1e-3 relative); forced onto the CPU so that building under torch.device("meta") works.
+        # float32 like EDM's float(self.sigma(epsilon_t)), so the values are identical to theirs (in float32
+        # exp(1e-6) - 1 rounds to 2^-20, so sigma_min is 2^-10, 2.4% below the exact 1.00005e-3); forced onto the
+        # CPU so that building under torch.device("meta") works.
         with torch.device("cpu"):
             self.sigma_min = float(self.sigma(epsilon_t))
             self.sigma_max = float(self.sigma(1))
@@ -650,6 +652,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
         self._opaque_classes = {}
 
     def find_class(self, module, name):
+        # Protocols 0-2 write Python 2 names (__builtin__.set); translate them as pickle's own find_class does.
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         if (module, name) in _ALLOWED_GLOBALS:
             return _ALLOWED_GLOBALS[(module, name)]
         if any(module == prefix or module.startswith(prefix + ".") for prefix in _OPAQUE_MODULE_PREFIXES) \

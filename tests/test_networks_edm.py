@@ -1,0 +1,321 @@
+"""NVlabs/edm VPPrecond(SongUNet): state-dict layout of the published CIFAR-10 models, numerical agreement with the
+official code on a small network, the preconditioning formulas, and the restricted reader of EDM's pickles."""
+
+import builtins
+import json
+import math
+import pickle
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch import nn
+from torch.nn import functional as F
+
+from diffrobust.networks import build_network
+from diffrobust.networks import edm
+
+
+def manifest(fixtures_dir, name):
+    return json.loads((fixtures_dir / "architectures" / f"{name}.json").read_text())
+
+
+def registry_entry(repo_root, name):
+    return yaml.safe_load((repo_root / "config" / "checkpoints.yaml").read_text())[name]
+
+
+def layout(module):
+    return [[key, list(value.shape), str(value.dtype).removeprefix("torch.")]
+            for key, value in module.state_dict().items()]
+
+
+@pytest.fixture(scope="module")
+def small(fixtures_dir):
+    """The fixture's small VPPrecond(SongUNet): random N(0, 0.05) weights and the official network's output."""
+    return torch.load(fixtures_dir / "architectures" / "edm_vp_songunet_small.pt", weights_only=True)
+
+
+def small_network(small):
+    net = edm.build_edm_vp_songunet(small["config"])
+    net.load_state_dict(small["state_dict"], strict=True)
+    return net.eval()
+
+
+# --- the published CIFAR-10 networks -------------------------------------------------------------------------------
+
+def test_cond_vp_registry_network_has_the_official_state_dict_layout(fixtures_dir, repo_root):
+    expected = manifest(fixtures_dir, "edm_cifar10_cond_vp_ddpmpp")
+    entry = registry_entry(repo_root, "edm_cifar10_cond_vp")
+    assert entry["architecture"]["config"] == expected["config"]
+    with torch.device("meta"):
+        net = build_network(entry["architecture"])
+    assert isinstance(net, edm.VPPrecond)
+    assert layout(net) == expected["state_dict"]  # keys, order, shapes, dtypes
+    assert sum(p.numel() for p in net.parameters()) == expected["num_params"] == 55_734_147
+
+
+def test_uncond_vp_registry_network_is_the_cond_one_without_label_mapping(fixtures_dir, repo_root):
+    expected = manifest(fixtures_dir, "edm_cifar10_cond_vp_ddpmpp")
+    entry = registry_entry(repo_root, "edm_cifar10_uncond_vp")
+    with torch.device("meta"):
+        net = build_network(entry["architecture"])
+    without_labels = [row for row in expected["state_dict"] if not row[0].startswith("model.map_label.")]
+    assert layout(net) == without_labels
+    # map_label is a 10 -> 128 linear layer: 1280 weights + 128 biases.
+    assert sum(p.numel() for p in net.parameters()) == 55_734_147 - 1408
+
+
+# --- numerical agreement with the official code --------------------------------------------------------------------
+
+def test_small_network_reproduces_the_official_denoiser_output(small):
+    net = small_network(small)
+    with torch.no_grad():
+        out = net(small["x"], small["sigma"], small["class_labels"])
+    assert out.shape == small["out"].shape == (2, 3, 32, 32)
+    assert (out - small["out"]).abs().max().item() < 1e-5
+    # The reference is far from trivial: the denoiser changes its input by much more than the tolerance.
+    assert (small["out"] - small["x"]).abs().max().item() > 0.1
+
+
+def test_class_labels_change_the_output_and_none_means_zero_labels(small):
+    net = small_network(small)
+    x, sigma = small["x"], small["sigma"]
+    with torch.no_grad():
+        other = net(x, sigma, small["class_labels"].roll(1, dims=1))
+        no_labels = net(x, sigma)
+        zero_labels = net(x, sigma, torch.zeros_like(small["class_labels"]))
+    assert (other - small["out"]).abs().max().item() > 1e-4  # 10x the tolerance of the reference comparison
+    torch.testing.assert_close(no_labels, zero_labels, rtol=0, atol=1e-6)
+
+
+def test_dropout_acts_only_in_training_mode(small):
+    config = dict(small["config"], dropout=0.5)
+    net = edm.build_edm_vp_songunet(config)
+    net.load_state_dict(small["state_dict"], strict=True)
+    args = (small["x"], small["sigma"], small["class_labels"])
+    with torch.no_grad():
+        net.eval()
+        torch.testing.assert_close(net(*args), small["out"], rtol=0, atol=1e-5)
+        net.train()
+        torch.manual_seed(0)
+        assert (net(*args) - small["out"]).abs().max().item() > 1e-4
+
+
+# --- preconditioning ----------------------------------------------------------------------------------------------
+
+class RecordingUNet(nn.Module):
+    """Replaces the U-Net to observe what the wrapper feeds it; returns a known function of its inputs."""
+
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
+        self.seen_x, self.seen_noise = x.clone(), noise_labels.clone()
+        return 0.5 * x + noise_labels.reshape(-1, 1, 1, 1)
+
+
+def test_vp_schedule_and_its_inverse():
+    net = edm.VPPrecond(img_resolution=8, img_channels=3, model_channels=8, channel_mult=[1], num_blocks=1,
+                        attn_resolutions=[])
+
+    def vp_sigma(t):  # Song et al.'s VP SDE with beta(t) = 0.1 + 19.9 t, as a noise level
+        return math.sqrt(math.exp(0.5 * 19.9 * t * t + 0.1 * t) - 1)
+
+    t = torch.tensor([1e-3, 0.1, 0.5, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(net.sigma(t), torch.tensor([vp_sigma(v) for v in t.tolist()], dtype=torch.float64))
+    torch.testing.assert_close(net.sigma_inv(net.sigma(t)), t)
+    assert net.sigma_max == pytest.approx(vp_sigma(1.0), rel=1e-6) and 152.0 < net.sigma_max < 152.3
+    # EDM evaluates sigma(epsilon_t) in float32, where exp(1e-6) - 1 rounds to 2^-20: sigma_min is 2^-10, not 1.00005e-3.
+    assert net.sigma_min == 2.0 ** -10 and vp_sigma(1e-5) == pytest.approx(1.00005e-3, rel=1e-5)
+
+
+def test_vp_preconditioning_coefficients():
+    net = edm.VPPrecond(img_resolution=8, img_channels=3, model_channels=8, channel_mult=[1], num_blocks=1,
+                        attn_resolutions=[])
+    net.model = RecordingUNet()
+    x = torch.randn(2, 3, 8, 8)
+    sigma = torch.tensor([0.3, 4.0])
+    out = net(x, sigma)
+    s = sigma.reshape(-1, 1, 1, 1)
+    c_in = 1 / torch.sqrt(1 + s ** 2)
+    t = ((0.1 ** 2 + 2 * 19.9 * torch.log(1 + sigma ** 2)).sqrt() - 0.1) / 19.9
+    torch.testing.assert_close(net.model.seen_x, c_in * x)
+    torch.testing.assert_close(net.model.seen_noise, 999 * t)
+    # VP: the network predicts the noise; D = x - sigma * F.
+    torch.testing.assert_close(out, x - s * (0.5 * c_in * x + 999 * t.reshape(-1, 1, 1, 1)))
+
+
+def test_edm_preconditioning_coefficients():
+    net = edm.EDMPrecond(img_resolution=8, img_channels=3, model_channels=8, channel_mult=[1], num_blocks=1,
+                         attn_resolutions=[])
+    assert net.sigma_data == 0.5
+    net.model = RecordingUNet()
+    x = torch.randn(2, 3, 8, 8)
+    sigma = torch.tensor([0.02, 3.0])
+    out = net(x, sigma)
+    s = sigma.reshape(-1, 1, 1, 1)
+    # Karras et al. (2022), Table 1, with sigma_data = 0.5.
+    c_skip = 0.25 / (s ** 2 + 0.25)
+    c_out = s * 0.5 / torch.sqrt(s ** 2 + 0.25)
+    c_in = 1 / torch.sqrt(s ** 2 + 0.25)
+    c_noise = torch.log(sigma) / 4
+    torch.testing.assert_close(net.model.seen_x, c_in * x)
+    torch.testing.assert_close(net.model.seen_noise, c_noise)
+    torch.testing.assert_close(out, c_skip * x + c_out * (0.5 * c_in * x + c_noise.reshape(-1, 1, 1, 1)))
+
+
+# --- layers and variants ------------------------------------------------------------------------------------------
+
+def test_two_tap_resampling_is_average_pooling_and_nearest_upsampling():
+    x = torch.randn(2, 4, 8, 8)
+    down = edm.Conv2d(4, 4, kernel=0, down=True, resample_filter=[1, 1])
+    up = edm.Conv2d(4, 4, kernel=0, up=True, resample_filter=[1, 1])
+    torch.testing.assert_close(down(x), F.avg_pool2d(x, 2))
+    torch.testing.assert_close(up(x), F.interpolate(x, scale_factor=2, mode="nearest"))
+    assert down.state_dict()["resample_filter"].tolist() == [[[[0.25, 0.25], [0.25, 0.25]]]]
+
+
+def test_ncsnpp_variant_builds_with_fourier_embedding_and_residual_encoder():
+    config = dict(img_resolution=16, img_channels=3, label_dim=0, embedding_type="fourier", encoder_type="residual",
+                  decoder_type="skip", channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=16,
+                  channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0.0)
+    net = edm.build_edm_vp_songunet(config).eval()
+    shapes = {key: tuple(value.shape) for key, value in net.state_dict().items()}
+    assert shapes["model.map_noise.freqs"] == (16,)  # noise_channels / 2 = 16 * 2 / 2
+    assert shapes["model.map_layer0.weight"] == (64, 32)
+    assert shapes["model.enc.8x8_aux_residual.weight"] == (16, 3, 3, 3)  # from the image to the 16-channel path
+    assert shapes["model.enc.8x8_aux_residual.resample_filter"] == (1, 1, 4, 4)
+    assert shapes["model.dec.16x16_aux_up.resample_filter"] == (1, 1, 4, 4)
+    assert "model.dec.8x8_aux_conv.weight" in shapes and "model.dec.16x16_aux_conv.weight" in shapes
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        out = net(x, torch.tensor([0.5, 2.0]))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_builder_rejects_unknown_keys_and_other_model_types():
+    base = dict(img_resolution=32, img_channels=3)
+    with pytest.raises(ValueError, match="unknown edm_vp_songunet config keys: num_res_blocks"):
+        edm.build_edm_vp_songunet(dict(base, num_res_blocks=2))
+    with pytest.raises(ValueError, match="DhariwalUNet"):
+        edm.build_edm_vp_songunet(dict(base, model_type="DhariwalUNet"))
+    with pytest.raises(ValueError, match="img_channels"):
+        edm.build_edm_vp_songunet(dict(img_resolution=32))
+
+
+# --- reading EDM's pickles ----------------------------------------------------------------------------------------
+# A stand-in for the real `.pkl` (which cannot be downloaded here), written the way torch_utils.persistence writes:
+# every instance of an EDM class becomes torch_utils.persistence._reconstruct_persistent_obj(meta), with meta
+# holding the class's module source, the class name and the instance __dict__ (plus _init_args/_init_kwargs);
+# torch.nn.ModuleDict and tensors are pickled by torch as usual; numpy floats appear in _init_kwargs.
+
+EMBEDDED_SOURCE = "import builtins\nbuiltins.EDM_EMBEDDED_SOURCE_WAS_EXECUTED = True\n"
+
+
+class VPLoss:
+    """Like EDM's persistent loss object, which the snapshot stores next to the network."""
+
+    def __init__(self):
+        self.beta_d, self.beta_min, self.epsilon_t = 19.9, 0.1, 1e-5
+
+
+class AugmentPipe:
+    def __init__(self):
+        self.p, self.xflip, self.yflip = 0.12, 1e8, 1
+
+
+class PersistencePickler(pickle.Pickler):
+    def __init__(self, file, reconstruct, network_init_kwargs, protocol):
+        super().__init__(file, protocol=protocol)
+        self.reconstruct = reconstruct
+        self.network_init_kwargs = network_init_kwargs
+
+    def reducer_override(self, obj):
+        persistent = isinstance(obj, (VPLoss, AugmentPipe)) or (
+            isinstance(obj, nn.Module) and type(obj).__module__ == edm.__name__)
+        if not persistent:
+            return NotImplemented
+        state = dict(obj.__dict__)
+        if isinstance(obj, edm.VPPrecond):
+            state["_init_kwargs"] = dict(self.network_init_kwargs)
+        elif isinstance(obj, edm.UNetBlock):
+            state["_init_kwargs"] = dict(skip_scale=np.sqrt(0.5), eps=1e-6)
+        else:
+            state["_init_kwargs"] = {}
+        state["_init_args"] = ()
+        meta = dict(type="class", version=6, module_src=EMBEDDED_SOURCE, class_name=type(obj).__name__, state=state)
+        return self.reconstruct, (meta,)
+
+
+def write_edm_like_pickle(path, network, init_kwargs, protocol=4, extra=None):
+    """Pickle {ema, loss_fn, augment_pipe, dataset_kwargs} as EDM's training loop does, with the function
+    reference torch_utils.persistence._reconstruct_persistent_obj resolvable only while writing."""
+    persistence = types.ModuleType("torch_utils.persistence")
+
+    def _reconstruct_persistent_obj(meta):
+        raise AssertionError("never called: the reader must not import torch_utils")
+
+    _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
+    _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
+    persistence._reconstruct_persistent_obj = _reconstruct_persistent_obj
+    package = types.ModuleType("torch_utils")
+    package.persistence = persistence
+    data = dict(ema=network, loss_fn=VPLoss(), augment_pipe=AugmentPipe(),
+                dataset_kwargs=dict(class_name="training.dataset.ImageFolderDataset", path="cifar10-32x32.zip",
+                                    use_labels=True, xflip=False, cache=True, resolution=32, max_size=50000))
+    data.update(extra or {})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "torch_utils", package)
+        patch.setitem(sys.modules, "torch_utils.persistence", persistence)
+        with open(path, "wb") as f:
+            PersistencePickler(f, _reconstruct_persistent_obj, init_kwargs, protocol).dump(data)
+    assert "torch_utils" not in sys.modules
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_edm_like_pickle_loads_without_running_its_embedded_source(tmp_path, small, protocol):
+    network = small_network(small).requires_grad_(False)  # EDM pickles eval(), requires_grad_(False) copies
+    path = tmp_path / "network-snapshot.pkl"
+    write_edm_like_pickle(path, network, small["config"], protocol=protocol)
+    raw = path.read_bytes()
+    assert b"_reconstruct_persistent_obj" in raw and b"EDM_EMBEDDED_SOURCE_WAS_EXECUTED" in raw
+
+    contents = edm.read_edm_network_pickle(path)
+    assert not hasattr(builtins, "EDM_EMBEDDED_SOURCE_WAS_EXECUTED")
+    assert contents.class_name == "VPPrecond"
+    assert contents.init_kwargs == small["config"]
+
+    state_dict = edm.load_edm_pickle_state_dict(path)
+    assert list(state_dict) == list(network.state_dict())  # `model.`-prefixed, in VPPrecond's order
+    for key, value in network.state_dict().items():
+        assert torch.equal(state_dict[key], value), key
+
+    fresh = edm.build_edm_vp_songunet(small["config"])
+    fresh.load_state_dict(state_dict, strict=True)
+    with torch.no_grad():
+        out = fresh.eval()(small["x"], small["sigma"], small["class_labels"])
+    assert (out - small["out"]).abs().max().item() < 1e-5
+
+
+def test_pickle_reader_refuses_other_globals_without_calling_them(tmp_path):
+    class Exploit:
+        def __reduce__(self):
+            return eval, ("__import__('builtins').__setattr__('EDM_EXPLOIT_RAN', True)",)
+
+    path = tmp_path / "exploit.pkl"
+    path.write_bytes(pickle.dumps({"ema": Exploit()}))
+    with pytest.raises(edm.EDMPickleError, match=r"refusing to load global builtins\.eval"):
+        edm.load_edm_pickle_state_dict(path)
+    assert not hasattr(builtins, "EDM_EXPLOIT_RAN")
+
+
+def test_pickle_reader_explains_files_that_are_not_network_snapshots(tmp_path, small):
+    no_ema = tmp_path / "no_ema.pkl"
+    no_ema.write_bytes(pickle.dumps({"net": 1}))
+    with pytest.raises(edm.EDMPickleError, match="expected a dict with key 'ema'.*found \\['net'\\]"):
+        edm.load_edm_pickle_state_dict(no_ema)
+
+    torch_file = tmp_path / "weights.pt"
+    torch.save(small["state_dict"], torch_file)
+    with pytest.raises(edm.EDMPickleError, match="not a readable EDM network pickle"):
+        edm.load_edm_pickle_state_dict(torch_file)

@@ -20,7 +20,7 @@ def atomic_path(path):
     """Yield a temporary path next to `path`; rename it to `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
     os.close(handle)
     os.chmod(temp, 0o666 & ~_UMASK)  # mkstemp creates 0600 files; outputs should get the usual permissions
     try:

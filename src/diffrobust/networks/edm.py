@@ -448,7 +448,7 @@ class VPPrecond(_Preconditioned):
         self.M = M
         self.epsilon_t = epsilon_t
         # float32 like EDM's float(self.sigma(epsilon_t)), so the values are identical to theirs (in float32
-        # exp(1e-6) - 1 rounds to 2^-20, so sigma_min is 2^-10, 2.4% below the exact 1.00005e-3); forced onto the
+        # exp(1e-6) - 1 rounds to 2^-20, so sigma_min is 2^-10, 2.4% below the exact 1.0005e-3); forced onto the
         # CPU so that building under torch.device("meta") works.
         with torch.device("cpu"):
             self.sigma_min = float(self.sigma(epsilon_t))
@@ -527,7 +527,8 @@ def build_edm_vp_songunet(config):
     known = set(REQUIRED_KEYS) | set(DDPMPP_DEFAULTS) | set(VP_SCHEDULE_KEYS)
     unknown = sorted(set(config) - known)
     if unknown:
-        raise ValueError(f"unknown edm_vp_songunet config keys: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        raise ValueError(f"unknown edm_vp_songunet config keys: {', '.join(unknown)}; "
+                         f"known: {', '.join(sorted(known))}")
     kwargs = {**DDPMPP_DEFAULTS, **config}
     for key in ("channel_mult", "attn_resolutions", "resample_filter"):
         kwargs[key] = list(kwargs[key])
@@ -577,6 +578,10 @@ class OpaqueObject:
     dnnlib): records the constructor arguments and the state, runs nothing."""
 
     qualified_name = "?"
+    # Pickle's NEWOBJ path creates instances without calling __init__; these defaults stand in until BUILD.
+    args = ()
+    kwargs = {}
+    state = None
 
     def __init__(self, *args, **kwargs):
         self.args = args
@@ -718,8 +723,9 @@ def read_edm_network_pickle(path, key="ema"):
     if not isinstance(network, (PersistentObject, OpaqueObject)):
         raise EDMPickleError(f"{path}: {key!r} is a {type(network).__name__}, not a pickled network")
     class_name = getattr(network, "class_name", None) or type(network).__name__
+    state_dict = _module_state_dict(network, "", OrderedDict())  # raises unless network.state is a module's
     init_kwargs = dict(network.state.get("_init_kwargs") or {})
-    return EDMNetworkPickle(class_name, init_kwargs, _module_state_dict(network, "", OrderedDict()))
+    return EDMNetworkPickle(class_name, init_kwargs, state_dict)
 
 
 def load_edm_pickle_state_dict(path, key="ema"):

@@ -324,6 +324,17 @@ def test_ddim_eta0_stays_on_the_deterministic_path():
         torch.testing.assert_close(eps, eps0, rtol=1e-9, atol=1e-9)
 
 
+def test_ddim_eta1_equals_ancestral_with_posterior_variance():
+    # eta = 1 makes DDIM's sigma² the posterior variance and its mean the posterior mean (Song et al., §4.1).
+    diffusion = D.GaussianDiffusion.cosine(4000, variance="fixed_small", rescale_timesteps=True)
+    x_t, t = _normal(21), 700.25
+    ddim = D.ddim_reverse(_toy_model(), diffusion, x_t, t, 6, eta=1.0, generator=torch.Generator().manual_seed(4))
+    ddpm = D.respaced_reverse(_toy_model(), diffusion, x_t, t, 6, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(ddim, ddpm, rtol=1e-9, atol=1e-9)
+    deterministic = D.ddim_reverse(_toy_model(), diffusion, x_t, t, 6, eta=0.0)
+    assert (deterministic - ddpm).abs().max() > 1e-3
+
+
 def test_time_zero_is_identity_for_every_reverse():
     diffusion = D.GaussianDiffusion.cosine(4000)
     x = 3.0 * _normal(17)  # outside [-1, 1] on purpose: no clipping at t = 0
@@ -349,6 +360,46 @@ def test_vpsde_grid_and_timesteps():
     assert D.vpsde_alpha_bar(0.1) == pytest.approx(table.alpha_bar(100), rel=2e-3)
     x0, noise = _x0(), _normal(18)
     torch.testing.assert_close(D.vpsde_q_sample(x0, 0.1, noise), table.q_sample(x0, 100, noise))
+
+
+def test_vpsde_constants():
+    assert D.vpsde_beta(0.0) == pytest.approx(0.1) and D.vpsde_beta(1.0) == pytest.approx(20.0)
+    assert D.vpsde_alpha_bar(1.0) == pytest.approx(math.exp(-19.9 / 2 - 0.1))
+    # alpha_bar(t) = exp(-integral_0^t beta): its log-derivative is -beta.
+    h = 1e-6
+    slope = (math.log(D.vpsde_alpha_bar(0.3 + h)) - math.log(D.vpsde_alpha_bar(0.3 - h))) / (2 * h)
+    assert slope == pytest.approx(-D.vpsde_beta(0.3), rel=1e-6)
+
+
+def test_vpsde_reverse_recovers_gaussian_data():
+    # Data N(mu, s²I): the true eps is sqrt(1-a)(x - sqrt(a)mu)/(a s² + 1 - a). The exact reverse SDE ends at
+    # N(~mu, ~s²); Euler–Maruyama's end state is exactly Gaussian with moments given by the step formula.
+    s, t_star = 0.3, 0.1
+    mu = _x0(seed=4).repeat(250, 1, 1, 1)  # 24,000 values
+
+    def oracle(x, t, y=None):
+        a_t = D.vpsde_alpha_bar(float(t[0]) / 1000)
+        eps = math.sqrt(1 - a_t) * (x - math.sqrt(a_t) * mu) / (a_t * s ** 2 + 1 - a_t)
+        return torch.cat([eps, torch.zeros_like(eps)], dim=1)
+
+    a = D.vpsde_alpha_bar(t_star)
+    x_t = math.sqrt(a) * mu + math.sqrt(a * s ** 2 + 1 - a) * _normal(22, shape=mu.shape)
+    out = D.reverse_vpsde(oracle, x_t, t_star, generator=torch.Generator().manual_seed(1))
+
+    kappa, v = math.sqrt(a), a * s ** 2 + 1 - a
+    times = D.vpsde_times(t_star)
+    for t, t_next in zip(times, times[1:]):
+        h, beta, a_t = t - t_next, D.vpsde_beta(t), D.vpsde_alpha_bar(t)
+        var_t = a_t * s ** 2 + 1 - a_t
+        c = 1 + h * beta * (0.5 - 1 / var_t)
+        kappa = c * kappa + h * beta * math.sqrt(a_t) / var_t
+        v = c ** 2 * v + beta * h
+    assert kappa == pytest.approx(1.0, abs=1e-3)
+    assert v == pytest.approx(s ** 2, rel=0.01)  # Euler at dt = 1e-3 is within 1% of the exact reverse SDE
+    residual = out - kappa * mu
+    n = residual.numel()
+    assert abs(residual.mean().item()) < 5 * math.sqrt(v / n)
+    assert residual.var().item() == pytest.approx(v, rel=5 * math.sqrt(2 / n))  # 5 standard errors
 
 
 def test_vpsde_reverse_contracts_to_point_mass():

@@ -214,6 +214,20 @@ def test_one_shot_with_true_noise_recovers_x0(t):
     torch.testing.assert_close(D.one_shot_denoise(true_noise, diffusion, x_t, t), x0, rtol=0, atol=1e-12)
 
 
+def test_float32_inputs_stay_float32():
+    diffusion = D.GaussianDiffusion.cosine(4000, rescale_timesteps=True)
+    x64 = _normal(23)
+    x32 = x64.float()
+    # Deterministic paths agree with float64 to float32 precision (torch.randn draws differ between dtypes).
+    for reverse in (D.one_shot_denoise, lambda *a: D.ddim_reverse(*a, 5)):
+        out32, out64 = reverse(_toy_model(), diffusion, x32, 1158.5), reverse(_toy_model(), diffusion, x64, 1158.5)
+        assert out32.dtype == torch.float32
+        torch.testing.assert_close(out32.double(), out64, rtol=0, atol=1e-5)
+    gen = torch.Generator().manual_seed(0)
+    assert D.respaced_reverse(_toy_model(), diffusion, x32, 1158.5, 5, generator=gen).dtype == torch.float32
+    assert D.reverse_vpsde(_toy_model(), x32, 0.01, generator=gen).dtype == torch.float32
+
+
 def test_respaced_times_densepure_grid():
     assert D.respaced_times(100, 3) == [100.0, 67.0, 33.0, 0.0]
     assert D.respaced_times(12, 12) == [float(k) for k in range(12, -1, -1)]
@@ -306,7 +320,8 @@ def test_point_mass_oracle_chains_recover_the_point():
 
 
 def test_ddim_eta0_stays_on_the_deterministic_path():
-    # With the point-mass oracle, DDIM(eta=0) keeps eps fixed: every intermediate state is sqrt(a)·mu + sqrt(1-a)·eps0.
+    # With the point-mass oracle, DDIM(eta=0) keeps eps fixed: every intermediate state is
+    # sqrt(a)·mu + sqrt(1-a)·eps0, so the network sees eps0 at every step.
     diffusion = D.GaussianDiffusion.linear(1000)
     mu, eps0 = _x0(seed=2), _normal(16)
     x_t = diffusion.q_sample(mu, 300, eps0)

@@ -36,7 +36,8 @@ import torch
 
 from diffrobust import imagespace
 
-# improved-diffusion's cosine schedule: alpha_bar(u) = f(u) / f(0), u = t / T in [0, 1], f(u) = cos²((u + s)/(1 + s)·π/2).
+# improved-diffusion's cosine schedule: alpha_bar(u) = f(u) / f(0) with u = t / T in [0, 1] and
+# f(u) = cos²((u + s)/(1 + s)·π/2), s = COSINE_OFFSET.
 COSINE_OFFSET = 0.008
 COSINE_MAX_BETA = 0.999
 
@@ -320,16 +321,17 @@ def respaced_times(t, num_steps):
 
     The first point is t itself, not round(t): x_t is at the noise level alpha_bar(t) (DensePure builds it with
     alpha_bar = 1/(1+4σ²), whose cosine time is non-integer), so the first step must start there. DensePure's code
-    rounds it too, misstating the start level by up to half a step. For integer t the grid is exactly
+    rounds the first point as well, misstating the start level by up to half a step. For integer t the grid is exactly
     round(t - i·t/S), i = 0..S. Python's round (half to even) is used, as in DensePure. Points that do not decrease
     strictly (S > t, or a rounded point at or above a non-integer t) are dropped.
     """
     t = float(t)
     if num_steps < 1:
         raise ValueError("num_steps must be >= 1")
+    interval = t / num_steps  # DensePure's `inter`, same floating-point order so that .5 ties round alike
     times = [t]
     for i in range(1, num_steps + 1):
-        point = float(round(t - i * t / num_steps))
+        point = float(round(t - i * interval))
         if point < times[-1]:
             times.append(point)
     if times[-1] != 0.0:
@@ -365,6 +367,7 @@ def full_reverse(model, diffusion, x_t, t, generator=None, clip_denoised=True, y
     """
     if float(t) == 0.0:
         return x_t
+    diffusion.alpha_bar(t)  # validates t (range; non-integer only with a closed form)
     if _is_integer(t):
         return _ancestral_chain(model, diffusion, x_t, int(t), generator, clip_denoised, y)
     chain = diffusion.respace(full_times(t))
@@ -511,7 +514,8 @@ def tstar_cosine_closed_form(sigma, num_timesteps):
     """
     s = imagespace.sigma_to_model_space(sigma)
     c = 1.0 + COSINE_OFFSET
-    return num_timesteps * (1.0 - 2.0 * c * math.asin(math.sin(math.pi / (2.0 * c)) / math.sqrt(1.0 + s ** 2)) / math.pi)
+    angle = math.asin(math.sin(math.pi / (2.0 * c)) / math.sqrt(1.0 + s ** 2))
+    return num_timesteps * (1.0 - 2.0 * c * angle / math.pi)
 
 
 def alpha_bar_for_sigma(sigma):

@@ -1,0 +1,389 @@
+"""Randomized smoothing (Cohen et al. 2019, `locuslab/smoothing` `core.py`), generalised for DensePure's votes.
+
+Conventions
+-----------
+- Images are float tensors in [0, 1], shape (N, C, H, W) (one image: (C, H, W)). The smoothing noise is sigma * N(0, I)
+  added in that [0, 1] space, as in Cohen's `Smooth._sample_noise`; any rescaling (e.g. to [-1, 1] for a diffusion
+  model) belongs to the base labeler.
+- A *base labeler* is a callable `labeler(x_noisy, generator) -> LongTensor` returning either shape (B,), one label per
+  noisy image, or (K, B), K labels per noisy image (DensePure: K reverse-diffusion runs with different reverse seeds on
+  the SAME noisy input). `generator` is the labeler's own torch.Generator (CPU): a labeler that needs randomness must
+  draw it from there, so that its results are reproducible and the smoothing noise does not depend on it. A labeler
+  that needs a generator on another device can seed one from `generator.initial_seed()`.
+- A negative label means the base labeler abstained on that draw: it counts as a draw but never as a vote for a class.
+- The label of every noise draw is stored (int16, shape (K, num)), so DensePure's merge over any K' <= K votes and
+  re-certification at another alpha are cheap and need no model.
+
+Noise seeds derive from (seed, dataset index) only, so each image's draws are reproducible and do not depend on how the
+images are sharded or ordered. The n0 (selection) and n (estimation) draws come from separate streams, as Cohen's
+certify requires them to be independent. The draws do depend on `batch_size` (the noise is drawn one batch at a time).
+"""
+
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy.stats import beta, binomtest, norm
+from tqdm import tqdm
+
+from diffrobust.io import atomic_write_npz, atomic_write_text
+
+ABSTAIN = -1
+TSV_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
+TSV_HEADER = "\t".join(TSV_COLUMNS) + "\n"
+
+# Streams derived from (seed, index): tags keep them apart (fixed-length spawn keys never collide).
+_NOISE_N0, _NOISE_N, _LABELER_N0, _LABELER_N = range(4)
+# What must match for stored label files to belong to the same run.
+_RUN_KEYS = ("sigma", "n0", "n", "alpha", "seed", "reverse_seed", "batch_size")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Base labelers and sampling
+
+
+def labeler_from_classifier(model):
+    """Wrap an images -> logits module into a base labeler with one label per image (argmax, no gradient)."""
+
+    def labeler(x_noisy, generator=None):
+        with torch.no_grad():
+            return model(x_noisy).argmax(dim=1)
+
+    return labeler
+
+
+def derived_seed(seed, index, stream, reverse_seed=0):
+    """A 63-bit torch seed for one stream of one image, derived from (seed, dataset index, stream, reverse seed)."""
+    sequence = np.random.SeedSequence(int(seed), spawn_key=(int(index), int(stream), int(reverse_seed)))
+    return int(sequence.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def seeded_generator(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _as_label_rows(labels):
+    """Labeler output as a (K, B) int64 tensor on the CPU."""
+    labels = torch.as_tensor(labels).detach().to("cpu", torch.int64)
+    if labels.ndim == 1:
+        labels = labels[None]
+    if labels.ndim != 2:
+        raise ValueError(f"a labeler must return labels of shape (B,) or (K, B), got {tuple(labels.shape)}")
+    return labels
+
+
+def sample_noise_labels(labeler, x, num, sigma, batch_size, generator, labeler_generator=None):
+    """Labels of `num` noisy copies x + sigma * N(0, I): an int16 array (K, num), one column per noise draw.
+
+    The noise comes from `generator` only (drawn on its device, a CPU generator by default, then moved to x's device so
+    that the draws are the same whatever device the labeler runs on); the labeler gets `labeler_generator`, by default
+    one derived from `generator`'s seed. So the noise is identical whatever the labeler does with its own stream, which
+    is what lets DensePure vote over reverse seeds on the same noisy inputs."""
+    x = torch.as_tensor(x)
+    if x.ndim == 4 and x.shape[0] == 1:
+        x = x[0]
+    if labeler_generator is None:
+        labeler_generator = seeded_generator(derived_seed(generator.initial_seed(), 0, _LABELER_N0))
+    batches = []
+    remaining = num
+    while remaining > 0:
+        this_batch = min(batch_size, remaining)
+        noise = torch.randn((this_batch, *x.shape), generator=generator, device=generator.device, dtype=x.dtype)
+        labels = _as_label_rows(labeler(x[None] + sigma * noise.to(x.device), labeler_generator))
+        if labels.shape[1] != this_batch or (batches and labels.shape[0] != batches[0].shape[0]):
+            raise ValueError(f"labeler returned labels of shape {tuple(labels.shape)} for a batch of {this_batch}")
+        batches.append(labels)
+        remaining -= this_batch
+    labels = torch.cat(batches, dim=1).numpy() if batches else np.zeros((1, 0), dtype=np.int64)
+    if labels.size and (labels.min() < np.iinfo(np.int16).min or labels.max() > np.iinfo(np.int16).max):
+        raise ValueError("labels do not fit in int16")
+    return labels.astype(np.int16)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Statistics
+
+
+def majority_vote(labels, k=None):
+    """Per noise draw (column), the most frequent label over the first `k` rows (all rows by default).
+
+    Ties go to the smallest label: that is scipy.stats.mode's rule, which DensePure's `merge_results.py` uses. A 1-D
+    array is taken as a single vote per draw and returned as is."""
+    labels = np.asarray(labels)
+    if labels.ndim == 1:
+        return labels
+    if k is not None:
+        if not 1 <= k <= labels.shape[0]:
+            raise ValueError(f"k = {k} votes asked for, {labels.shape[0]} stored")
+        labels = labels[:k]
+    # K is small (tens), so counting every row's label among all rows, O(K^2 * num), is cheap and needs no table of
+    # classes (ImageNet has 1000); one row at a time keeps the memory at K * num.
+    counts = np.stack([(labels == row).sum(axis=0) for row in labels])
+    most = counts.max(axis=0)
+    candidates = np.where(counts == most, labels, np.iinfo(labels.dtype).max)
+    return candidates.min(axis=0)
+
+
+def class_counts(votes, num_classes=None):
+    """How many draws voted for each class; negative (abstaining) votes are not counted."""
+    votes = np.asarray(votes).astype(np.int64).ravel()
+    votes = votes[votes >= 0]
+    if num_classes is None:
+        num_classes = int(votes.max()) + 1 if votes.size else 1
+    if votes.size and votes.max() >= num_classes:
+        raise ValueError(f"label {votes.max()} out of range for {num_classes} classes")
+    return np.bincount(votes, minlength=num_classes)
+
+
+def lower_confidence_bound(n_a, n, alpha):
+    """One-sided (1 - alpha) Clopper-Pearson lower bound on a binomial proportion from n_a successes in n trials.
+
+    Equals Cohen's `proportion_confint(n_a, n, alpha=2*alpha, method="beta")[0]` from statsmodels."""
+    if n_a == 0:
+        return 0.0
+    return float(beta.ppf(alpha, n_a, n - n_a + 1))
+
+
+def clopper_pearson_interval(k, n, confidence=0.95):
+    """Two-sided exact (Clopper-Pearson) interval for k successes in n trials."""
+    tail = (1 - confidence) / 2
+    low = 0.0 if k == 0 else float(beta.ppf(tail, k, n - k + 1))
+    high = 1.0 if k == n else float(beta.ppf(1 - tail, k + 1, n - k))
+    return low, high
+
+
+def certify_from_labels(labels_n0, labels_n, num_classes, sigma, alpha):
+    """Cohen's CERTIFY from stored labels: (prediction, radius, p_a_lower); (-1, 0.0, p_a_lower) means abstain.
+
+    Labels are one vote per draw (num,) or (K, num), in which case the majority vote per draw is taken first. The
+    guess c_hat is the most frequent class over the n0 selection draws (ties to the smallest class); p_A's lower bound
+    comes from the n independent estimation draws. `num_classes` may be None (then taken from the labels)."""
+    selection = class_counts(majority_vote(labels_n0), num_classes)
+    votes_n = majority_vote(labels_n)
+    c_hat = int(np.argmax(selection))  # argmax returns the first maximum: the smallest class
+    n_a = int(np.sum(votes_n == c_hat))
+    p_a_lower = lower_confidence_bound(n_a, votes_n.size, alpha)
+    if p_a_lower < 0.5:
+        return ABSTAIN, 0.0, p_a_lower
+    return c_hat, float(sigma * norm.ppf(p_a_lower)), p_a_lower
+
+
+def predict_from_labels(labels, alpha, num_classes=None):
+    """Cohen's PREDICT from stored labels: the top class, or -1 when a two-sided binomial test cannot tell it from the
+    runner-up at level alpha (`binomtest(c1, c1 + c2, 0.5).pvalue`; SciPy 1.17 no longer has `binom_test`)."""
+    counts = class_counts(majority_vote(labels), num_classes)
+    counts = np.pad(counts, (0, max(0, 2 - counts.size)))
+    top = int(np.argmax(counts))
+    c1 = int(counts[top])
+    c2 = int(np.max(np.delete(counts, top)))
+    if c1 + c2 == 0 or binomtest(c1, c1 + c2, 0.5).pvalue > alpha:
+        return ABSTAIN
+    return top
+
+
+def max_certifiable_radius(sigma, n, alpha):
+    """The largest radius CERTIFY can return: all n draws agree, p_A lower bound = alpha^(1/n)."""
+    return float(sigma * norm.ppf(alpha ** (1.0 / n)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One image
+
+
+def certify(labeler, x, n0, n, sigma, alpha, batch_size, seed, index=0, reverse_seed=0, num_classes=None):
+    """Certify one image (C, H, W): a dict with predict, radius, p_a_lower and the label arrays labels_n0 (K, n0)
+    and labels_n (K, n).
+
+    The noise streams derive from (seed, index) and the labeler's from (seed, index, reverse_seed): runs with
+    different reverse seeds see the same noisy inputs, so their label rows can be stacked into votes afterwards."""
+    generators = {stream: seeded_generator(derived_seed(seed, index, stream, reverse_seed if stream >= _LABELER_N0 else 0))
+                  for stream in (_NOISE_N0, _NOISE_N, _LABELER_N0, _LABELER_N)}
+    labels_n0 = sample_noise_labels(labeler, x, n0, sigma, batch_size, generators[_NOISE_N0], generators[_LABELER_N0])
+    labels_n = sample_noise_labels(labeler, x, n, sigma, batch_size, generators[_NOISE_N], generators[_LABELER_N])
+    predict, radius, p_a_lower = certify_from_labels(labels_n0, labels_n, num_classes, sigma, alpha)
+    return {"predict": predict, "radius": radius, "p_a_lower": p_a_lower, "labels_n0": labels_n0, "labels_n": labels_n}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sharded, resumable runs
+
+
+def label_file_path(out_labels_dir, index):
+    return Path(out_labels_dir) / f"{int(index):06d}.npz"
+
+
+def format_row(row):
+    """One TSV line. The radius is written with full precision, so rows read back equal the rows computed."""
+    return (f"{int(row['idx'])}\t{int(row['label'])}\t{int(row['predict'])}\t{float(row['radius'])!r}\t"
+            f"{int(row['correct'])}\t{float(row['time']):.3f}\n")
+
+
+def parse_row(line):
+    idx, label, predict, radius, correct, seconds = line.rstrip("\n").split("\t")
+    return {"idx": int(idx), "label": int(label), "predict": int(predict), "radius": float(radius),
+            "correct": int(correct), "time": float(seconds)}
+
+
+def row_for(idx, label, predict, radius, seconds):
+    """A result row; `correct` is this image's own 0/1, not the running total that Carlini's certify.py writes."""
+    return parse_row(format_row({"idx": idx, "label": label, "predict": predict, "radius": radius,
+                                 "correct": int(predict == label), "time": seconds}))
+
+
+def write_certification_tsv(rows, path):
+    """Write rows (dicts with Cohen's columns) as a TSV, atomically."""
+    atomic_write_text(path, TSV_HEADER + "".join(format_row(row) for row in rows))
+
+
+def _recover_tsv(out_tsv, out_labels_dir):
+    """Rows of an interrupted run that can be trusted, by index; rewrites the file (atomically) if anything was dropped.
+
+    A row is appended only once its label file is in place, so a torn last line (no newline: killed mid-write) and a
+    row whose label file is missing (deleted by hand) are dropped and their images computed again."""
+    out_tsv = Path(out_tsv)
+    if not out_tsv.exists() or out_tsv.stat().st_size == 0:
+        atomic_write_text(out_tsv, TSV_HEADER)
+        return {}
+    text = out_tsv.read_text()
+    lines = text.split("\n")
+    complete, torn = lines[:-1], lines[-1]  # text ending in "\n" leaves an empty torn part
+    if not complete or complete[0] + "\n" != TSV_HEADER:
+        raise ValueError(f"{out_tsv}: not a certification TSV with header {TSV_HEADER.strip()!r}")
+    rows = {}
+    for line in complete[1:]:
+        row = parse_row(line)
+        if label_file_path(out_labels_dir, row["idx"]).exists() and row["idx"] not in rows:
+            rows[row["idx"]] = row
+    if torn or len(rows) != len(complete) - 1:
+        atomic_write_text(out_tsv, TSV_HEADER + "".join(format_row(row) for row in rows.values()))
+    return rows
+
+
+def _append_row(out_tsv, row):
+    with open(out_tsv, "a") as handle:
+        handle.write(format_row(row))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_label_file(path):
+    """One image's stored labels and run settings (0-d arrays come back as Python scalars)."""
+    with np.load(path) as stored:
+        arrays = {key: stored[key] for key in stored.files}
+    return {key: value if value.ndim else value.item() for key, value in arrays.items()}
+
+
+def _check_same_run(stored, run, path):
+    different = {key: (stored[key], run[key]) for key in _RUN_KEYS if stored[key] != run[key]}
+    if different:
+        raise ValueError(f"{path} was written by a run with other settings (stored, now): {different}; "
+                         "use another output folder or delete the old one")
+
+
+def certify_shard(labeler, images, labels, indices, *, n0, n, sigma, alpha, batch_size, seed, num_classes,
+                  out_tsv, out_labels_dir, reverse_seed=0, progress=True):
+    """Certify `images` (N, C, H, W) with true `labels`, whose dataset indices are `indices`; resumable.
+
+    For each image: its label arrays go to `out_labels_dir/<index>.npz` (atomically), then one row with Cohen's columns
+    `idx label predict radius correct time` is appended to `out_tsv`. On restart, images with both are skipped; an
+    image whose label file exists but whose row is missing gets its row rebuilt from the file, with no labeler call.
+    One TSV per concurrently running shard; shards may share the label folder. Returns the rows, in input order."""
+    run = {"sigma": float(sigma), "n0": int(n0), "n": int(n), "alpha": float(alpha), "seed": int(seed),
+           "reverse_seed": int(reverse_seed), "batch_size": int(batch_size)}
+    done = _recover_tsv(out_tsv, out_labels_dir)
+    rows = {}
+    bar = tqdm(total=len(indices), disable=not progress, desc="certify", unit="image")
+    for image, label, index in zip(images, labels, indices):
+        index, label = int(index), int(label)
+        path = label_file_path(out_labels_dir, index)
+        if index in done:
+            _check_same_run(read_label_file(path), run, path)
+            rows[index] = done[index]
+        elif path.exists():
+            stored = read_label_file(path)
+            _check_same_run(stored, run, path)
+            predict, radius, _ = certify_from_labels(stored["labels_n0"], stored["labels_n"], num_classes, sigma, alpha)
+            rows[index] = row_for(index, label, predict, radius, stored["seconds"])
+            _append_row(out_tsv, rows[index])
+        else:
+            started = time.perf_counter()
+            result = certify(labeler, torch.as_tensor(image), n0, n, sigma, alpha, batch_size, seed, index=index,
+                             reverse_seed=reverse_seed, num_classes=num_classes)
+            seconds = time.perf_counter() - started
+            atomic_write_npz(path, {"idx": index, "label": label, "labels_n0": result["labels_n0"],
+                                    "labels_n": result["labels_n"], "seconds": seconds, **run})
+            rows[index] = row_for(index, label, result["predict"], result["radius"], seconds)
+            _append_row(out_tsv, rows[index])
+        bar.update()
+    bar.close()
+    return [rows[int(index)] for index in indices]
+
+
+def _stack_label_files(paths):
+    """One image's label files from runs with different reverse seeds, stacked along the vote axis."""
+    stored = [read_label_file(path) for path in paths]
+    first = stored[0]
+    for other, path in zip(stored[1:], paths[1:]):
+        if other["idx"] != first["idx"] or any(other[key] != first[key] for key in ("sigma", "n0", "n", "seed", "batch_size")):
+            raise ValueError(f"{path} does not hold the same image and noise as {paths[0]}")
+    if len({entry["reverse_seed"] for entry in stored}) != len(stored):
+        raise ValueError(f"label files {list(map(str, paths))} repeat a reverse seed: their votes are not independent")
+    return {**first,
+            "labels_n0": np.concatenate([entry["labels_n0"] for entry in stored]),
+            "labels_n": np.concatenate([entry["labels_n"] for entry in stored]),
+            "seconds": sum(entry["seconds"] for entry in stored)}
+
+
+def merge_votes(label_files, k, sigma, alpha, num_classes):
+    """Re-certify every image from its stored labels using the first k vote rows (majority vote per noise draw).
+
+    DensePure's merge step for any k <= the stored K, without a model; k = 1 is Carlini's DDS (one reverse run).
+    Each entry of `label_files` is one image's .npz, or a list of them (runs with different reverse seeds, stacked in
+    that order). The `time` column is the labeling time of all stored rows, not of the k used."""
+    rows = []
+    for entry in label_files:
+        stored = _stack_label_files([entry] if isinstance(entry, (str, os.PathLike)) else list(entry))
+        if not math.isclose(stored["sigma"], sigma):
+            raise ValueError(f"image {stored['idx']}: labels drawn at sigma {stored['sigma']}, asked to certify at {sigma}")
+        votes_n0 = majority_vote(stored["labels_n0"], k)
+        votes_n = majority_vote(stored["labels_n"], k)
+        predict, radius, _ = certify_from_labels(votes_n0, votes_n, num_classes, sigma, alpha)
+        rows.append(row_for(stored["idx"], stored["label"], predict, radius, stored["seconds"]))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Analysis
+
+
+def read_certification_tsv(path):
+    """A certification TSV as a DataFrame, with `correct` recomputed as (predict == label).
+
+    Carlini et al.'s certify.py writes the running total of correct predictions into `correct`, so reading that column
+    as is (as Cohen's analyze.py does) would count every row after the first correct one; recomputing reads both
+    Cohen's and Carlini's files right."""
+    frame = pd.read_csv(path, sep="\t")
+    frame["correct"] = (frame["predict"] == frame["label"]).astype(int)
+    return frame
+
+
+def certified_accuracy(rows, radii, confidence=0.95):
+    """Cohen's ApproximateAccuracy: per radius r, the fraction of images with a correct prediction certified at
+    radius >= r, with a two-sided Clopper-Pearson interval over images.
+
+    `rows` is a DataFrame or a list of row dicts; correctness is taken from predict == label, never from a stored
+    `correct` column (see read_certification_tsv)."""
+    frame = pd.DataFrame(rows)
+    correct = (frame["predict"] == frame["label"]).to_numpy()
+    radius = frame["radius"].to_numpy(dtype=float)
+    table = []
+    for r in radii:
+        certified = int(np.sum(correct & (radius >= r)))
+        low, high = clopper_pearson_interval(certified, len(frame), confidence)
+        table.append({"radius": r, "accuracy": certified / len(frame), "certified": certified, "images": len(frame),
+                      "ci_low": low, "ci_high": high})
+    return pd.DataFrame(table)

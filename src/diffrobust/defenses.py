@@ -1,0 +1,114 @@
+"""Defenses as compositions of one-interface pieces.
+
+- A *purifier* (denoiser) maps images in [0, 1] to images in [0, 1]: ``purifier(x01, generator) -> x01``.
+- A *classifier* maps images in [0, 1] to logits (an ``nn.Module``).
+- A *defense* is a composition: `PurifiedClassifier(purifier, classifier)` is again a classifier (images -> logits),
+  so certification and attacks take any of them.
+- A *labeler* (what randomized smoothing queries) maps a batch of noisy images to labels, (B,) or (K, B) when K
+  reverse runs vote (`VotingLabeler`, DensePure).
+
+Paper-specific choices (the t* rule, the reverse process, its step count, the number of votes) are constructor
+arguments, named as the papers name them, and come from the config.
+"""
+
+import torch
+from torch import nn
+
+from diffrobust import diffusion as dp
+from diffrobust import imagespace
+
+TSTAR_RULES = ("first_at_least", "nearest", "cosine_closed_form")
+REVERSE_PROCESSES = ("one_shot", "respaced", "full", "ddim")
+
+
+def tstar_time(schedule, sigma, rule):
+    """The diffusion time (module `diffusion`'s convention: time = 0-based table index + 1) matching smoothing σ.
+
+    first_at_least: Carlini et al.; nearest: DensePure on ImageNet (linear schedule); cosine_closed_form: DensePure
+    on CIFAR-10 (non-integer time; needs a cosine schedule).
+    """
+    if rule == "first_at_least":
+        return dp.tstar_first_at_least(schedule.alphas_cumprod, sigma) + 1
+    if rule == "nearest":
+        return dp.tstar_nearest(schedule.alphas_cumprod, sigma) + 1
+    if rule == "cosine_closed_form":
+        if schedule.alpha_bar_fn is None:
+            raise ValueError("tstar_rule 'cosine_closed_form' needs a cosine schedule (improved-diffusion CIFAR-10)")
+        return dp.tstar_cosine_closed_form(sigma, schedule.num_levels)
+    raise ValueError(f"unknown tstar_rule {rule!r}; choose one of {TSTAR_RULES}")
+
+
+class SmoothingDenoiser:
+    """Denoise an image that already carries smoothing noise: x + σ·ε in [0, 1] (DDS and DensePure).
+
+    In model space the noise is 2σ·ε; scaling by sqrt(alpha_bar) with alpha_bar = 1/(1 + 4σ²) makes
+    x_t = sqrt(alpha_bar)(x + 2σε) exactly a sample of q(x_t | x) at that level (DensePure). The network is queried at
+    t* from `tstar_rule`; `reverse` is 'one_shot' (Carlini et al.: pred_xstart at t*), 'respaced' (DensePure's fast
+    sampling with `num_steps`), 'full' (every step) or 'ddim'.
+    """
+
+    def __init__(self, eps_model, schedule, sigma, *, tstar_rule, reverse="one_shot", num_steps=None):
+        if reverse not in REVERSE_PROCESSES:
+            raise ValueError(f"unknown reverse process {reverse!r}; choose one of {REVERSE_PROCESSES}")
+        if reverse in ("respaced", "ddim") and not num_steps:
+            raise ValueError(f"reverse process {reverse!r} needs num_steps")
+        self.eps_model, self.schedule, self.sigma = eps_model, schedule, float(sigma)
+        self.reverse, self.num_steps = reverse, num_steps
+        self.t_star = tstar_time(schedule, sigma, tstar_rule)
+        self.alpha_bar = dp.alpha_bar_for_sigma(sigma)
+
+    def network_evaluations(self):
+        """Network calls per image per reverse run (the cost the papers trade against accuracy)."""
+        if self.reverse == "one_shot":
+            return 1
+        if self.reverse == "full":
+            return len(dp.full_times(self.t_star)) - 1
+        return len(dp.respaced_times(self.t_star, self.num_steps)) - 1
+
+    @torch.no_grad()
+    def __call__(self, x_noisy01, generator=None):
+        x_t = imagespace.to_model_space(x_noisy01) * self.alpha_bar ** 0.5
+        if self.reverse == "one_shot":
+            x0 = dp.one_shot_denoise(self.eps_model, self.schedule, x_t, self.t_star)
+        elif self.reverse == "respaced":
+            x0 = dp.respaced_reverse(self.eps_model, self.schedule, x_t, self.t_star, self.num_steps, generator)
+        elif self.reverse == "full":
+            x0 = dp.full_reverse(self.eps_model, self.schedule, x_t, self.t_star, generator)
+        else:
+            x0 = dp.ddim_reverse(self.eps_model, self.schedule, x_t, self.t_star, self.num_steps, generator=generator)
+        return imagespace.to_image_space(x0).clamp(0, 1)
+
+
+class PurifiedClassifier(nn.Module):
+    """classifier(purifier(x)): a defense is again a classifier (images in [0, 1] -> logits)."""
+
+    def __init__(self, purifier, classifier):
+        super().__init__()
+        self.purifier = purifier
+        self.classifier = classifier
+
+    def forward(self, x01, generator=None):
+        return self.classifier(self.purifier(x01, generator))
+
+
+class VotingLabeler:
+    """K purify-and-classify runs on the same noisy batch, each with its own reverse RNG stream (DensePure).
+
+    Returns labels of shape (K, B). The K reverse streams are seeded from the caller's generator, so the smoothing
+    noise (drawn by the caller from another stream) is the same whatever K is, and vote k of a K-vote run equals
+    vote k of a larger run.
+    """
+
+    def __init__(self, purifier, classifier, votes):
+        self.purifier, self.classifier, self.votes = purifier, classifier, int(votes)
+
+    @torch.no_grad()
+    def __call__(self, x_noisy01, generator=None):
+        # One draw from the caller's stream per batch; vote k uses seed base + k (mt19937 streams of adjacent seeds
+        # are unrelated), so the first K votes do not depend on how many votes are run.
+        base = int(torch.randint(0, 2**62, (1,), generator=generator))
+        labels = []
+        for k in range(self.votes):
+            reverse_stream = torch.Generator().manual_seed(base + k)
+            labels.append(self.classifier(self.purifier(x_noisy01, reverse_stream)).argmax(dim=1))
+        return torch.stack(labels)

@@ -1,0 +1,526 @@
+"""One way to save and load every model, and the interfaces through which the methods use them.
+
+Files
+-----
+`save_model` writes one torch file holding the state dict, the `architecture` block that rebuilds the network (the
+same `{"family", "config"}` shape as config/checkpoints.yaml), the model `kind` and, for diffusion models, the
+diffusion settings. `load_model` rebuilds the network from that block, so a file is self-describing and loads with
+`torch.load(weights_only=True)` (no pickled code). `load_registry_checkpoint` reads the official files that
+config/checkpoints.yaml lists (ADM `.pt` state dicts, EDM `.pkl` snapshots, RobustBench `Standard.pt`) into the
+same `LoadedModel`.
+
+Kinds
+-----
+- "classifier": [0, 1] images -> logits.
+- "diffusion": an eps-predicting network ``net(x_t, t_model, y=None)`` in [-1, 1] space (or, for EDM, a VP
+  denoiser that `eps_model` adapts). A class-conditional mini model has one extra *null class* (index
+  ``null_class``) that label dropout trained as "no label": one network gives conditional and unconditional eps.
+- "multihead_diffusion": RDC's multi-head network, no label input; its output holds one eps head per class
+  (``num_classes x C`` channels, head k at channels ``k*C .. (k+1)*C - 1``), so one pass gives every class's eps.
+
+Diffusion settings
+------------------
+``{"schedule": "linear" | "cosine" | "vpsde", "num_timesteps": T, "learn_sigma": bool, "rescale_timesteps": bool,
+"null_class": int | None, "variance": "learned_range" | "fixed_small" | "fixed_large"}`` (+ "beta_min", "beta_d"
+for "vpsde"); `build_diffusion` turns them into a `diffusion.GaussianDiffusion`.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from diffrobust import diffusion as diffusion_lib
+from diffrobust.io import atomic_path
+
+KINDS = ("diffusion", "multihead_diffusion", "classifier")
+FILE_FORMAT = "diffrobust-model"
+FILE_VERSION = 1
+SCHEDULES = ("linear", "cosine", "vpsde")
+
+
+class ModelFileError(ValueError):
+    """A model file that is not what it should be, with a message saying what to do."""
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    """A registry checkpoint file that is not on disk yet."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Networks that are not official checkpoints: the mini presets' UNets and classifiers
+# ---------------------------------------------------------------------------------------------------------------
+
+# ADMUNet constructor arguments that build_guided_diffusion_unet derives from the official flags and that the
+# network keeps as attributes of the same name.
+_ADM_DERIVED_ARGUMENTS = ("image_size", "model_channels", "num_res_blocks", "attention_resolutions", "dropout",
+                          "channel_mult", "conv_resample", "dims", "use_checkpoint", "use_fp16", "num_heads",
+                          "num_head_channels", "num_heads_upsample", "use_scale_shift_norm", "resblock_updown",
+                          "use_new_attention_order")
+ADM_UNET_EXTRA_KEYS = {"in_channels": 3, "num_classes": 1000, "output_heads": 1}
+
+
+def build_adm_unet(config):
+    """An ADM UNet from guided-diffusion flags plus three keys the official builder fixes for ImageNet/CIFAR:
+
+    - ``in_channels`` (default 3): image channels (1 for MNIST);
+    - ``num_classes`` (default 1000): rows of the label embedding when ``class_cond`` (the mini models use
+      10 classes + 1 null class = 11);
+    - ``output_heads`` (default 1): eps heads in the output; RDC's multi-head model has one per class.
+    Output channels = output_heads x in_channels x (2 if learn_sigma else 1).
+    """
+    from diffrobust.networks import adm
+
+    config = dict(config)
+    extras = {key: config.pop(key, default) for key, default in ADM_UNET_EXTRA_KEYS.items()}
+    for key, value in extras.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"adm_unet config key {key!r} must be a positive integer, got {value!r}")
+    # Let the official-flag builder validate the flags and derive channel_mult / attention downsample rates (on
+    # the meta device: nothing is allocated), then build the network with the three extra arguments.
+    with torch.device("meta"):
+        template = adm.build_guided_diffusion_unet(config)
+    arguments = {name: getattr(template, name) for name in _ADM_DERIVED_ARGUMENTS}
+    learn_sigma = template.out_channels == 6
+    return adm.ADMUNet(
+        in_channels=extras["in_channels"],
+        out_channels=extras["output_heads"] * extras["in_channels"] * (2 if learn_sigma else 1),
+        num_classes=extras["num_classes"] if template.num_classes is not None else None,
+        **arguments,
+    )
+
+
+def _small_resnet(config):
+    from diffrobust.networks.classifiers import build_small_resnet
+
+    return build_small_resnet(config)
+
+
+# Families defined by this project's own models; everything else goes to networks.build_network.
+LOCAL_BUILDERS = {"adm_unet": build_adm_unet, "small_resnet": _small_resnet}
+
+
+def build_architecture(architecture):
+    """Build an untrained network from an `{"family", "config"}` block (project or registry family)."""
+    family = architecture.get("family")
+    if family in LOCAL_BUILDERS:
+        return LOCAL_BUILDERS[family](dict(architecture.get("config", {})))
+    from diffrobust.networks import build_network
+
+    return build_network(architecture)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Diffusion settings
+# ---------------------------------------------------------------------------------------------------------------
+
+def diffusion_settings(schedule, num_timesteps, *, learn_sigma=False, rescale_timesteps=False, null_class=None,
+                       variance=None, **schedule_parameters):
+    """A validated, complete diffusion settings dict (see the module docstring).
+
+    variance defaults to "learned_range" with learn_sigma and to "fixed_large" (improved-diffusion's default when
+    sigma_small is off) otherwise. "vpsde" needs beta_min and beta_d (EDM's VP names).
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"diffusion schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 1:
+        raise ValueError(f"num_timesteps must be a positive integer, got {num_timesteps!r}")
+    if variance is None:
+        variance = "learned_range" if learn_sigma else "fixed_large"
+    if variance not in diffusion_lib.VARIANCE_TYPES:
+        raise ValueError(f"variance must be one of {diffusion_lib.VARIANCE_TYPES}, got {variance!r}")
+    if variance == "learned_range" and not learn_sigma:
+        raise ValueError("variance 'learned_range' needs learn_sigma=True (a network with 2C output channels)")
+    if null_class is not None and (isinstance(null_class, bool) or not isinstance(null_class, int)):
+        raise ValueError(f"null_class must be an integer class index or None, got {null_class!r}")
+    expected = {"beta_min", "beta_d"} if schedule == "vpsde" else set()
+    if set(schedule_parameters) != expected:
+        raise ValueError(f"schedule {schedule!r} takes parameters {sorted(expected)}, got {sorted(schedule_parameters)}")
+    return {"schedule": schedule, "num_timesteps": num_timesteps, "learn_sigma": bool(learn_sigma),
+            "rescale_timesteps": bool(rescale_timesteps), "null_class": null_class, "variance": variance,
+            **{key: float(value) for key, value in schedule_parameters.items()}}
+
+
+def build_diffusion(settings):
+    """The `GaussianDiffusion` that a settings dict describes."""
+    settings = diffusion_settings(**settings)
+    steps = settings["num_timesteps"]
+    common = {"variance": settings["variance"], "rescale_timesteps": settings["rescale_timesteps"]}
+    if settings["schedule"] == "linear":
+        return diffusion_lib.GaussianDiffusion.linear(steps, **common)
+    if settings["schedule"] == "cosine":
+        return diffusion_lib.GaussianDiffusion.cosine(steps, **common)
+    # "vpsde": EDM's VP schedule sampled at times k/T, with its closed form in between, so that time t of the
+    # chain is continuous time t/T of the SDE exactly (what the EDM eps adapter assumes).
+    beta_min, beta_max = settings["beta_min"], settings["beta_min"] + settings["beta_d"]
+
+    def alpha_bar(t):
+        return diffusion_lib.vpsde_alpha_bar(t / steps, beta_min, beta_max)
+
+    alpha_bars = np.array([1.0] + [alpha_bar(k) for k in range(1, steps + 1)])
+    betas = 1.0 - alpha_bars[1:] / alpha_bars[:-1]
+    return diffusion_lib.GaussianDiffusion(betas, alpha_bar_fn=alpha_bar, **common)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Saving and loading
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class LoadedModel:
+    """A network ready to use (eval mode, parameters frozen) and what it is.
+
+    diffusion_settings is the settings dict (None for classifiers); diffusion the GaussianDiffusion built from it.
+    """
+
+    network: nn.Module
+    kind: str
+    architecture: dict
+    diffusion: object = None
+    diffusion_settings: dict = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def null_class(self):
+        return (self.diffusion_settings or {}).get("null_class")
+
+
+def _plain(value):
+    """Tuples -> lists, recursively, so that stored blocks compare equal to what YAML/JSON would give."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+def save_model(path, network, *, kind, architecture, diffusion=None, extra=None):
+    """Write `network`'s weights and description to `path` atomically (see the module docstring).
+
+    diffusion: settings dict, required for the diffusion kinds, refused for classifiers. extra: any small
+    JSON-like dict (training settings, class names, ...), stored as is.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if (diffusion is None) != (kind == "classifier"):
+        raise ValueError(f"a {kind!r} model {'needs' if kind != 'classifier' else 'takes no'} diffusion settings")
+    if "family" not in architecture:
+        raise ValueError("architecture must be a {'family': ..., 'config': {...}} block")
+    record = {
+        "format": FILE_FORMAT,
+        "version": FILE_VERSION,
+        "kind": kind,
+        "architecture": _plain(architecture),
+        "diffusion": None if diffusion is None else diffusion_settings(**diffusion),
+        "extra": _plain(extra or {}),
+        "state_dict": {key: value.detach().cpu() for key, value in network.state_dict().items()},
+    }
+    with atomic_path(path) as temp:
+        torch.save(record, temp)
+    return Path(path)
+
+
+def _finish(network, state_dict, device, source):
+    try:
+        network.load_state_dict(state_dict, strict=True)
+    except RuntimeError as error:
+        raise ModelFileError(f"{source}: the weights do not fit the network its architecture describes: {error}") from None
+    return network.to(device).eval().requires_grad_(False)
+
+
+def load_model(path, device="cpu"):
+    """Load a file written by `save_model` -> LoadedModel (network in eval mode, on `device`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {path} not found; run the workflow job that trains or fetches it")
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated file, or a file from elsewhere
+        raise ModelFileError(f"{path}: not a readable diffrobust model file ({error})") from error
+    if not isinstance(record, dict) or record.get("format") != FILE_FORMAT:
+        raise ModelFileError(f"{path}: not a diffrobust model file (use load_registry_checkpoint for official ones)")
+    if record["version"] != FILE_VERSION:
+        raise ModelFileError(f"{path}: model file version {record['version']}, this code reads {FILE_VERSION}")
+    network = _finish(build_architecture(record["architecture"]), record["state_dict"], device, path)
+    settings = record["diffusion"]
+    return LoadedModel(network=network, kind=record["kind"], architecture=record["architecture"],
+                       diffusion=None if settings is None else build_diffusion(settings),
+                       diffusion_settings=settings, extra=record["extra"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Official checkpoints (config/checkpoints.yaml)
+# ---------------------------------------------------------------------------------------------------------------
+
+def registry_diffusion_settings(architecture):
+    """Diffusion settings implied by a registry architecture block (ADM flags, or EDM's VP constants)."""
+    family, config = architecture["family"], architecture.get("config", {})
+    if family in ("improved_diffusion_unet", "guided_diffusion_unet"):
+        from diffrobust.networks import adm
+
+        defaults = adm.IMPROVED_DIFFUSION_DEFAULTS if family == "improved_diffusion_unet" else adm.GUIDED_DIFFUSION_DEFAULTS
+        flags = {**defaults, **config}
+        if flags["timestep_respacing"] not in ("", None):
+            raise ValueError(f"timestep_respacing={flags['timestep_respacing']!r}: respacing is the samplers' job here; "
+                             "register the checkpoint with its full schedule")
+        learn_sigma = flags["learn_sigma"]
+        variance = "learned_range" if learn_sigma else ("fixed_small" if flags["sigma_small"] else "fixed_large")
+        return diffusion_settings(flags["noise_schedule"], flags["diffusion_steps"], learn_sigma=learn_sigma,
+                                  rescale_timesteps=flags["rescale_timesteps"], variance=variance)
+    if family == "edm_vp_songunet":
+        # EDM's VP defaults (VPPrecond: beta_d=19.9, beta_min=0.1, M=1000) unless the config overrides them.
+        return diffusion_settings("vpsde", int(config.get("M", 1000)), beta_min=config.get("beta_min", 0.1),
+                                  beta_d=config.get("beta_d", 19.9))
+    return None
+
+
+def _read_registry(registry):
+    if isinstance(registry, dict):
+        return registry
+    from diffrobust.config import CHECKPOINTS_REGISTRY
+
+    with open(registry or CHECKPOINTS_REGISTRY) as handle:
+        return yaml.safe_load(handle)
+
+
+def _strip_prefix(state_dict, prefix="module."):
+    """RobustBench's rm_substr_from_state_dict: drop a DataParallel `module.` prefix where every key has one."""
+    if state_dict and all(key.startswith(prefix) for key in state_dict):
+        return {key[len(prefix):]: value for key, value in state_dict.items()}
+    return state_dict
+
+
+def _read_state_dict(path, family):
+    if family == "edm_vp_songunet":
+        from diffrobust.networks.edm import load_edm_pickle_state_dict
+
+        return load_edm_pickle_state_dict(path)
+    try:
+        contents = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ModelFileError(f"{path}: cannot be read as a torch state dict ({error}); the download may be "
+                             "corrupt: delete it and download it again") from error
+    if isinstance(contents, dict) and isinstance(contents.get("state_dict"), dict):
+        contents = contents["state_dict"]  # RobustBench wraps its weights (and improved-diffusion does not)
+    return _strip_prefix(dict(contents))
+
+
+REGISTRY_KINDS = {"improved_diffusion_unet": "diffusion", "guided_diffusion_unet": "diffusion",
+                  "edm_vp_songunet": "diffusion", "robustbench_wrn": "classifier"}
+
+
+def load_registry_checkpoint(name, root="data/checkpoints", *, registry=None, device="cpu"):
+    """Load the official checkpoint `name` of config/checkpoints.yaml from `root`/<name>/<file> -> LoadedModel.
+
+    registry: the parsed registry dict or a path (default: the project's config/checkpoints.yaml). Raises
+    CheckpointNotFoundError naming the file and how to get it when it is not on disk.
+    """
+    entries = _read_registry(registry)
+    if name not in entries:
+        raise KeyError(f"checkpoint {name!r} is not in the registry; known: {', '.join(sorted(entries))}")
+    entry = entries[name]
+    architecture = entry.get("architecture")
+    family = (architecture or {}).get("family")
+    if family not in REGISTRY_KINDS:
+        raise ValueError(f"checkpoint {name!r} (family {family!r}) has no loader here; loadable families: "
+                         f"{', '.join(sorted(REGISTRY_KINDS))}")
+    file_entry = entry["files"][0]
+    path = Path(root) / name / file_entry["path"]
+    if not path.is_file():
+        how = (entry.get("manual") or "").strip() or (
+            f"download it with `snakemake --cores 1 {Path('data/checkpoints') / name / file_entry['path']}` "
+            "(the workflow's download_checkpoint job)")
+        raise CheckpointNotFoundError(f"checkpoint file {path} not found ({entry.get('description', name)}). {how}")
+    network = _finish(build_architecture(architecture), _read_state_dict(path, family), device, path)
+    settings = registry_diffusion_settings(architecture)
+    return LoadedModel(network=network, kind=REGISTRY_KINDS[family], architecture=architecture,
+                       diffusion=None if settings is None else build_diffusion(settings),
+                       diffusion_settings=settings, extra={"registry_name": name, "path": str(path)})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The project's interfaces
+# ---------------------------------------------------------------------------------------------------------------
+
+def classifier(loaded):
+    """The classifier of a LoadedModel: an nn.Module mapping [0, 1] images (N x C x H x W) to logits."""
+    if loaded.kind != "classifier":
+        raise ValueError(f"a {loaded.kind!r} model is not a classifier")
+    return loaded.network
+
+
+def _labels(y, x):
+    return torch.as_tensor(y, device=x.device).long().reshape(-1).expand(x.shape[0])
+
+
+class LabelledEps(nn.Module):
+    """eps(x_t, t_model, y) of a class-conditional ADM network; with `fixed_label` set, every sample gets that label
+    and y must be None (the null class: the unconditional prediction of a label-dropout model)."""
+
+    def __init__(self, network, fixed_label=None):
+        super().__init__()
+        self.network = network
+        self.fixed_label = fixed_label
+
+    def forward(self, x_t, t_model, y=None):
+        if self.fixed_label is not None:
+            if y is not None:
+                raise ValueError("this eps model is unconditional (it uses the null class); pass no labels")
+            y = self.fixed_label
+        elif y is None:
+            raise ValueError("this eps model is class-conditional: pass labels y")
+        return self.network(x_t, t_model, y=_labels(y, x_t))
+
+
+class UnlabelledEps(nn.Module):
+    """eps(x_t, t_model) of an unconditional ADM network (y must be None)."""
+
+    def __init__(self, network):
+        super().__init__()
+        self.network = network
+
+    def forward(self, x_t, t_model, y=None):
+        if y is not None:
+            raise ValueError("this eps model is unconditional; pass no labels")
+        return self.network(x_t, t_model)
+
+
+def multihead_outputs(network, x_t, t_model, num_classes):
+    """All heads of a multi-head network: [N, num_classes, C_out, H, W] (C_out = C, or 2C with learned sigma)."""
+    out = network(x_t, t_model)
+    return out.reshape(out.shape[0], num_classes, out.shape[1] // num_classes, *out.shape[2:])
+
+
+class MultiheadEps(nn.Module):
+    """eps(x_t, t_model, y) from a multi-head network: head y[i] for sample i (one network pass for the batch).
+    `all_classes(x_t, t_model)` returns every head, [N, K, C_out, H, W]."""
+
+    def __init__(self, network, num_classes):
+        super().__init__()
+        self.network = network
+        self.num_classes = num_classes
+
+    def all_classes(self, x_t, t_model):
+        return multihead_outputs(self.network, x_t, t_model, self.num_classes)
+
+    def forward(self, x_t, t_model, y=None):
+        if y is None:
+            raise ValueError("a multi-head model has no unconditional output: pass labels y")
+        heads = self.all_classes(x_t, t_model)
+        return heads[torch.arange(x_t.shape[0], device=x_t.device), _labels(y, x_t)]
+
+
+class GuidedEps(nn.Module):
+    """Classifier-free guidance: eps = (1 + w)·eps(x, t, y) - w·eps(x, t, null) (Ho & Salimans); learned-variance
+    channels, if any, are the conditional pass's."""
+
+    def __init__(self, conditional, unconditional, guidance_scale):
+        super().__init__()
+        self.conditional = conditional
+        self.unconditional = unconditional
+        self.guidance_scale = float(guidance_scale)
+
+    def forward(self, x_t, t_model, y=None):
+        cond = self.conditional(x_t, t_model, y)
+        uncond = self.unconditional(x_t, t_model)
+        channels = x_t.shape[1]
+        eps = (1 + self.guidance_scale) * cond[:, :channels] - self.guidance_scale * uncond[:, :channels]
+        return torch.cat([eps, cond[:, channels:]], dim=1)
+
+
+class EDMVPEps(nn.Module):
+    """eps(x_t, t_model, y) of an NVlabs/edm VPPrecond network on the "vpsde" chain of `build_diffusion`.
+
+    Time t of that chain is SDE time tau = t/T, and diffusion.py queries the network at t_model = t - 1, so
+    tau = (t_model + 1)/T. EDM's VP denoiser is D(x; s) = x - s·F(x/sqrt(1 + s²), (M - 1)·tau) with
+    x = x_t/sqrt(alpha_bar) and s² = 1/alpha_bar - 1; since x/sqrt(1 + s²) = x_t, the noise prediction is
+    eps = (x - D)/s = F(x_t, (M - 1)·tau): the inner U-Net, called directly. y: class indices (one-hot for EDM),
+    or None (all-zero labels, EDM's convention; the unconditional models take none).
+    """
+
+    def __init__(self, network, num_timesteps):
+        super().__init__()
+        self.network = network
+        self.num_timesteps = num_timesteps
+
+    def forward(self, x_t, t_model, y=None):
+        tau = (torch.as_tensor(t_model, dtype=torch.float32, device=x_t.device).reshape(-1) + 1) / self.num_timesteps
+        noise_labels = ((self.network.M - 1) * tau).expand(x_t.shape[0])
+        labels = None
+        if self.network.label_dim:
+            labels = torch.zeros(x_t.shape[0], self.network.label_dim, device=x_t.device)
+            if y is not None:
+                labels[torch.arange(x_t.shape[0]), _labels(y, x_t)] = 1.0
+        elif y is not None:
+            raise ValueError("this EDM model is unconditional; pass no labels")
+        return self.network.model(x_t.to(torch.float32), noise_labels, class_labels=labels)
+
+
+def _is_edm(loaded):
+    return loaded.architecture.get("family") == "edm_vp_songunet"
+
+
+def eps_model(loaded, *, unconditional=False, guidance_scale=0.0):
+    """The eps-predicting callable ``model(x_t, t_model, y=None)`` that diffusion.py expects.
+
+    unconditional=False: class-conditional (labels y required) for class-conditional and multi-head models,
+    plain for unconditional ones. unconditional=True: the unconditional prediction — the network itself for
+    unconditional models, the null class for label-dropout models (error for models without one).
+    guidance_scale w > 0: classifier-free guidance of a null-class model (labels required).
+    """
+    if loaded.kind not in ("diffusion", "multihead_diffusion"):
+        raise ValueError(f"a {loaded.kind!r} model has no eps prediction")
+    network = loaded.network
+    if _is_edm(loaded):
+        if guidance_scale:
+            raise ValueError("guidance needs a model with a null class; EDM models have none")
+        return EDMVPEps(network, loaded.diffusion_settings["num_timesteps"])
+    if loaded.kind == "multihead_diffusion":
+        if unconditional or guidance_scale:
+            raise ValueError("a multi-head model has no unconditional prediction (and hence no guidance)")
+        return MultiheadEps(network, loaded.extra["num_classes"])
+    class_conditional = getattr(network, "num_classes", None) is not None
+    if not class_conditional:
+        if guidance_scale:
+            raise ValueError("guidance needs a class-conditional model with a null class")
+        return UnlabelledEps(network)
+    null_class = loaded.null_class
+    if unconditional or guidance_scale:
+        if null_class is None:
+            raise ValueError("this class-conditional model has no null class, hence no unconditional prediction")
+        null_eps = LabelledEps(network, fixed_label=null_class)
+        if unconditional:
+            if guidance_scale:
+                raise ValueError("guidance applies to class-conditional predictions, not to unconditional=True")
+            return null_eps
+        return GuidedEps(LabelledEps(network), null_eps, guidance_scale)
+    return LabelledEps(network)
+
+
+def num_label_classes(loaded):
+    """Number of real classes a diffusion model distinguishes (its label embedding minus the null class, or its
+    heads); None for unconditional models."""
+    if loaded.kind == "multihead_diffusion":
+        return loaded.extra["num_classes"]
+    if _is_edm(loaded):
+        return loaded.network.label_dim or None
+    rows = getattr(loaded.network, "num_classes", None)
+    if rows is None:
+        return None
+    return rows - 1 if loaded.null_class is not None else rows
+
+
+def all_class_eps(loaded, x_t, t_model):
+    """eps for every real class, [N, K, C_out, H, W]: one pass of a multi-head model, K passes otherwise (RDC's
+    cost comparison)."""
+    if loaded.kind == "multihead_diffusion":
+        return multihead_outputs(loaded.network, x_t, t_model, loaded.extra["num_classes"])
+    model = eps_model(loaded)
+    count = num_label_classes(loaded)
+    if count is None:
+        raise ValueError("an unconditional model has no per-class eps")
+    return torch.stack([model(x_t, t_model, torch.full((x_t.shape[0],), k, dtype=torch.long, device=x_t.device))
+                        for k in range(count)], dim=1)

@@ -1,0 +1,683 @@
+"""Training the models that the CPU presets (mini, smoke) build themselves, resumably and reproducibly.
+
+Three jobs: a class-conditional diffusion model (`train_diffusion`), its fine-tuning, either continued as is or
+turned into RDC's multi-head model (`finetune_diffusion`), and a classifier (`train_classifier`).
+
+Reproducibility
+---------------
+Every random draw of step s (its batch order, timesteps, noise, label dropout, augmentation, and the global RNG
+that dropout layers use) comes from seeds derived from (seed, s), so the result depends only on the seed and the
+number of steps, never on when the job was interrupted. Deterministic algorithms are requested while training
+(`torch.use_deterministic_algorithms`); on the CPU the result is then bit-identical across runs with the same
+thread count (a different thread count may change float rounding in matrix products).
+
+Resuming
+--------
+Every `checkpoint_every` steps the job writes `resume.pt` (network, EMA, optimizer, step, loss log, RNG and data
+order state, and the job's config) atomically. A job that finds a resume file written with the same config
+continues from it and ends with the same weights as an uninterrupted run; a resume file from another config is
+ignored (and replaced). The resume file is deleted once the outputs are written.
+
+Outputs (all written atomically): `model.pt` (`models.save_model`; EMA weights for diffusion models),
+`loss.tsv` (step, mean loss since the previous row, cumulative training seconds) and, for classifiers,
+`metrics.json`.
+"""
+
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from diffrobust import imagespace, models
+from diffrobust.data import load_dataset, sha256_of
+from diffrobust.diffusion import ddim_reverse
+from diffrobust.io import atomic_path, atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+RESUME_FILE = "resume.pt"
+MODEL_FILE = "model.pt"
+LOSS_FILE = "loss.tsv"
+METRICS_FILE = "metrics.json"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reproducibility
+# ---------------------------------------------------------------------------------------------------------------
+
+STREAMS = {"order": 0, "step": 1, "global": 2, "init": 3}
+
+
+def derived_seed(seed, index, stream):
+    """A 63-bit seed for draw `index` of `stream` ("order", "step", "global", "init") of a job seeded `seed`."""
+    state = np.random.SeedSequence([int(seed), int(index), STREAMS[stream]]).generate_state(2, dtype=np.uint32)
+    return int(state[0]) << 31 ^ int(state[1])
+
+
+def generator_for(seed, index, stream):
+    return torch.Generator().manual_seed(derived_seed(seed, index, stream))
+
+
+@contextlib.contextmanager
+def deterministic_algorithms():
+    """Request deterministic algorithms for the enclosed block, restoring the previous setting afterwards."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    previous_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous, warn_only=previous_warn)
+
+
+def _canonical(config):
+    """The config as JSON would give it back (tuples -> lists), so a stored config compares equal."""
+    return json.loads(json.dumps(config, sort_keys=True, default=str))
+
+
+def network_digest(network):
+    """sha256 of a network's state dict (keys, dtypes, shapes, values): identifies an init model in a config."""
+    digest = hashlib.sha256()
+    for key, value in network.state_dict().items():
+        value = value.detach().cpu().contiguous()
+        digest.update(f"{key}:{value.dtype}:{tuple(value.shape)}".encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------------
+
+class BatchStream:
+    """Batches of one split in a seeded order that depends on the step alone.
+
+    The order is an endless stream of permutations, one per epoch (epoch e is permuted with seed (seed, e)); step s
+    takes positions s·B .. s·B + B - 1 of that stream, so a batch may span two epochs and the order of step s is
+    known without replaying steps 0..s-1.
+    """
+
+    def __init__(self, images, labels, batch_size, seed):
+        self.images = torch.from_numpy(np.ascontiguousarray(images))
+        self.labels = torch.from_numpy(np.ascontiguousarray(labels)).long()
+        self.batch_size = int(batch_size)
+        self.seed = seed
+        self._permutations = {}
+
+    def __len__(self):
+        return len(self.labels)
+
+    def _permutation(self, epoch):
+        if epoch not in self._permutations:
+            self._permutations = {key: value for key, value in self._permutations.items() if key >= epoch - 1}
+            self._permutations[epoch] = torch.randperm(len(self), generator=generator_for(self.seed, epoch, "order"))
+        return self._permutations[epoch]
+
+    def position(self, step):
+        """Data order state before step `step`: (epoch, index within that epoch's permutation)."""
+        return divmod(step * self.batch_size, len(self))
+
+    def rows(self, step):
+        start = step * self.batch_size
+        positions = range(start, start + self.batch_size)
+        return torch.stack([self._permutation(p // len(self))[p % len(self)] for p in positions])
+
+    def batch(self, step):
+        """(images in [0, 1], labels) of step `step`."""
+        rows = self.rows(step)
+        return imagespace.uint8_to_float(self.images[rows]), self.labels[rows]
+
+
+def _dataset_fingerprint(dataset_dir):
+    return sha256_of(Path(dataset_dir) / "splits.npz")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The training loop
+# ---------------------------------------------------------------------------------------------------------------
+
+def ema_decay_at(ema_decay, step):
+    """EMA decay at step `step`: ema_decay, warmed up as min(ema_decay, (1 + s)/(10 + s)) so that a short run's
+    average is not dominated by the random initialisation."""
+    return min(ema_decay, (1.0 + step) / (10.0 + step))
+
+
+@torch.no_grad()
+def update_ema(ema, network, decay):
+    for average, current in zip(ema.parameters(), network.parameters()):
+        average.lerp_(current, 1.0 - decay)
+    for average, current in zip(ema.buffers(), network.buffers()):
+        average.copy_(current)
+
+
+def warmup_constant(lr, warmup_steps):
+    """lr(step): linear warmup over `warmup_steps`, then constant."""
+    return lambda step: lr * min(1.0, (step + 1) / max(warmup_steps, 1))
+
+
+def warmup_cosine(lr, warmup_steps, total_steps):
+    """lr(step): linear warmup, then cosine decay to 0 at `total_steps`."""
+    def schedule(step):
+        if step < warmup_steps:
+            return lr * (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+        return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return schedule
+
+
+@dataclass
+class LossLog:
+    """Rows (step, mean loss since the previous row, seconds) and the running sum of the unlogged steps."""
+
+    rows: list = field(default_factory=list)
+    pending_sum: float = 0.0
+    pending_count: int = 0
+
+    def add(self, loss):
+        self.pending_sum += loss
+        self.pending_count += 1
+
+    def flush(self, step, seconds):
+        if self.pending_count:
+            self.rows.append((step, self.pending_sum / self.pending_count, seconds))
+        self.pending_sum, self.pending_count = 0.0, 0
+
+    def tsv(self):
+        lines = ["step\tloss\tseconds"] + [f"{step}\t{loss:.6g}\t{seconds:.2f}" for step, loss, seconds in self.rows]
+        return "\n".join(lines) + "\n"
+
+
+@dataclass
+class TrainingResult:
+    network: torch.nn.Module
+    ema: torch.nn.Module
+    loss_log: LossLog
+    seconds: float
+    resumed_from: int
+
+
+def _read_resume(path, config):
+    """The resume record at `path` if it was written with `config`, else None."""
+    if not path.is_file():
+        return None
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a file from an older version of this code, or damaged by hand
+        log.warning("ignoring unreadable resume file %s (%s)", path, error)
+        return None
+    if record.get("config") != config:
+        log.warning("ignoring resume file %s: it was written with another config", path)
+        return None
+    return record
+
+
+def run_training(out_dir, *, config, network, loss_fn, steps, lr_schedule, seed, ema_decay=None,
+                 checkpoint_every=100, log_every=10, optimizer="adam", weight_decay=0.0, data_stream=None,
+                 description="training", on_step=None):
+    """The resumable loop shared by every job; returns a TrainingResult.
+
+    loss_fn(step, generator) -> scalar loss of step `step` (draws its randomness from `generator`). config: a
+    JSON-like dict identifying the job (a resume file must carry the same one). on_step(step_done) is called
+    after each step (and after its resume checkpoint, if any): a hook for progress reports and for tests.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    resume_path = out_dir / RESUME_FILE
+    config = _canonical(config)
+    parameters = [p for p in network.parameters() if p.requires_grad]
+    if optimizer == "adam":
+        opt = torch.optim.AdamW(parameters, lr=lr_schedule(0), weight_decay=weight_decay)
+    elif optimizer == "sgd":
+        opt = torch.optim.SGD(parameters, lr=lr_schedule(0), momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+    ema = copy.deepcopy(network).requires_grad_(False) if ema_decay is not None else None
+    losses, start, seconds_before = LossLog(), 0, 0.0
+
+    record = _read_resume(resume_path, config)
+    if record is not None:
+        network.load_state_dict(record["network"])
+        if ema is not None:
+            ema.load_state_dict(record["ema"])
+        opt.load_state_dict(record["optimizer"])
+        torch.set_rng_state(record["rng_state"])
+        losses = LossLog([tuple(row) for row in record["loss_rows"]], *record["pending_loss"])
+        start, seconds_before = record["step"], record["seconds"]
+        log.info("%s: resuming from step %d of %d (%s)", description, start, steps, resume_path)
+
+    def save_resume(step, seconds):
+        state = {
+            "config": config, "step": step, "seconds": seconds,
+            "network": network.state_dict(), "ema": None if ema is None else ema.state_dict(),
+            "optimizer": opt.state_dict(), "rng_state": torch.get_rng_state(),
+            "data_position": None if data_stream is None else list(data_stream.position(step)),
+            "loss_rows": [list(row) for row in losses.rows],
+            "pending_loss": [losses.pending_sum, losses.pending_count],
+        }
+        with atomic_path(resume_path) as temp:
+            torch.save(state, temp)
+        atomic_write_text(out_dir / LOSS_FILE, losses.tsv())
+
+    network.train()
+    clock = time.perf_counter()
+    with deterministic_algorithms(), tqdm(total=steps, initial=start, desc=description, file=sys.stderr,
+                                          mininterval=5.0, dynamic_ncols=True) as progress:
+        for step in range(start, steps):
+            torch.manual_seed(derived_seed(seed, step, "global"))  # dropout layers draw from the global RNG
+            for group in opt.param_groups:
+                group["lr"] = lr_schedule(step)
+            loss = loss_fn(step, generator_for(seed, step, "step"))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if ema is not None:
+                update_ema(ema, network, ema_decay_at(ema_decay, step))
+            done = step + 1
+            losses.add(loss.item())
+            seconds = seconds_before + time.perf_counter() - clock
+            if done % log_every == 0 or done == steps:
+                losses.flush(done, seconds)
+                progress.set_postfix(loss=f"{losses.rows[-1][1]:.4f}", refresh=False)
+            if done % checkpoint_every == 0 and done < steps:
+                save_resume(done, seconds)
+            progress.update(1)
+            if on_step is not None:
+                on_step(done)
+    network.eval()
+    if ema is not None:
+        ema.eval()
+    return TrainingResult(network, ema, losses, seconds_before + time.perf_counter() - clock, start)
+
+
+def _finish_outputs(out_dir, losses):
+    atomic_write_text(Path(out_dir) / LOSS_FILE, losses.tsv())
+
+
+def _remove_resume(out_dir):
+    (Path(out_dir) / RESUME_FILE).unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Diffusion models
+# ---------------------------------------------------------------------------------------------------------------
+
+class NoiseTable:
+    """sqrt(alpha_bar) and sqrt(1 - alpha_bar) of every level as float32 tensors, for drawing training pairs."""
+
+    def __init__(self, gaussian_diffusion):
+        alphas_cumprod = torch.from_numpy(gaussian_diffusion.alphas_cumprod)
+        self.sqrt_alpha_bar = alphas_cumprod.sqrt().float()
+        self.sqrt_one_minus_alpha_bar = (1.0 - alphas_cumprod).sqrt().float()
+        self.num_levels = gaussian_diffusion.num_levels
+        self.timestep_scale = gaussian_diffusion.timestep_scale
+
+    def noisy(self, x0, generator):
+        """(x_t, noise, t_model): table index i ~ U{0..T-1} per sample, x_t ~ q at that level, and the network
+        timestep i·scale (diffusion.py queries level i + 1 at timestep i, so training uses the same)."""
+        index = torch.randint(0, self.num_levels, (x0.shape[0],), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        shape = (-1,) + (1,) * (x0.dim() - 1)
+        x_t = self.sqrt_alpha_bar[index].view(shape) * x0 + self.sqrt_one_minus_alpha_bar[index].view(shape) * noise
+        return x_t, noise, index.float() * self.timestep_scale
+
+
+def drop_labels(labels, label_dropout, null_class, generator):
+    """Replace each label by the null class with probability `label_dropout` (classifier-free guidance training)."""
+    dropped = torch.rand(labels.shape, generator=generator) < label_dropout
+    return torch.where(dropped, torch.full_like(labels, null_class), labels)
+
+
+def eps_mse_loss(network, table, x0, labels, generator, label_dropout=0.0, null_class=None):
+    """The simple loss of Ho et al.: mean squared error of the eps prediction (first C output channels)."""
+    x_t, noise, t_model = table.noisy(x0, generator)
+    if label_dropout:
+        labels = drop_labels(labels, label_dropout, null_class, generator)
+    eps = network(x_t, t_model, y=labels)[:, : x0.shape[1]]
+    return F.mse_loss(eps, noise)
+
+
+def conditional_unet_architecture(architecture, in_channels, image_size, num_classes):
+    """Fill the dataset-given keys of an `adm_unet` block (image channels and size, classes + 1 null class) and
+    check any that were given."""
+    if architecture.get("family") != "adm_unet":
+        raise ValueError(f"train_diffusion trains 'adm_unet' networks, got family {architecture.get('family')!r}")
+    config = dict(architecture.get("config", {}))
+    required = {"in_channels": in_channels, "image_size": image_size, "num_classes": num_classes + 1,
+                "class_cond": True, "output_heads": 1}
+    for key, value in required.items():
+        if config.setdefault(key, value) != value:
+            raise ValueError(f"architecture config {key}={config[key]!r} does not fit the dataset (needs {value!r})")
+    if config.get("learn_sigma", False):
+        raise ValueError("learn_sigma training (the hybrid loss) is not implemented: the CPU presets use fixed "
+                         "variances; set learn_sigma: false")
+    return {"family": "adm_unet", "config": config}
+
+
+def _dataset_shape(dataset):
+    train = dataset["train"]
+    return train.images.shape[1], train.images.shape[2], int(dataset.meta["num_classes"])
+
+
+def train_diffusion(dataset_dir, out_dir, *, architecture, schedule="linear", num_timesteps=1000, steps, batch_size,
+                    lr, ema_decay, label_dropout, seed, checkpoint_every=200, log_every=20, warmup_steps=100,
+                    variance="fixed_large", on_step=None):
+    """Train a class-conditional ADM UNet (K classes + null class K) with the eps-MSE loss; writes model.pt (EMA
+    weights, kind "diffusion") and loss.tsv under out_dir. Returns the LoadedModel of the EMA network.
+
+    architecture: an `adm_unet` block; in_channels, image_size and num_classes (K + 1) are filled from the dataset.
+    learn_sigma stays False: every method here uses eps only (one-shot denoising, DDIM, the VP-SDE, RDC's ELBO),
+    and the ancestral samplers take a fixed variance (`variance`), which spares the hybrid loss's extra cost.
+    label_dropout: probability of training a sample with the null class, which makes the unconditional eps.
+    """
+    dataset = load_dataset(dataset_dir)
+    channels, size, num_classes = _dataset_shape(dataset)
+    architecture = conditional_unet_architecture(architecture, channels, size, num_classes)
+    settings = models.diffusion_settings(schedule, num_timesteps, null_class=num_classes, variance=variance)
+    config = {"job": "train_diffusion", "dataset": _dataset_fingerprint(dataset_dir), "architecture": architecture,
+              "diffusion": settings, "steps": steps, "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay,
+              "label_dropout": label_dropout, "seed": seed, "warmup_steps": warmup_steps, "log_every": log_every}
+    torch.manual_seed(derived_seed(seed, 0, "init"))
+    network = models.build_architecture(architecture)
+    table = NoiseTable(models.build_diffusion(settings))
+    stream = BatchStream(dataset["train"].images, dataset["train"].labels, batch_size, seed)
+
+    def loss_fn(step, generator):
+        x01, labels = stream.batch(step)
+        return eps_mse_loss(network, table, imagespace.to_model_space(x01), labels, generator,
+                            label_dropout, num_classes)
+
+    result = run_training(out_dir, config=config, network=network, loss_fn=loss_fn, steps=steps,
+                          lr_schedule=warmup_constant(lr, warmup_steps), seed=seed, ema_decay=ema_decay,
+                          checkpoint_every=checkpoint_every, log_every=log_every, data_stream=stream,
+                          description="diffusion", on_step=on_step)
+    extra = {"num_classes": num_classes, "class_names": dataset.meta.get("class_names"), "training": config,
+             "seconds": round(result.seconds, 2)}
+    path = models.save_model(Path(out_dir) / MODEL_FILE, result.ema, kind="diffusion", architecture=architecture,
+                             diffusion=settings, extra=extra)
+    _finish_outputs(out_dir, result.loss_log)
+    _remove_resume(out_dir)
+    return models.load_model(path)
+
+
+def adm_flags_of(network):
+    """guided-diffusion flags (+ adm_unet's extra keys) that rebuild an ADMUNet: the inverse of build_adm_unet."""
+    image_size = network.image_size
+    if image_size is None or any(float(m) != int(m) for m in network.channel_mult):
+        raise ValueError("cannot describe this ADM network as adm_unet flags (no image_size, or fractional channel_mult)")
+    heads_out_channels = network.out_channels
+    return {
+        "image_size": image_size, "num_channels": network.model_channels, "num_res_blocks": network.num_res_blocks,
+        "num_heads": network.num_heads, "num_heads_upsample": network.num_heads_upsample,
+        "num_head_channels": network.num_head_channels,
+        "attention_resolutions": ",".join(str(image_size // rate) for rate in network.attention_resolutions),
+        "channel_mult": ",".join(str(int(m)) for m in network.channel_mult), "dropout": network.dropout,
+        "class_cond": network.num_classes is not None, "use_checkpoint": network.use_checkpoint,
+        "use_scale_shift_norm": network.use_scale_shift_norm, "resblock_updown": network.resblock_updown,
+        "use_fp16": network.use_fp16, "use_new_attention_order": network.use_new_attention_order,
+        "learn_sigma": heads_out_channels == 2 * network.in_channels,
+        "in_channels": network.in_channels, "num_classes": network.num_classes or 1000,
+    }
+
+
+def multihead_from_conditional(network, num_classes, fold_label=None):
+    """RDC's multi-head UNet initialised from a class-conditional ADM network -> (multihead network, architecture).
+
+    The multi-head network is the same UNet without a label embedding, whose output convolution has one copy of the
+    conditional network's output convolution per class (head k = output channels k·C_out .. (k+1)·C_out - 1).
+    Every other weight is copied. The conditional network adds label_emb(y) to the timestep embedding, i.e. to the
+    output of time_embed's last linear layer; with `fold_label` = c that row is added to that layer's bias, so
+    before fine-tuning every head computes exactly the conditional network's eps(x, t, c) (up to float rounding of
+    the moved addition). Folding the null class makes every head start at the unconditional eps, from which
+    fine-tuning teaches head k the class-k eps. Heads reproduce eps(x, t, k) for k != c only where label_emb(k)
+    equals label_emb(c).
+    """
+    if network.num_classes is None:
+        raise ValueError("multi-head initialisation needs a class-conditional network (one with label_emb)")
+    flags = adm_flags_of(network)
+    flags.update({"class_cond": False, "output_heads": num_classes})
+    flags.pop("num_classes")
+    architecture = {"family": "adm_unet", "config": flags}
+    multihead = models.build_architecture(architecture)
+    source = network.state_dict()
+    target = multihead.state_dict()
+    for key in target:
+        if key in ("out.2.weight", "out.2.bias"):
+            target[key] = source[key].repeat(num_classes, *([1] * (source[key].dim() - 1)))
+        else:
+            target[key] = source[key].clone()
+    if fold_label is not None:
+        target["time_embed.2.bias"] = target["time_embed.2.bias"] + source["label_emb.weight"][fold_label]
+    multihead.load_state_dict(target, strict=True)
+    return multihead, architecture
+
+
+def teacher_all_class_eps(teacher, x_t, t_model, num_classes, channels):
+    """eps(x_t, t, k) of a class-conditional network for k = 0..K-1 in one batched pass: [N, K, C, H, W]."""
+    n = x_t.shape[0]
+    repeated = x_t.repeat_interleave(num_classes, dim=0)
+    labels = torch.arange(num_classes).repeat(n)
+    out = teacher(repeated, t_model.repeat_interleave(num_classes), y=labels)[:, :channels]
+    return out.reshape(n, num_classes, channels, *x_t.shape[2:])
+
+
+def multihead_loss(student, teacher, table, x0, labels, generator, num_classes, true_class_weight=1.0):
+    """RDC's multi-head fine-tuning loss: every head k matches the frozen conditional teacher's eps(x_t, t, k)
+    (mean squared error over heads), plus `true_class_weight` x the usual eps-MSE of the true class's head."""
+    channels = x0.shape[1]
+    x_t, noise, t_model = table.noisy(x0, generator)
+    heads = models.multihead_outputs(student, x_t, t_model, num_classes)[:, :, :channels]
+    with torch.no_grad():
+        targets = teacher_all_class_eps(teacher, x_t, t_model, num_classes, channels)
+    distillation = F.mse_loss(heads, targets)
+    true_head = heads[torch.arange(x0.shape[0]), labels]
+    return distillation + true_class_weight * F.mse_loss(true_head, noise)
+
+
+def _as_loaded(init_model):
+    return init_model if isinstance(init_model, models.LoadedModel) else models.load_model(init_model)
+
+
+def finetune_diffusion(init_model, dataset_dir, out_dir, *, variant, steps, batch_size, lr, ema_decay, seed,
+                       label_dropout=None, true_class_weight=1.0, checkpoint_every=200, log_every=20,
+                       warmup_steps=0, on_step=None):
+    """Continue training a diffusion model (a model file path or a LoadedModel); writes model.pt and loss.tsv.
+
+    variant="conditional": the same network, more steps of the eps-MSE loss with label dropout (default: the
+        rate the init model was trained with; a model without a null class needs 0).
+    variant="multihead": RDC's multi-head network (`multihead_from_conditional`, null class folded in when there
+        is one), trained with `multihead_loss` against the frozen init model; saved as kind "multihead_diffusion"
+        with the init model's diffusion settings (null_class None: it has no unconditional output).
+    """
+    loaded = _as_loaded(init_model)
+    if loaded.kind != "diffusion" or loaded.architecture.get("family") == "edm_vp_songunet":
+        raise ValueError("finetune_diffusion takes an ADM diffusion model (mini model or ADM checkpoint)")
+    dataset = load_dataset(dataset_dir)
+    _, _, num_classes = _dataset_shape(dataset)
+    settings = dict(loaded.diffusion_settings)
+    null_class = settings.get("null_class")
+    trained_with = (loaded.extra.get("training") or {}).get("label_dropout", 0.0)
+    config = {"job": "finetune_diffusion", "variant": variant, "init": network_digest(loaded.network),
+              "dataset": _dataset_fingerprint(dataset_dir), "steps": steps, "batch_size": batch_size, "lr": lr,
+              "ema_decay": ema_decay, "seed": seed, "warmup_steps": warmup_steps, "log_every": log_every}
+    table = NoiseTable(loaded.diffusion)
+    stream = BatchStream(dataset["train"].images, dataset["train"].labels, batch_size, seed)
+    teacher = loaded.network.eval().requires_grad_(False)
+
+    if variant == "conditional":
+        label_dropout = trained_with if label_dropout is None else label_dropout
+        if label_dropout and null_class is None:
+            raise ValueError("label dropout needs a model with a null class")
+        config["label_dropout"] = label_dropout
+        network = copy.deepcopy(teacher).requires_grad_(True)
+        architecture, kind = loaded.architecture, "diffusion"
+
+        def loss_fn(step, generator):
+            x01, labels = stream.batch(step)
+            return eps_mse_loss(network, table, imagespace.to_model_space(x01), labels, generator,
+                                label_dropout, null_class)
+    elif variant == "multihead":
+        if num_label := models.num_label_classes(loaded):
+            if num_label != num_classes:
+                raise ValueError(f"the init model knows {num_label} classes, the dataset has {num_classes}")
+        config["true_class_weight"] = true_class_weight
+        network, architecture = multihead_from_conditional(teacher, num_classes, fold_label=null_class)
+        network.requires_grad_(True)
+        kind = "multihead_diffusion"
+        settings["null_class"] = None
+
+        def loss_fn(step, generator):
+            x01, labels = stream.batch(step)
+            return multihead_loss(network, teacher, table, imagespace.to_model_space(x01), labels, generator,
+                                  num_classes, true_class_weight)
+    else:
+        raise ValueError(f"variant must be 'conditional' or 'multihead', got {variant!r}")
+
+    result = run_training(out_dir, config=config, network=network, loss_fn=loss_fn, steps=steps,
+                          lr_schedule=warmup_constant(lr, warmup_steps), seed=seed, ema_decay=ema_decay,
+                          checkpoint_every=checkpoint_every, log_every=log_every, data_stream=stream,
+                          description=f"finetune ({variant})", on_step=on_step)
+    extra = {"num_classes": num_classes, "class_names": dataset.meta.get("class_names"), "training": config,
+             "init_training": loaded.extra.get("training"), "seconds": round(result.seconds, 2)}
+    path = models.save_model(Path(out_dir) / MODEL_FILE, result.ema, kind=kind, architecture=architecture,
+                             diffusion=settings, extra=extra)
+    _finish_outputs(out_dir, result.loss_log)
+    _remove_resume(out_dir)
+    return models.load_model(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Classifiers
+# ---------------------------------------------------------------------------------------------------------------
+
+def random_shift(x, max_shift, generator):
+    """Translate each image by up to `max_shift` pixels in each direction, filling with zeros (MNIST's background);
+    no flips, since digits are not mirror-symmetric."""
+    if max_shift == 0:
+        return x
+    padded = F.pad(x, (max_shift,) * 4)
+    offsets = torch.randint(0, 2 * max_shift + 1, (x.shape[0], 2), generator=generator)
+    height, width = x.shape[-2:]
+    return torch.stack([padded[i, :, top:top + height, left:left + width]
+                        for i, (top, left) in enumerate(offsets.tolist())])
+
+
+@torch.no_grad()
+def accuracy(network, images_uint8, labels, batch_size=500):
+    """Top-1 accuracy of a [0, 1] -> logits classifier on uint8 images."""
+    network.eval()
+    correct = 0
+    for start in range(0, len(labels), batch_size):
+        x = imagespace.uint8_to_float(images_uint8[start:start + batch_size])
+        predictions = network(x).argmax(dim=1)
+        correct += int((predictions == torch.as_tensor(labels[start:start + batch_size])).sum())
+    return correct / len(labels)
+
+
+def train_classifier(dataset_dir, out_dir, *, architecture, epochs, batch_size, lr, seed, augment=True,
+                     max_shift=2, weight_decay=5e-4, warmup_fraction=0.05, checkpoint_every=200, log_every=20,
+                     on_step=None):
+    """Train a classifier ([0, 1] images -> logits) on the train split with cross-entropy, SGD with Nesterov
+    momentum, linear warmup and cosine decay; writes model.pt (kind "classifier"), metrics.json (train and test
+    accuracy) and loss.tsv. epochs may be fractional (steps = ceil(epochs·N/B)). Returns the LoadedModel.
+
+    architecture: a `small_resnet` block (or any classifier family); in_channels and num_classes are filled from
+    the dataset. augment: random shifts of up to `max_shift` pixels.
+    """
+    dataset = load_dataset(dataset_dir)
+    channels, _, num_classes = _dataset_shape(dataset)
+    config_block = dict(architecture.get("config", {}))
+    if architecture.get("family") == "small_resnet":
+        config_block.setdefault("in_channels", channels)
+        config_block.setdefault("num_classes", num_classes)
+    architecture = {"family": architecture["family"], "config": config_block}
+    train = dataset["train"]
+    steps = math.ceil(epochs * len(train) / batch_size)
+    config = {"job": "train_classifier", "dataset": _dataset_fingerprint(dataset_dir), "architecture": architecture,
+              "epochs": epochs, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+              "augment": bool(augment), "max_shift": max_shift, "weight_decay": weight_decay,
+              "warmup_fraction": warmup_fraction, "log_every": log_every}
+    torch.manual_seed(derived_seed(seed, 0, "init"))
+    network = models.build_architecture(architecture)
+    stream = BatchStream(train.images, train.labels, batch_size, seed)
+
+    def loss_fn(step, generator):
+        x01, labels = stream.batch(step)
+        if augment:
+            x01 = random_shift(x01, max_shift, generator)
+        return F.cross_entropy(network(x01), labels)
+
+    result = run_training(out_dir, config=config, network=network, loss_fn=loss_fn, steps=steps,
+                          lr_schedule=warmup_cosine(lr, round(warmup_fraction * steps), steps), seed=seed,
+                          optimizer="sgd", weight_decay=weight_decay, checkpoint_every=checkpoint_every,
+                          log_every=log_every, data_stream=stream, description="classifier", on_step=on_step)
+    network = result.network
+    metrics = {"train_accuracy": accuracy(network, train.images, train.labels),
+               "test_accuracy": accuracy(network, dataset["test"].images, dataset["test"].labels),
+               "steps": steps, "seconds": round(result.seconds, 2)}
+    path = models.save_model(Path(out_dir) / MODEL_FILE, network, kind="classifier", architecture=architecture,
+                             extra={"num_classes": num_classes, "class_names": dataset.meta.get("class_names"),
+                                    "training": config, "metrics": metrics})
+    atomic_write_json(Path(out_dir) / METRICS_FILE, metrics)
+    _finish_outputs(out_dir, result.loss_log)
+    _remove_resume(out_dir)
+    return models.load_model(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Samples
+# ---------------------------------------------------------------------------------------------------------------
+
+def image_shape(loaded):
+    """(C, H, W) of the images a diffusion model works on."""
+    network = loaded.network
+    if loaded.architecture.get("family") == "edm_vp_songunet":
+        return network.img_channels, network.img_resolution, network.img_resolution
+    return network.in_channels, network.image_size, network.image_size
+
+
+@torch.no_grad()
+def sample_class_conditional(loaded, classes, num_steps, guidance_scale=0.0, generator=None):
+    """Deterministic DDIM samples (eta = 0, `num_steps` steps from time T) of the given classes -> [0, 1] images.
+
+    guidance_scale w > 0 uses classifier-free guidance with the null class (w = 0: the plain conditional model).
+    The starting noise comes from `generator`.
+    """
+    model = models.eps_model(loaded, guidance_scale=guidance_scale)
+    labels = torch.as_tensor(classes, dtype=torch.long).reshape(-1)
+    noise = torch.randn((len(labels), *image_shape(loaded)), generator=generator)
+    chain = loaded.diffusion
+    x0 = ddim_reverse(model, chain, noise, chain.num_levels, num_steps, eta=0.0, y=labels)
+    return imagespace.to_image_space(x0).clamp(0, 1)
+
+
+def image_grid(images01, nrow):
+    """[N, C, H, W] images in [0, 1] -> one uint8 H x W x C array, `nrow` images per row, 2-pixel gaps."""
+    images = imagespace.float_to_uint8(images01)
+    n, c, h, w = images.shape
+    rows = math.ceil(n / nrow)
+    grid = np.zeros((rows * (h + 2) + 2, nrow * (w + 2) + 2, c), dtype=np.uint8)
+    for i in range(n):
+        top, left = 2 + (i // nrow) * (h + 2), 2 + (i % nrow) * (w + 2)
+        grid[top:top + h, left:left + w] = images[i].transpose(1, 2, 0)
+    return grid
+
+
+def save_image_grid(path, images01, nrow):
+    """Write `image_grid(images01, nrow)` as a PNG, atomically."""
+    from PIL import Image
+
+    grid = image_grid(images01, nrow)
+    with atomic_path(path) as temp:
+        Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(temp, format="PNG")
+    return Path(path)

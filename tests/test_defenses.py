@@ -1,0 +1,57 @@
+"""Defense composition: smoothing denoisers (DDS, DensePure), purified classifiers and K-vote labelers."""
+
+import torch
+
+from diffrobust import diffusion as dp
+from diffrobust.defenses import PurifiedClassifier, SmoothingDenoiser, VotingLabeler, tstar_time
+
+
+def oracle_eps_model(schedule, x0_model):
+    """An eps-network that knows the clean image: its pred_xstart is exactly x0 at every timestep."""
+
+    def model(x_t, t_model, y=None):
+        index = int(round(float(torch.as_tensor(t_model).reshape(-1)[0]) / schedule.timestep_scale))
+        a = float(schedule.alphas_cumprod[index])
+        return (x_t - a ** 0.5 * x0_model) / (1 - a) ** 0.5
+
+    return model
+
+
+def test_tstar_rules_give_times_one_past_the_papers_indices():
+    linear, cosine = dp.GaussianDiffusion.linear(1000), dp.GaussianDiffusion.cosine(4000)
+    assert [tstar_time(linear, s, "first_at_least") for s in (0.25, 0.5, 1.0)] == [146, 260, 397]
+    assert [tstar_time(linear, s, "nearest") for s in (0.25, 0.5, 1.0)] == [145, 259, 397]
+    assert abs(tstar_time(cosine, 0.5, "cosine_closed_form") - 1984.2) < 0.1
+
+
+def test_one_shot_and_respaced_denoisers_recover_the_image_with_an_oracle():
+    torch.manual_seed(0)
+    schedule = dp.GaussianDiffusion.linear(1000, variance="fixed_small")
+    x0 = torch.rand(2, 1, 4, 4) * 0.8 + 0.1
+    model = oracle_eps_model(schedule, x0 * 2 - 1)
+    noisy = x0 + 0.5 * torch.randn_like(x0)  # smoothing noise in [0, 1] space
+    for reverse, steps in (("one_shot", None), ("respaced", 5), ("ddim", 5)):
+        denoiser = SmoothingDenoiser(model, schedule, 0.5, tstar_rule="nearest", reverse=reverse, num_steps=steps)
+        out = denoiser(noisy, torch.Generator().manual_seed(1))
+        assert torch.allclose(out, x0, atol=2e-3), reverse
+    assert SmoothingDenoiser(model, schedule, 0.5, tstar_rule="nearest").network_evaluations() == 1
+    assert SmoothingDenoiser(model, schedule, 0.5, tstar_rule="nearest", reverse="respaced",
+                             num_steps=10).network_evaluations() == 10
+
+
+def test_purified_classifier_composes_and_voting_is_prefix_stable():
+    class Threshold(torch.nn.Module):
+        def forward(self, x):
+            score = x.mean(dim=(1, 2, 3))
+            return torch.stack([score - 0.5, 0.5 - score], dim=1) * 10
+
+    def noisy_purifier(x, generator):
+        return (x + 0.2 * torch.randn(x.shape, generator=generator)).clamp(0, 1)
+
+    x = torch.full((6, 1, 2, 2), 0.48)
+    defense = PurifiedClassifier(noisy_purifier, Threshold())
+    assert defense(x, torch.Generator().manual_seed(0)).shape == (6, 2)
+    five = VotingLabeler(noisy_purifier, Threshold(), 5)(x, torch.Generator().manual_seed(3))
+    nine = VotingLabeler(noisy_purifier, Threshold(), 9)(x, torch.Generator().manual_seed(3))
+    assert five.shape == (5, 6) and torch.equal(five, nine[:5])
+    assert 0 < five.float().mean() < 1  # the votes really differ between reverse streams

@@ -40,7 +40,7 @@ def test_overrides_win_over_the_preset_and_merge_deeply():
         ({"preset": "mini", "datasets": {"mnist": {"test_per_class": -5}}},
          ["'datasets.mnist.test_per_class' = -5", "must be >= 1"]),
         ({"preset": "mini", "subsets": {"densepure": {"start": 0, "stop": 10, "step": 0}}},
-         ["'subsets.densepure'", "range {start, stop, step}"]),
+         ["'subsets.densepure.step' = 0", "must be >= 1", "range {start, stop, step}"]),
         ({"preset": "mini", "seed": "zero"}, ["'seed' = 'zero'", "must be of type integer"]),
         ({"preset": "mini", "dataset": "svhn"}, ["'dataset' = 'svhn'", "'mnist', 'cifar10', 'imagenet'"]),
         ({"preset": "mini", "checkpoints": ["no_such_model"]}, ["'no_such_model'", "improved_diffusion_cifar10_uncond"]),

@@ -38,8 +38,9 @@ TSV_HEADER = "\t".join(TSV_COLUMNS) + "\n"
 
 # Streams derived from (seed, index): tags keep them apart (fixed-length spawn keys never collide).
 _NOISE_N0, _NOISE_N, _LABELER_N0, _LABELER_N = range(4)
-# What must match for stored label files to belong to the same run.
+# What must match for stored label files to belong to the same run, and for two runs to have drawn the same noise.
 _RUN_KEYS = ("sigma", "n0", "n", "alpha", "seed", "reverse_seed", "batch_size")
+_NOISE_KEYS = ("idx", "sigma", "n0", "n", "seed", "batch_size")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -79,9 +80,9 @@ def _as_label_rows(labels):
 def sample_noise_labels(labeler, x, num, sigma, batch_size, generator, labeler_generator=None):
     """Labels of `num` noisy copies x + sigma * N(0, I): an int16 array (K, num), one column per noise draw.
 
-    The noise comes from `generator` only (drawn on its device, a CPU generator by default, then moved to x's device so
-    that the draws are the same whatever device the labeler runs on); the labeler gets `labeler_generator`, by default
-    one derived from `generator`'s seed. So the noise is identical whatever the labeler does with its own stream, which
+    The noise comes from `generator` only (drawn on the generator's device, then moved to x's device: with a CPU
+    generator the draws are the same whatever device the labeler runs on); the labeler gets `labeler_generator`, by
+    default one derived from `generator`'s seed. So the noise is identical whatever the labeler does with its own stream, which
     is what lets DensePure vote over reverse seeds on the same noisy inputs."""
     x = torch.as_tensor(x)
     if x.ndim == 4 and x.shape[0] == 1:
@@ -200,10 +201,11 @@ def certify(labeler, x, n0, n, sigma, alpha, batch_size, seed, index=0, reverse_
 
     The noise streams derive from (seed, index) and the labeler's from (seed, index, reverse_seed): runs with
     different reverse seeds see the same noisy inputs, so their label rows can be stacked into votes afterwards."""
-    generators = {stream: seeded_generator(derived_seed(seed, index, stream, reverse_seed if stream >= _LABELER_N0 else 0))
-                  for stream in (_NOISE_N0, _NOISE_N, _LABELER_N0, _LABELER_N)}
-    labels_n0 = sample_noise_labels(labeler, x, n0, sigma, batch_size, generators[_NOISE_N0], generators[_LABELER_N0])
-    labels_n = sample_noise_labels(labeler, x, n, sigma, batch_size, generators[_NOISE_N], generators[_LABELER_N])
+    noise_n0, noise_n = (seeded_generator(derived_seed(seed, index, stream)) for stream in (_NOISE_N0, _NOISE_N))
+    labeler_n0, labeler_n = (seeded_generator(derived_seed(seed, index, stream, reverse_seed))
+                             for stream in (_LABELER_N0, _LABELER_N))
+    labels_n0 = sample_noise_labels(labeler, x, n0, sigma, batch_size, noise_n0, labeler_n0)
+    labels_n = sample_noise_labels(labeler, x, n, sigma, batch_size, noise_n, labeler_n)
     predict, radius, p_a_lower = certify_from_labels(labels_n0, labels_n, num_classes, sigma, alpha)
     return {"predict": predict, "radius": radius, "p_a_lower": p_a_lower, "labels_n0": labels_n0, "labels_n": labels_n}
 
@@ -328,7 +330,7 @@ def _stack_label_files(paths):
     stored = [read_label_file(path) for path in paths]
     first = stored[0]
     for other, path in zip(stored[1:], paths[1:]):
-        if other["idx"] != first["idx"] or any(other[key] != first[key] for key in ("sigma", "n0", "n", "seed", "batch_size")):
+        if any(other[key] != first[key] for key in _NOISE_KEYS):
             raise ValueError(f"{path} does not hold the same image and noise as {paths[0]}")
     if len({entry["reverse_seed"] for entry in stored}) != len(stored):
         raise ValueError(f"label files {list(map(str, paths))} repeat a reverse seed: their votes are not independent")
@@ -348,7 +350,7 @@ def merge_votes(label_files, k, sigma, alpha, num_classes):
     for entry in label_files:
         stored = _stack_label_files([entry] if isinstance(entry, (str, os.PathLike)) else list(entry))
         if not math.isclose(stored["sigma"], sigma):
-            raise ValueError(f"image {stored['idx']}: labels drawn at sigma {stored['sigma']}, asked to certify at {sigma}")
+            raise ValueError(f"image {stored['idx']}: labels drawn at sigma {stored['sigma']}, not {sigma}")
         votes_n0 = majority_vote(stored["labels_n0"], k)
         votes_n = majority_vote(stored["labels_n"], k)
         predict, radius, _ = certify_from_labels(votes_n0, votes_n, num_classes, sigma, alpha)

@@ -81,6 +81,15 @@ def _origin(path, overrides, preset_file):
     return "from config/config.yaml, --configfile or --config"
 
 
+def _closest_alternative(error):
+    """The first error of the oneOf alternative whose keys fit the value best (fewest unknown-key errors)."""
+    by_branch = {}
+    for sub in error.context:
+        by_branch.setdefault(sub.relative_schema_path[0], []).append(sub)
+    branch = min(by_branch, key=lambda b: sum(e.validator == "additionalProperties" for e in by_branch[b]))
+    return by_branch[branch][0]
+
+
 def describe_error(error, schema, overrides, preset_file):
     """One readable line for a jsonschema error: key, origin, what is allowed, how to fix it."""
     path = list(error.absolute_path)
@@ -107,6 +116,11 @@ def describe_error(error, schema, overrides, preset_file):
         return f"config key '{key}' = {error.instance!r} ({where}) must be one of {options}{hint}"
     if error.validator == "required":
         return f"config is missing the key {error.message.split()[0]} in {key}{hint}"
+    if error.validator == "oneOf" and error.context:
+        # Report the problem within the alternative that came closest (e.g. a negative 'stop' in a range).
+        closest = _closest_alternative(error)
+        return describe_error(closest, schema, overrides, preset_file) + (
+            " (a subset is either a range {start, stop, step} or seeded subsets {n, seeds})")
     if error.validator == "oneOf":
         return (
             f"config key '{key}' = {error.instance!r} ({where}) must be either a range "

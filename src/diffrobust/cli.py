@@ -61,6 +61,34 @@ def cmd_render_notebook(args):
     log.info("rendered %s -> %s", args.notebook, args.html)
 
 
+def cmd_certify_shard(args):
+    from diffrobust import densepure
+    from diffrobust.provenance import run_record
+
+    settings = args.settings
+    with run_record(args.run_record, config={"method": args.method, "sigma": args.sigma, "shard": args.shard,
+                                             "settings": settings, "subset": args.subset,
+                                             "diffusion": args.diffusion, "classifier": args.classifier},
+                    seed=settings["seed"]) as record:
+        record.update(densepure.run_shard(
+            method=args.method, settings=settings, sigma=args.sigma, dataset_dir=args.dataset_dir,
+            subset=args.subset, shard=args.shard, diffusion=args.diffusion, classifier=args.classifier,
+            work_dir=args.work_dir, out_tsv=args.out_tsv, out_labels=args.out_labels))
+    log.info("certified shard %d (%s, sigma %s): %s", args.shard, args.method, args.sigma, record)
+
+
+def cmd_merge_votes(args):
+    from diffrobust import certify, densepure
+    from diffrobust.data import read_meta
+    from diffrobust.provenance import run_record
+
+    num_classes = read_meta(args.dataset_dir)["num_classes"]
+    with run_record(args.run_record, config=vars(args) | {"func": None}):
+        rows = densepure.merge_bundles(args.bundles, args.votes, args.sigma, args.alpha, num_classes)
+        certify.write_certification_tsv(rows, args.out_tsv)
+    log.info("merged %d images with %d votes -> %s", len(rows), args.votes, args.out_tsv)
+
+
 def cmd_check_config(args):
     from diffrobust.config import load_config
 
@@ -105,6 +133,31 @@ def build_parser():
     render.add_argument("--html", required=True)
     render.add_argument("--run-record")
     render.set_defaults(func=cmd_render_notebook)
+
+    shard = commands.add_parser("certify-shard", help="randomized-smoothing certification of one shard (DDS/DensePure)")
+    shard.add_argument("--method", required=True, choices=["dds", "densepure"])
+    shard.add_argument("--sigma", required=True, type=float)
+    shard.add_argument("--shard", required=True, type=int)
+    shard.add_argument("--settings", required=True, type=_json, help="the densepure config block (JSON)")
+    shard.add_argument("--subset", required=True, type=_json, help="the subsets.densepure config entry (JSON)")
+    shard.add_argument("--dataset-dir", required=True)
+    shard.add_argument("--diffusion", required=True, help="model file (.pt) or checkpoint name")
+    shard.add_argument("--classifier", required=True, help="model file (.pt) or checkpoint name")
+    shard.add_argument("--work-dir", required=True, help="resumable per-image results (kept between attempts)")
+    shard.add_argument("--out-tsv", required=True)
+    shard.add_argument("--out-labels", required=True)
+    shard.add_argument("--run-record")
+    shard.set_defaults(func=cmd_certify_shard)
+
+    merge = commands.add_parser("merge-votes", help="re-certify from stored per-draw labels with K votes")
+    merge.add_argument("--bundles", nargs="+", required=True)
+    merge.add_argument("--votes", required=True, type=int)
+    merge.add_argument("--sigma", required=True, type=float)
+    merge.add_argument("--alpha", required=True, type=float)
+    merge.add_argument("--dataset-dir", required=True)
+    merge.add_argument("--out-tsv", required=True)
+    merge.add_argument("--run-record")
+    merge.set_defaults(func=cmd_merge_votes)
 
     check = commands.add_parser("check-config", help="print the merged, validated config of a preset")
     check.add_argument("--preset", default="mini")

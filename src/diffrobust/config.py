@@ -149,6 +149,28 @@ def check_paths(config):
         )
 
 
+def check_consistency(config, registry):
+    """Rules that span several keys (the schema checks each key alone)."""
+    densepure = config["densepure"]
+    too_many = [k for k in densepure["vote_ablation"] if k > densepure["votes"]]
+    if too_many:
+        raise ConfigError(
+            f"config key 'densepure.vote_ablation' has {too_many}, more than 'densepure.votes' = {densepure['votes']} "
+            "reverse runs are stored; raise 'votes' or drop those entries"
+        )
+    models = config["models"]
+    for key, source in (("models.diffusion.source", models["diffusion"]["source"]),
+                        ("models.classifier.source", models["classifier"]["source"]),
+                        ("models.multihead.init", models["multihead"]["init"])):
+        if source not in ("train", "diffusion") and source not in registry:
+            raise ConfigError(
+                f"config key '{key}' = {source!r} is neither 'train' nor a checkpoint of config/checkpoints.yaml "
+                f"({', '.join(sorted(registry))})"
+            )
+        if source in registry and source not in config["checkpoints"]:
+            raise ConfigError(f"config key '{key}' = {source!r}: add it to the preset's 'checkpoints' list too")
+
+
 def load_config(snakemake_config, presets_dir=PRESETS_DIR, schema_path=CONFIG_SCHEMA):
     """Merge the chosen preset with Snakemake's config, fill defaults, validate; return a plain dict."""
     overrides = dict(snakemake_config or {})
@@ -172,6 +194,7 @@ def load_config(snakemake_config, presets_dir=PRESETS_DIR, schema_path=CONFIG_SC
     validate(merged, schema, overrides, preset_file=f"config/presets/{preset}.yaml")
     check_paths(merged)
     registry = load_checkpoint_registry()
+    check_consistency(merged, registry)
     unknown = [name for name in merged["checkpoints"] if name not in registry]
     if unknown:
         raise ConfigError(

@@ -67,6 +67,14 @@ class Dataset:
         return self[EVAL_SPLIT[self.meta["name"]]]
 
 
+def read_meta(folder):
+    """A prepared dataset's meta.json (cheap: no image is read)."""
+    path = Path(folder) / "meta.json"
+    if not path.is_file():
+        raise DataError(f"{path} not found; run the workflow's prepare_dataset job")
+    return json.loads(path.read_text())
+
+
 def load_dataset(folder):
     """Load a prepared dataset folder (see module docstring)."""
     folder = Path(folder)

@@ -20,4 +20,6 @@ rule all:
 
 include: "workflow/rules/data.smk"
 include: "workflow/rules/download.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/densepure.smk"
 include: "workflow/rules/reports.smk"

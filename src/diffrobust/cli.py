@@ -61,6 +61,41 @@ def cmd_render_notebook(args):
     log.info("rendered %s -> %s", args.notebook, args.html)
 
 
+def cmd_train_diffusion(args):
+    from diffrobust import training
+    from diffrobust.provenance import run_record
+
+    model = args.settings
+    with run_record(args.run_record, config=model, seed=args.seed):
+        training.train_diffusion(args.dataset_dir, args.out_dir, architecture=model["architecture"],
+                                 schedule=model["schedule"], num_timesteps=model["num_timesteps"], seed=args.seed,
+                                 **model["training"])
+    log.info("trained the diffusion model -> %s/model.pt", args.out_dir)
+
+
+def cmd_finetune_diffusion(args):
+    from diffrobust import training
+    from diffrobust.densepure import load_source
+    from diffrobust.provenance import run_record
+
+    with run_record(args.run_record, config={"init": args.init, "variant": args.variant, **args.settings},
+                    seed=args.seed):
+        training.finetune_diffusion(load_source(args.init), args.dataset_dir, args.out_dir, variant=args.variant,
+                                    seed=args.seed, **args.settings)
+    log.info("fine-tuned (%s) %s -> %s/model.pt", args.variant, args.init, args.out_dir)
+
+
+def cmd_train_classifier(args):
+    from diffrobust import training
+    from diffrobust.provenance import run_record
+
+    model = args.settings
+    with run_record(args.run_record, config=model, seed=args.seed):
+        training.train_classifier(args.dataset_dir, args.out_dir, architecture=model["architecture"], seed=args.seed,
+                                  **model["training"])
+    log.info("trained the classifier -> %s/model.pt", args.out_dir)
+
+
 def cmd_certify_shard(args):
     from diffrobust import densepure
     from diffrobust.provenance import run_record
@@ -133,6 +168,20 @@ def build_parser():
     render.add_argument("--html", required=True)
     render.add_argument("--run-record")
     render.set_defaults(func=cmd_render_notebook)
+
+    for name, func, text in (("train-diffusion", cmd_train_diffusion, "train the mini diffusion model"),
+                             ("finetune-diffusion", cmd_finetune_diffusion, "fine-tune a diffusion model"),
+                             ("train-classifier", cmd_train_classifier, "train the mini classifier")):
+        train = commands.add_parser(name, help=f"{text} (resumable: rerun after a kill continues)")
+        train.add_argument("--dataset-dir", required=True)
+        train.add_argument("--out-dir", required=True)
+        train.add_argument("--settings", required=True, type=_json, help="the models.<name> config block (JSON)")
+        train.add_argument("--seed", type=int, default=0)
+        train.add_argument("--run-record")
+        if name == "finetune-diffusion":
+            train.add_argument("--init", required=True, help="model file (.pt) or checkpoint name to start from")
+            train.add_argument("--variant", required=True, choices=["conditional", "multihead"])
+        train.set_defaults(func=func)
 
     shard = commands.add_parser("certify-shard", help="randomized-smoothing certification of one shard (DDS/DensePure)")
     shard.add_argument("--method", required=True, choices=["dds", "densepure"])

@@ -57,10 +57,10 @@ class CheckpointNotFoundError(FileNotFoundError):
 # ADMUNet constructor arguments that build_guided_diffusion_unet derives from the official flags and that the
 # network keeps as attributes of the same name.
 _ADM_DERIVED_ARGUMENTS = ("image_size", "model_channels", "num_res_blocks", "attention_resolutions", "dropout",
-                          "channel_mult", "conv_resample", "dims", "use_checkpoint", "use_fp16", "num_heads",
+                          "channel_mult", "dims", "use_checkpoint", "use_fp16", "num_heads",
                           "num_head_channels", "num_heads_upsample", "use_scale_shift_norm", "resblock_updown",
                           "use_new_attention_order")
-ADM_UNET_EXTRA_KEYS = {"in_channels": 3, "num_classes": 1000, "output_heads": 1}
+ADM_UNET_EXTRA_KEYS = {"in_channels": 3, "num_classes": 1000, "output_heads": 1, "conv_resample": True}
 
 
 def build_adm_unet(config):
@@ -69,14 +69,19 @@ def build_adm_unet(config):
     - ``in_channels`` (default 3): image channels (1 for MNIST);
     - ``num_classes`` (default 1000): rows of the label embedding when ``class_cond`` (the mini models use
       10 classes + 1 null class = 11);
-    - ``output_heads`` (default 1): eps heads in the output; RDC's multi-head model has one per class.
+    - ``output_heads`` (default 1): eps heads in the output; RDC's multi-head model has one per class;
+    - ``conv_resample`` (default true, as in every official model): 3x3 convolutions in the up/downsampling layers;
+      false resamples with nearest-neighbour / average pooling (cheaper on a CPU).
     Output channels = output_heads x in_channels x (2 if learn_sigma else 1).
     """
     from diffrobust.networks import adm
 
     config = dict(config)
     extras = {key: config.pop(key, default) for key, default in ADM_UNET_EXTRA_KEYS.items()}
-    for key, value in extras.items():
+    if not isinstance(extras["conv_resample"], bool):
+        raise ValueError(f"adm_unet config key 'conv_resample' must be true or false, got {extras['conv_resample']!r}")
+    for key in ("in_channels", "num_classes", "output_heads"):
+        value = extras[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"adm_unet config key {key!r} must be a positive integer, got {value!r}")
     # Let the official-flag builder validate the flags and derive channel_mult / attention downsample rates (on
@@ -89,6 +94,7 @@ def build_adm_unet(config):
         in_channels=extras["in_channels"],
         out_channels=extras["output_heads"] * extras["in_channels"] * (2 if learn_sigma else 1),
         num_classes=extras["num_classes"] if template.num_classes is not None else None,
+        conv_resample=extras["conv_resample"],
         **arguments,
     )
 

@@ -427,6 +427,7 @@ def adm_flags_of(network):
         "use_fp16": network.use_fp16, "use_new_attention_order": network.use_new_attention_order,
         "learn_sigma": heads_out_channels == 2 * network.in_channels,
         "in_channels": network.in_channels, "num_classes": network.num_classes or 1000,
+        "conv_resample": network.conv_resample,
     }
 
 

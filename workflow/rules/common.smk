@@ -88,6 +88,82 @@ def fetch_arguments(wildcards):
     return " ".join(shlex.quote(word) for word in words)
 
 
+# --- models ------------------------------------------------------------------------------------------------------
+
+MODELS = f"{RESULTS}/models"
+DATASET_DIR = f"data/datasets/{DATASET}"
+
+
+def model_source(role):
+    """What a job loads for `role` (diffusion, multihead, classifier): a model file the DAG writes, or a checkpoint
+    name from config/checkpoints.yaml (paper scale)."""
+    models = CFG["models"]
+    if role == "multihead":
+        return f"{MODELS}/multihead/model.pt"
+    source = models[role]["source"]
+    return f"{MODELS}/{role}/model.pt" if source == "train" else source
+
+
+def model_files(role):
+    """Files a job that loads `role` depends on."""
+    source = model_source(role)
+    if source.endswith(".pt"):
+        return [source]
+    return [f"data/checkpoints/{source}/{entry['path']}" for entry in REGISTRY[source]["files"]]
+
+
+def multihead_init():
+    init = CFG["models"]["multihead"]["init"]
+    return model_source("diffusion") if init == "diffusion" else init
+
+
+def multihead_init_files(wildcards):
+    init = CFG["models"]["multihead"]["init"]
+    if init == "diffusion":
+        return model_files("diffusion")
+    return [f"data/checkpoints/{init}/{entry['path']}" for entry in REGISTRY[init]["files"]]
+
+
+# --- DensePure / DDS certification ---------------------------------------------------------------------------------
+
+DENSEPURE = CFG["densepure"]
+SIGMAS = [str(sigma) for sigma in DENSEPURE["sigmas"]]
+
+
+def densepure_split_size():
+    """Size of the evaluation split the subset indexes (MNIST's test split is configurable)."""
+    if DATASET == "mnist":
+        return 10 * CFG["datasets"]["mnist"]["test_per_class"]
+    from diffrobust.data import EVAL_SPLIT_SIZE
+
+    return EVAL_SPLIT_SIZE[DATASET]
+
+
+def densepure_shards():
+    from diffrobust.densepure import num_shards
+
+    return list(range(num_shards(CFG["subsets"]["densepure"], densepure_split_size(), DENSEPURE["shard_size"])))
+
+
+def vote_counts(method):
+    """Vote counts merged for a method: DDS has one; DensePure the ablation's and the full K."""
+    return [1] if method == "dds" else sorted(set(DENSEPURE["vote_ablation"]) | {DENSEPURE["votes"]})
+
+
+def certify_inputs(wildcards):
+    return {**dataset_files(), "diffusion": model_files("diffusion"), "classifier": model_files("classifier")}
+
+
+def shard_bundles(wildcards):
+    return [f"{RESULTS}/densepure/{wildcards.method}/sigma{wildcards.sigma}/shard{shard}.labels.npz"
+            for shard in densepure_shards()]
+
+
+def densepure_targets():
+    return [f"{RESULTS}/densepure/{method}/sigma{sigma}/votes{k}.tsv"
+            for method in ("dds", "densepure") for sigma in SIGMAS for k in vote_counts(method)]
+
+
 # --- reports -----------------------------------------------------------------------------------------------------
 
 
@@ -96,6 +172,12 @@ def report_inputs(wildcards):
     if wildcards.notebook == "data_report":
         inputs.update(dataset_files())
         inputs["checkpoints"] = checkpoint_targets(only_automatic=True)
+    elif wildcards.notebook == "models_report":
+        inputs.update(dataset_files())
+        inputs["models"] = model_files("diffusion") + model_files("classifier") + [model_source("multihead")]
+    elif wildcards.notebook == "densepure_table1":
+        inputs["tables"] = densepure_targets()
+        inputs["published"] = "config/published_values.yaml"
     return inputs
 
 
@@ -110,6 +192,32 @@ def report_parameters(wildcards):
             "checkpoint_names": CFG["checkpoints"],
             "checkpoint_lock": CHECKPOINT_LOCK,
         }
+    elif wildcards.notebook == "models_report":
+        parameters = {
+            "preset": PRESET,
+            "dataset_dir": DATASET_DIR,
+            "diffusion": model_source("diffusion"),
+            "multihead": model_source("multihead"),
+            "classifier": model_source("classifier"),
+            "loss_logs": {role: f"{MODELS}/{role}/loss.tsv" for role in ("diffusion", "multihead", "classifier")
+                          if model_source(role).endswith(".pt")},
+            "sigmas": [0.25, 0.5, 1.0],
+            "seed": CFG["seed"],
+        }
+    elif wildcards.notebook == "densepure_table1":
+        parameters = {
+            "preset": PRESET,
+            "dataset": DATASET,
+            "results_dir": f"{RESULTS}/densepure",
+            "sigmas": DENSEPURE["sigmas"],
+            "radii": DENSEPURE["radii"],
+            "votes": DENSEPURE["votes"],
+            "vote_ablation": vote_counts("densepure"),
+            "settings": {key: DENSEPURE[key] for key in ("n0", "n", "alpha", "num_steps", "reverse", "tstar_rule",
+                                                         "dds_tstar_rule", "batch_size")},
+            "subset": CFG["subsets"]["densepure"],
+            "published": "config/published_values.yaml",
+        }
     else:
         raise WorkflowError(f"no parameters defined for notebook {wildcards.notebook!r}")
     return as_json(parameters)
@@ -117,3 +225,8 @@ def report_parameters(wildcards):
 
 def all_targets():
     return checkpoint_targets() + [f"{RESULTS}/reports/{name}.html" for name in CFG["reports"]]
+
+
+def json_settings(value):
+    """Params helper: a config block as compact JSON (avoids lambdas in rules)."""
+    return as_json(value)

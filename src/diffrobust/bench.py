@@ -1,0 +1,501 @@
+"""Forward-pass throughput of a registry network on the CPU: `diffrobust bench`.
+
+For one network (by default the 52.5M-parameter improved-diffusion CIFAR-10 UNet, with random weights) this measures
+
+- the FLOPs of one forward pass per image, counted by `torch.utils.flop_counter.FlopCounterMode` (convolutions,
+  linear layers and matrix products: 2 FLOPs per multiply-add; normalisations, activations, softmax and resampling
+  are not counted, so the count is the network's matrix work only);
+- a matrix-multiply peak (best of a few square float32 `torch.mm`, and bfloat16 for reference) in the same run,
+  so that achieved GFLOP/s can be read as a fraction of what this machine's BLAS reaches right now;
+- images/s for each batch size and execution variant (median of timed repeats after warm-up), the achieved
+  GFLOP/s, its fraction of the float32 matmul peak, and the speed-up over plain float32 (`float32` variant).
+
+A variant is `float32` (eval network, `torch.no_grad`) or a `+`-joined set of features applied on top of it:
+`inference_mode`, `channels_last`, `bfloat16_autocast`, `compile`. `apply_variant(network, name)` gives the
+defenses the same configurations; `fastest_variant(results)` picks one from a benchmark's results.
+Timings on a shared CPU are noisy: compare ratios measured in the same run, not absolute numbers across runs.
+"""
+
+import contextlib
+import copy
+import csv
+import json
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from diffrobust.config import ConfigError, load_checkpoint_registry
+from diffrobust.networks import build_network
+
+BASELINE_VARIANT = "float32"
+FEATURES = ("inference_mode", "channels_last", "bfloat16_autocast", "compile")
+DEFAULT_VARIANTS = (BASELINE_VARIANT, "inference_mode", "channels_last", "bfloat16_autocast", "compile")
+DEFAULT_NETWORK = "improved_diffusion_cifar10_uncond"
+DEFAULT_BATCH_SIZES = (1, 4, 16)
+
+# --quick: a mini-size improved-diffusion UNet (same code path as the full one: residual blocks with scale-shift
+# norm, attention at 16x16, learned sigma) and sizes small enough to finish in seconds. No `compile`: inductor's
+# C++ compilation alone takes far longer than the rest of a quick run. One thread: on a shared CI runner whose
+# cores are busy, OpenMP's threads wait for each other at every operator and a tiny network slows down ~50-fold.
+QUICK_ARCHITECTURE = {
+    "family": "improved_diffusion_unet",
+    "config": {"image_size": 32, "num_channels": 32, "num_res_blocks": 1, "num_heads": 2,
+               "attention_resolutions": "16", "learn_sigma": True, "dropout": 0.3},
+}
+QUICK_SETTINGS = {"batch_sizes": (1, 2), "variants": (BASELINE_VARIANT, "inference_mode", "channels_last",
+                                                      "bfloat16_autocast"),
+                  "warmup": 1, "repeats": 3, "matmul_size": 256, "threads": 1}
+FULL_SETTINGS = {"batch_sizes": DEFAULT_BATCH_SIZES, "variants": DEFAULT_VARIANTS,
+                 "warmup": 2, "repeats": 5, "matmul_size": 2048, "threads": None}
+
+# Row fields, in CSV column order.
+ROW_FIELDS = ("variant", "batch_size", "images_per_s", "median_batch_s", "first_call_s", "gflops_per_s",
+              "fraction_of_fp32_peak", "speedup_vs_float32", "error")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Variants
+
+
+def variant_features(name):
+    """The set of features a variant name stands for: "float32" -> {}, "channels_last+compile" -> {both}."""
+    if name == BASELINE_VARIANT:
+        return frozenset()
+    features = name.split("+")
+    unknown = [feature for feature in features if feature not in FEATURES]
+    if unknown or len(set(features)) != len(features):
+        raise ConfigError(f"unknown variant {name!r}: a variant is {BASELINE_VARIANT!r} or a '+'-joined set of "
+                          f"{', '.join(FEATURES)}")
+    return frozenset(features)
+
+
+def _to_channels_last(value):
+    """4-D tensors -> channels_last memory format; anything else unchanged."""
+    if isinstance(value, torch.Tensor) and value.dim() == 4:
+        return value.contiguous(memory_format=torch.channels_last)
+    return value
+
+
+def _first_floating_dtype(args):
+    for value in args:
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value.dtype
+    return None
+
+
+def apply_variant(network, name, *, gradients=False):
+    """A callable that runs `network(*args, **kwargs)` in the configuration of variant `name`.
+
+    - `float32`: the network as it is, under `torch.no_grad()` (or with autograd when `gradients=True`);
+    - `inference_mode`: under `torch.inference_mode()` (tensors it returns can never enter autograd, hence
+      rejected with `gradients=True`);
+    - `channels_last`: the network's 4-D weights and the 4-D inputs in channels_last memory format. This converts
+      the network's parameters in place (as `Module.to` does); the function it computes is unchanged;
+    - `bfloat16_autocast`: under `torch.autocast("cpu", torch.bfloat16)`; floating outputs are cast back to the
+      dtype of the first floating input, so callers keep getting float32;
+    - `compile`: `torch.compile(network, dynamic=False)` (one specialised graph per input shape; the first call
+      at each shape compiles, which takes minutes for a large UNet on a small CPU).
+
+    The train/eval mode is left as it is: put the network in eval mode first for deterministic outputs.
+    """
+    features = variant_features(name)
+    if gradients and "inference_mode" in features:
+        raise ConfigError("variant 'inference_mode' cannot be used with gradients=True")
+    if "channels_last" in features:
+        network.to(memory_format=torch.channels_last)
+    module = torch.compile(network, dynamic=False) if "compile" in features else network
+
+    def grad_context():
+        if "inference_mode" in features:
+            return torch.inference_mode()
+        return contextlib.nullcontext() if gradients else torch.no_grad()
+
+    def autocast_context():
+        if "bfloat16_autocast" in features:
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def call(*args, **kwargs):
+        if "channels_last" in features:
+            args = tuple(_to_channels_last(value) for value in args)
+        with grad_context(), autocast_context():
+            output = module(*args, **kwargs)
+        output_dtype = _first_floating_dtype(args)
+        if "bfloat16_autocast" in features and output_dtype is not None:
+            # Autocast leaves the last layer's output in bfloat16; callers expect their own dtype back.
+            output = torch.utils._pytree.tree_map(
+                lambda value: value.to(output_dtype)
+                if isinstance(value, torch.Tensor) and value.is_floating_point() else value, output)
+        return output
+
+    call.variant = name
+    call.module = module
+    return call
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Networks and their inputs
+
+
+def resolve_network(spec, registry=None):
+    """(label, architecture block) for a registry name or a JSON architecture block ({"family", "config"})."""
+    if isinstance(spec, dict):
+        return spec.get("family", "custom"), spec
+    if spec.lstrip().startswith("{"):
+        try:
+            architecture = json.loads(spec)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"--network: not valid JSON: {error}") from None
+        if not isinstance(architecture, dict) or "family" not in architecture:
+            raise ConfigError('--network JSON must be an architecture block {"family": ..., "config": {...}}')
+        return architecture["family"], architecture
+    registry = load_checkpoint_registry() if registry is None else registry
+    if spec not in registry:
+        raise ConfigError(f"--network {spec!r} is neither a JSON architecture block nor a registry name; "
+                          f"registry names: {', '.join(sorted(registry))}")
+    if "architecture" not in registry[spec]:
+        buildable = sorted(name for name, entry in registry.items() if "architecture" in entry)
+        raise ConfigError(f"registry entry {spec!r} has no architecture block, so it cannot be built; "
+                          f"buildable: {', '.join(buildable)}")
+    return spec, registry[spec]["architecture"]
+
+
+def example_inputs(network, architecture, batch_size):
+    """Positional arguments for one forward pass of a batch, by network family.
+
+    Diffusion networks get a mid-trajectory noise level (the cost does not depend on it) and, when
+    class-conditional, class 0 for every image.
+    """
+    family = architecture["family"]
+    if family in ("improved_diffusion_unet", "guided_diffusion_unet"):
+        size = network.image_size
+        args = [torch.randn(batch_size, network.in_channels, size, size), torch.full((batch_size,), 500.0)]
+        if network.num_classes is not None:
+            args.append(torch.zeros(batch_size, dtype=torch.long))
+        return tuple(args)
+    if family == "edm_vp_songunet":
+        size, channels = network.img_resolution, network.img_channels
+        args = [torch.randn(batch_size, channels, size, size), torch.full((batch_size,), 0.5)]
+        if network.label_dim:
+            args.append(torch.nn.functional.one_hot(torch.zeros(batch_size, dtype=torch.long),
+                                                    network.label_dim).float())
+        return tuple(args)
+    if family == "robustbench_wrn":
+        return (torch.randn(batch_size, 3, 32, 32),)  # CIFAR-10 classifiers: the pooling assumes 32x32
+    raise ConfigError(f"no example inputs for network family {family!r}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# FLOPs and the matmul peak
+
+
+def count_flops(function, *args, **kwargs):
+    """FLOPs of one call of `function(*args, **kwargs)` under `FlopCounterMode` (2 per multiply-add).
+
+    Counts convolutions, mm/addmm/bmm (hence linear layers and einsum products) and attention kernels, without
+    their bias additions; elementwise and normalisation work is not counted.
+    """
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        function(*args, **kwargs)
+    return counter.get_total_flops()
+
+
+def flops_per_image(network, architecture):
+    """FLOPs of one forward pass per image, counted on a batch of two (every layer's cost scales with the batch)."""
+    return count_flops(network, *example_inputs(network, architecture, 2)) // 2
+
+
+class MatmulProbe:
+    """Square n x n x n `torch.mm` (2 n^3 FLOPs) of one dtype, timed once per call; `best_gflops` over all calls.
+
+    Timed once per benchmark round, between the network calls, so that the peak is taken under the same load as
+    the network timings (the best round is the least disturbed one).
+    """
+
+    def __init__(self, size, dtype=torch.float32):
+        self.size = size
+        self.a = torch.randn(size, size).to(dtype)
+        self.b = torch.randn(size, size).to(dtype)
+        self.out = torch.empty(size, size, dtype=dtype)
+        torch.mm(self.a, self.b, out=self.out)  # warm-up: thread pool, BLAS kernel selection
+        self.best_seconds = math.inf
+
+    def time_once(self):
+        start = time.perf_counter()
+        torch.mm(self.a, self.b, out=self.out)
+        self.best_seconds = min(self.best_seconds, time.perf_counter() - start)
+
+    @property
+    def best_gflops(self):
+        return 2 * self.size**3 / self.best_seconds / 1e9
+
+
+def matmul_gflops(size=2048, repeats=5, dtype=torch.float32):
+    """Best GFLOP/s of an n x n x n `torch.mm` over `repeats` timed calls after one warm-up."""
+    probe = MatmulProbe(size, dtype)
+    for _ in range(repeats):
+        probe.time_once()
+    return probe.best_gflops
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Timing
+
+
+def seconds_of_call(call, args):
+    start = time.perf_counter()
+    call(*args)
+    return time.perf_counter() - start
+
+
+def _error_text(error):
+    return f"{type(error).__name__}: {error}".splitlines()[0][:300]
+
+
+def add_derived_columns(rows, flops, fp32_peak_gflops):
+    """Fill images/s, GFLOP/s, fraction of the fp32 matmul peak and speed-up over float32 from the timings."""
+    succeeded = [row for row in rows if row["error"] is None]
+    for row in succeeded:
+        row["images_per_s"] = row["batch_size"] / row["median_batch_s"]
+    baseline = {row["batch_size"]: row["images_per_s"] for row in succeeded if row["variant"] == BASELINE_VARIANT}
+    for row in succeeded:
+        row["gflops_per_s"] = flops * row["images_per_s"] / 1e9
+        row["fraction_of_fp32_peak"] = row["gflops_per_s"] / fp32_peak_gflops
+        if row["batch_size"] in baseline:
+            row["speedup_vs_float32"] = row["images_per_s"] / baseline[row["batch_size"]]
+    return rows
+
+
+def benchmark_batch_size(calls, args, batch_size, warmup, repeats, probes, log=print):
+    """Rows for one batch size: warm every variant up, then time them in interleaved rounds.
+
+    Round r times each variant once (and each matmul probe once), so a change of load on a shared CPU hits all
+    variants alike and their ratios stay meaningful; each variant's time is the median over rounds. A variant
+    that raises gets an error row and drops out of the later rounds.
+    """
+    rows = {variant: dict.fromkeys(ROW_FIELDS) | {"variant": variant, "batch_size": batch_size} for variant in calls}
+    samples = {variant: [] for variant in calls}
+
+    def attempt(variant, record):
+        try:
+            record(seconds_of_call(calls[variant], args))
+        except Exception as error:  # noqa: BLE001 - a failing variant is reported, not fatal
+            rows[variant]["error"] = _error_text(error)
+            log(f"  {variant} batch {batch_size}: failed: {rows[variant]['error']}")
+
+    for variant in calls:
+        for index in range(max(warmup, 1)):
+            if rows[variant]["error"] is None:
+                attempt(variant, lambda s, index=index: rows[variant].update(first_call_s=s) if index == 0 else None)
+        if rows[variant]["error"] is None:
+            log(f"  {variant} batch {batch_size}: warmed up (first call {rows[variant]['first_call_s']:.2f} s)")
+    for _ in range(repeats):
+        for probe in probes:
+            probe.time_once()
+        for variant in calls:
+            if rows[variant]["error"] is None:
+                attempt(variant, samples[variant].append)
+    for variant, row in rows.items():
+        if row["error"] is None:
+            row["median_batch_s"] = statistics.median(samples[variant])
+            log(f"  {variant} batch {batch_size}: {batch_size / row['median_batch_s']:.2f} images/s")
+    return list(rows.values())
+
+
+def run_benchmark(network=DEFAULT_NETWORK, batch_sizes=DEFAULT_BATCH_SIZES, variants=DEFAULT_VARIANTS,
+                  warmup=2, repeats=5, matmul_size=2048, seed=0, log=print):
+    """Benchmark one network; returns a report dict (see `format_table`, `ROW_FIELDS`).
+
+    `network`: a registry name or an architecture block (dict or JSON string). Each variant runs on its own copy
+    of the same randomly initialised eval-mode network (all copies are alive at once: memory grows with the number
+    of variants). A variant that fails (e.g. `compile` without a working C++ toolchain) becomes rows with its error
+    instead of stopping the benchmark. `float32` is always measured, as the speed-ups' reference.
+    """
+    for variant in variants:
+        variant_features(variant)  # reject typos before minutes of work
+    variants = tuple(dict.fromkeys((BASELINE_VARIANT, *variants)))
+    label, architecture = resolve_network(network)
+    torch.manual_seed(seed)
+    base_network = build_network(architecture).eval()
+    parameters = sum(p.numel() for p in base_network.parameters())
+    flops = flops_per_image(base_network, architecture)
+    log(f"network {label}: {parameters:,} parameters, {flops / 1e9:.3f} GFLOP per image")
+    probes = {dtype: MatmulProbe(matmul_size, getattr(torch, dtype)) for dtype in ("float32", "bfloat16")}
+
+    calls, failed = {}, {}
+    for variant in variants:
+        try:
+            calls[variant] = apply_variant(copy.deepcopy(base_network), variant)
+        except Exception as error:  # noqa: BLE001
+            failed[variant] = _error_text(error)
+    rows = []
+    for batch_size in batch_sizes:
+        torch.manual_seed(seed)
+        args = example_inputs(base_network, architecture, batch_size)
+        rows += benchmark_batch_size(calls, args, batch_size, warmup, repeats, probes.values(), log)
+        rows += [dict.fromkeys(ROW_FIELDS) | {"variant": variant, "batch_size": batch_size, "error": error}
+                 for variant, error in failed.items()]
+    for probe in probes.values():
+        probe.time_once()  # at least one timed call even with repeats=0
+    peaks = {dtype: probe.best_gflops for dtype, probe in probes.items()}
+    add_derived_columns(rows, flops, peaks["float32"])
+    return {
+        "network": label,
+        "architecture": architecture,
+        "parameters": parameters,
+        "flops_per_image": flops,
+        "matmul_size": matmul_size,
+        "matmul_peak_gflops": peaks,
+        "warmup": warmup,
+        "repeats": repeats,
+        "seed": seed,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "rows": rows,
+        "fastest": fastest_by_batch_size(rows),
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading the results
+
+
+def _rows(results):
+    return results["rows"] if isinstance(results, dict) else results
+
+
+def fastest_by_batch_size(results):
+    """{batch_size: {"variant", "images_per_s", "speedup_vs_float32"}} of the fastest successful variant."""
+    best = {}
+    for row in _rows(results):
+        if row["error"] is None and (row["batch_size"] not in best
+                                     or row["images_per_s"] > best[row["batch_size"]]["images_per_s"]):
+            best[row["batch_size"]] = {key: row[key] for key in ("variant", "images_per_s", "speedup_vs_float32")}
+    return dict(sorted(best.items()))
+
+
+def fastest_variant(results, batch_size=None):
+    """Name of the variant with the most images/s at `batch_size` (default: the largest batch size measured,
+    the regime of defenses that batch many noise draws). `results`: a report or its rows. Failed rows never win."""
+    best = fastest_by_batch_size(results)
+    if not best:
+        raise ValueError("no successful benchmark rows")
+    if batch_size is None:
+        batch_size = max(best)
+    if batch_size not in best:
+        raise ValueError(f"batch size {batch_size} was not measured successfully (measured: {sorted(best)})")
+    return best[batch_size]["variant"]
+
+
+def _fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(report):
+    """The report as plain text: header, one line per (variant, batch size), the fastest variant per batch size."""
+    peak = report["matmul_peak_gflops"]
+    lines = [
+        f"network: {report['network']} ({report['parameters']:,} parameters, "
+        f"{report['flops_per_image'] / 1e9:.3f} GFLOP per image forward, 2 FLOP per multiply-add)",
+        f"matmul peak ({report['matmul_size']}^3, best round): float32 {peak['float32']:.1f} GFLOP/s, "
+        f"bfloat16 {peak['bfloat16']:.1f} GFLOP/s; torch {report['torch']}, {report['threads']} threads; "
+        f"median of {report['repeats']} interleaved rounds after {report['warmup']} warm-up calls",
+        "",
+        f"{'variant':<24}{'batch':>6}{'images/s':>11}{'GFLOP/s':>10}{'of fp32 peak':>14}{'vs float32':>12}"
+        f"{'first call s':>14}",
+    ]
+    for row in report["rows"]:
+        if row["error"] is not None:
+            lines.append(f"{row['variant']:<24}{row['batch_size']:>6}  FAILED: {row['error']}")
+            continue
+        lines.append(
+            f"{row['variant']:<24}{row['batch_size']:>6}{row['images_per_s']:>11.2f}{row['gflops_per_s']:>10.1f}"
+            f"{_fmt(row['fraction_of_fp32_peak'], '.1%'):>14}{_fmt(row['speedup_vs_float32'], '.2f') + 'x':>12}"
+            f"{row['first_call_s']:>14.2f}")
+    lines.append("")
+    for batch_size, best in report["fastest"].items():
+        lines.append(f"fastest at batch {batch_size}: {best['variant']} ({best['images_per_s']:.2f} images/s, "
+                     f"{_fmt(best['speedup_vs_float32'], '.2f')}x float32)")
+    return "\n".join(lines)
+
+
+def write_report(report, path):
+    """Write the report as JSON (.json: everything) or CSV (.csv: the rows); the suffix picks the format."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".json":
+        path.write_text(json.dumps(report, indent=2) + "\n")
+    elif path.suffix == ".csv":
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=("network", "flops_per_image", *ROW_FIELDS))
+            writer.writeheader()
+            for row in report["rows"]:
+                writer.writerow({"network": report["network"], "flops_per_image": report["flops_per_image"], **row})
+    else:
+        raise ConfigError(f"--out {path}: the suffix must be .json or .csv")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _int_list(text):
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise ValueError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def _name_list(text):
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def add_arguments(parser):
+    """Arguments of `diffrobust bench` (defaults None mean: the --quick or full setting)."""
+    parser.add_argument("--network", help=f"registry name or JSON architecture block (default {DEFAULT_NETWORK}; "
+                                          "with --quick a mini improved-diffusion UNet)")
+    parser.add_argument("--batch-sizes", type=_int_list, help="comma-separated, default 1,4,16 (quick: 1,2)")
+    parser.add_argument("--variants", type=_name_list,
+                        help=f"comma-separated; each {BASELINE_VARIANT} or a '+'-joined set of {', '.join(FEATURES)} "
+                             f"(default {','.join(DEFAULT_VARIANTS)}; quick: without compile)")
+    parser.add_argument("--warmup", type=int, help="untimed calls per batch size (default 2, quick 1)")
+    parser.add_argument("--repeats", type=int, help="timed calls per batch size, median taken (default 5, quick 3)")
+    parser.add_argument("--matmul-size", type=int, help="n of the n^3 peak matmul (default 2048, quick 256)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice; quick: 1)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="tiny network and sizes: finishes in seconds")
+    parser.add_argument("--out", action="append", default=[], help="write the report (.json or .csv; repeatable)")
+    return parser
+
+
+def run(args):
+    """Run `diffrobust bench` from parsed arguments: print the table, write --out files, return the report."""
+    settings = QUICK_SETTINGS if args.quick else FULL_SETTINGS
+    network = args.network or (QUICK_ARCHITECTURE if args.quick else DEFAULT_NETWORK)
+
+    def pick(name):
+        value = getattr(args, name)
+        return settings[name] if value is None else value
+
+    threads_before = torch.get_num_threads()
+    if pick("threads"):
+        torch.set_num_threads(pick("threads"))
+    try:
+        report = run_benchmark(network, batch_sizes=pick("batch_sizes"), variants=pick("variants"),
+                               warmup=pick("warmup"), repeats=pick("repeats"), matmul_size=pick("matmul_size"),
+                               seed=args.seed)
+    finally:
+        torch.set_num_threads(threads_before)  # callers in the same process (tests) keep their setting
+    print(format_table(report))
+    for path in args.out:
+        write_report(report, path)
+    return report

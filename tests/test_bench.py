@@ -1,0 +1,297 @@
+"""`diffrobust bench`: the FLOP count against hand counts, the variants' outputs, and the report's arithmetic.
+
+No assertion here is about speed: timings on a shared CPU vary; what must hold is that every derived number
+(images/s, GFLOP/s, fraction of peak, speed-up, fastest variant) follows from the report's own timings.
+"""
+
+import argparse
+import csv
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from diffrobust import bench
+from diffrobust.config import ConfigError
+from diffrobust.networks import build_network
+from diffrobust.networks.adm import AttentionBlock
+
+QUICK = bench.QUICK_ARCHITECTURE
+# The variants cheap enough for tests (compile is exercised through its failure path only).
+EAGER_VARIANTS = ("float32", "inference_mode", "channels_last", "bfloat16_autocast")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One thread: on a busy shared CPU two OpenMP threads make these tiny networks ~50x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def randomised(network, seed=0):
+    """The network with every parameter random: ADM zero-initialises its output layers, which would make every
+    variant's output identically zero and their comparison vacuous."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    return network.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FLOP counting
+
+
+class TinyAttentionNet(nn.Module):
+    """A strided grouped convolution, a kernel-1 Conv1d producing q, k, v, two einsum products and a linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.grouped = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=4)
+        self.qkv = nn.Conv1d(8, 12, 1)
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x):
+        h = self.grouped(self.conv(x)).flatten(2)  # [N, 8, 9]
+        q, k, v = self.qkv(h).split(4, dim=1)  # each [N, 4, 9]
+        weight = torch.einsum("bct,bcs->bts", q, k).softmax(-1)
+        attended = torch.einsum("bts,bcs->bct", weight, v)
+        return self.head(attended.mean(-1))
+
+
+def test_flop_count_matches_a_hand_count_on_a_tiny_network():
+    x = torch.randn(2, 3, 5, 6)
+    # 2 FLOPs per multiply-add; batch 2.
+    conv = 2 * 2 * (8 * 5 * 6) * (3 * 3 * 3)  # outputs x (in channels x kernel)       = 25,920
+    grouped = 2 * 2 * (8 * 3 * 3) * (2 * 3 * 3)  # 5x6 -> 3x3, 8/4 = 2 inputs per group  = 5,184
+    qkv = 2 * 2 * (12 * 9) * 8  # kernel-1 Conv1d over 9 positions                    = 3,456
+    scores = 2 * 2 * (9 * 9) * 4  # q^T k: 9x9 scores, 4 channels each                  = 1,296
+    mixing = 2 * 2 * (4 * 9) * 9  # weights x v                                          = 1,296
+    head = 2 * 2 * 5 * 4  # linear 4 -> 5, bias not counted                             = 80
+    assert bench.count_flops(TinyAttentionNet(), x) == conv + grouped + qkv + scores + mixing + head == 37_232
+
+
+def layer_by_layer_flops(network, args):
+    """Independent count by forward hooks: Conv1d/Conv2d and Linear from their shapes, plus the two attention
+    products (each 2 * N * C * T^2 FLOPs for C channels over all heads at T positions)."""
+    total = 0
+
+    def count_conv(module, inputs, output):
+        nonlocal total
+        total += 2 * output.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
+
+    def count_linear(module, inputs, output):
+        nonlocal total
+        total += 2 * output.numel() * module.in_features
+
+    def count_attention_products(module, inputs, output):
+        nonlocal total
+        batch, channels, *spatial = inputs[0].shape
+        total += 2 * (2 * batch * channels * math.prod(spatial) ** 2)
+
+    hooks = []
+    for module in network.modules():
+        if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+            hooks.append(module.register_forward_hook(count_conv))
+        elif isinstance(module, nn.Linear):
+            hooks.append(module.register_forward_hook(count_linear))
+        elif isinstance(module, AttentionBlock):
+            hooks.append(module.register_forward_hook(count_attention_products))
+    with torch.no_grad():
+        network(*args)
+    for hook in hooks:
+        hook.remove()
+    return total
+
+
+def test_flops_per_image_of_the_mini_adm_match_the_layer_by_layer_count():
+    network = build_network(QUICK).eval()
+    per_image = bench.flops_per_image(network, QUICK)
+    assert per_image * 3 == layer_by_layer_flops(network, bench.example_inputs(network, QUICK, 3))
+    assert per_image == bench.count_flops(network, *bench.example_inputs(network, QUICK, 1))
+
+
+def test_flops_of_the_full_cifar10_network_match_the_layer_by_layer_count():
+    # On the meta device: shapes only, no memory, no arithmetic, so the 52.5M-parameter network costs nothing.
+    _, architecture = bench.resolve_network(bench.DEFAULT_NETWORK)
+    with torch.device("meta"):
+        network = build_network(architecture).eval()
+        args = bench.example_inputs(network, architecture, 1)
+    assert sum(p.numel() for p in network.parameters()) == 52_546_438
+    flops = bench.count_flops(network, *args)
+    assert flops == layer_by_layer_flops(network, args)
+    assert flops == 16_773_414_912  # 8.39 G multiply-adds per 32x32 image
+
+
+def test_matmul_probe_converts_its_best_time_to_gflops():
+    probe = bench.MatmulProbe(64)
+    probe.best_seconds = 1e-3
+    assert probe.best_gflops == pytest.approx(2 * 64**3 / 1e-3 / 1e9)
+    assert 0 < bench.matmul_gflops(64, repeats=2) < math.inf
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Variants
+
+
+@pytest.mark.parametrize("variant, tolerance", [
+    ("float32", 0), ("inference_mode", 0), ("channels_last", 1e-5), ("bfloat16_autocast", 5e-2),
+    ("channels_last+bfloat16_autocast+inference_mode", 5e-2),
+])
+def test_variants_compute_the_float32_function(variant, tolerance):
+    network = randomised(build_network(QUICK))
+    args = bench.example_inputs(network, QUICK, 2)
+    with torch.no_grad():
+        reference = network(*args)
+    output = bench.apply_variant(randomised(build_network(QUICK)), variant)(*args)
+    assert output.dtype == torch.float32 and output.shape == reference.shape == (2, 6, 32, 32)
+    assert reference.abs().mean() > 0.1  # a real signal, not zero-initialised layers
+    error = (output - reference).abs().max() / reference.abs().max()
+    assert error <= tolerance
+    assert not output.requires_grad
+
+
+def test_apply_variant_with_gradients_lets_attacks_differentiate():
+    network = randomised(build_network(QUICK))
+    x, t = bench.example_inputs(network, QUICK, 1)
+    x.requires_grad_(True)
+    bench.apply_variant(network, "channels_last+bfloat16_autocast", gradients=True)(x, t).square().mean().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="inference_mode"):
+        bench.apply_variant(network, "inference_mode", gradients=True)
+
+
+@pytest.mark.parametrize("name", ["float16", "compile+compile", "channels_last+", "float32+compile"])
+def test_unknown_variants_are_rejected(name):
+    with pytest.raises(ConfigError, match="unknown variant"):
+        bench.variant_features(name)
+
+
+@pytest.mark.parametrize("architecture, output_shape", [
+    ({"family": "robustbench_wrn", "config": {"depth": 10, "widen_factor": 1}}, (2, 10)),
+    ({"family": "edm_vp_songunet", "config": {"img_resolution": 16, "img_channels": 3, "label_dim": 10,
+                                              "model_channels": 16, "channel_mult": [1, 2], "num_blocks": 1,
+                                              "attn_resolutions": [8]}}, (2, 3, 16, 16)),
+    ({"family": "guided_diffusion_unet", "config": {"image_size": 64, "num_channels": 32, "num_res_blocks": 1,
+                                                    "channel_mult": "1,2", "attention_resolutions": "32",
+                                                    "class_cond": True, "num_head_channels": 16}}, (2, 3, 64, 64)),
+])
+def test_every_family_gets_inputs_and_a_flop_count(architecture, output_shape):
+    network = build_network(architecture).eval()
+    args = bench.example_inputs(network, architecture, 2)
+    assert bench.apply_variant(network, "channels_last")(*args).shape == output_shape
+    assert bench.flops_per_image(network, architecture) * 2 == layer_by_layer_flops(network, args) > 0
+
+
+def test_resolve_network_reads_registry_names_and_json_blocks():
+    label, architecture = bench.resolve_network(bench.DEFAULT_NETWORK)
+    assert label == bench.DEFAULT_NETWORK and architecture["config"]["num_res_blocks"] == 3
+    assert bench.resolve_network(json.dumps(QUICK)) == ("improved_diffusion_unet", QUICK)
+    with pytest.raises(ConfigError, match="registry names:.*improved_diffusion_cifar10_uncond"):
+        bench.resolve_network("no_such_network")
+    with pytest.raises(ConfigError, match="no architecture block"):
+        bench.resolve_network("vit_b16_cifar10")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The report
+
+
+@pytest.fixture(scope="module")
+def quick_report():
+    return bench.run_benchmark(QUICK, batch_sizes=(1, 2), variants=EAGER_VARIANTS, warmup=1, repeats=2,
+                               matmul_size=128, log=lambda message: None)
+
+
+def test_report_numbers_follow_from_its_own_timings(quick_report):
+    report = quick_report
+    network = build_network(QUICK).eval()
+    assert report["flops_per_image"] == bench.flops_per_image(network, QUICK)
+    assert report["parameters"] == sum(p.numel() for p in network.parameters())
+    peak = report["matmul_peak_gflops"]["float32"]
+    rows = {(row["variant"], row["batch_size"]): row for row in report["rows"]}
+    assert set(rows) == {(variant, size) for variant in EAGER_VARIANTS for size in (1, 2)}
+    for (variant, batch_size), row in rows.items():
+        assert row["error"] is None
+        assert row["images_per_s"] == pytest.approx(batch_size / row["median_batch_s"])
+        assert row["gflops_per_s"] == pytest.approx(report["flops_per_image"] * row["images_per_s"] / 1e9)
+        assert row["fraction_of_fp32_peak"] == pytest.approx(row["gflops_per_s"] / peak)
+        baseline = rows[("float32", batch_size)]["images_per_s"]
+        assert row["speedup_vs_float32"] == pytest.approx(row["images_per_s"] / baseline)
+    for batch_size in (1, 2):
+        winner = max(EAGER_VARIANTS, key=lambda variant: rows[(variant, batch_size)]["images_per_s"])
+        assert report["fastest"][batch_size]["variant"] == winner == bench.fastest_variant(report, batch_size)
+    assert bench.fastest_variant(report) == report["fastest"][2]["variant"]  # default: the largest batch size
+
+
+def test_table_prints_every_row_and_the_winners(quick_report):
+    table = bench.format_table(quick_report)
+    for row in quick_report["rows"]:
+        line = next(line for line in table.splitlines()
+                    if line.split()[:2] == [row["variant"], str(row["batch_size"])])
+        assert f"{row['images_per_s']:.2f}" in line and f"{row['speedup_vs_float32']:.2f}x" in line
+    for batch_size, best in quick_report["fastest"].items():
+        assert f"fastest at batch {batch_size}: {best['variant']} ({best['images_per_s']:.2f} images/s" in table
+
+
+def test_fastest_variant_ignores_failures_and_defaults_to_the_largest_batch():
+    rows = [dict.fromkeys(bench.ROW_FIELDS) | row for row in (
+        {"variant": "float32", "batch_size": 1, "images_per_s": 2.0},
+        {"variant": "channels_last", "batch_size": 1, "images_per_s": 3.0},
+        {"variant": "compile", "batch_size": 1, "error": "RuntimeError: no compiler"},
+        {"variant": "float32", "batch_size": 8, "images_per_s": 9.0},
+        {"variant": "bfloat16_autocast", "batch_size": 8, "images_per_s": 12.0},
+    )]
+    assert bench.fastest_variant(rows, batch_size=1) == "channels_last"
+    assert bench.fastest_variant(rows) == "bfloat16_autocast"
+    with pytest.raises(ValueError, match="batch size 4"):
+        bench.fastest_variant(rows, batch_size=4)
+    with pytest.raises(ValueError, match="no successful"):
+        bench.fastest_variant(rows[2:3])
+
+
+def _compile_that_raises(network, **kwargs):
+    raise RuntimeError("inductor: no working C++ compiler")
+
+
+def _compile_that_fails_when_called(network, **kwargs):
+    def compiled(*args):
+        raise RuntimeError("inductor: no working C++ compiler")
+    return compiled
+
+
+@pytest.mark.parametrize("fake_compile", [_compile_that_raises, _compile_that_fails_when_called])
+def test_a_failing_variant_is_reported_not_fatal(monkeypatch, fake_compile):
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    report = bench.run_benchmark(QUICK, batch_sizes=(1,), variants=("compile",), warmup=1, repeats=1,
+                                 matmul_size=64, log=lambda message: None)
+    rows = {row["variant"]: row for row in report["rows"]}
+    assert set(rows) == {"float32", "compile"}  # the baseline is always measured
+    assert rows["compile"]["error"] == "RuntimeError: inductor: no working C++ compiler"
+    assert rows["compile"]["images_per_s"] is None and rows["float32"]["images_per_s"] > 0
+    assert bench.fastest_variant(report) == "float32"
+    assert "compile                      1  FAILED: RuntimeError: inductor" in bench.format_table(report)
+
+
+def test_command_line_quick_run_writes_json_and_csv(tmp_path, capsys):
+    parser = bench.add_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["--quick", "--batch-sizes", "1", "--variants", "float32,channels_last",
+                              "--repeats", "1", "--matmul-size", "64", "--threads", "2",
+                              "--out", str(tmp_path / "bench.json"), "--out", str(tmp_path / "bench.csv")])
+    report = bench.run(args)
+    assert torch.get_num_threads() == 1  # restored to the caller's setting after the run
+    assert report["threads"] == 2
+    assert "fastest at batch 1:" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["rows"] == report["rows"] and saved["architecture"] == QUICK
+    with open(tmp_path / "bench.csv") as handle:
+        table = list(csv.DictReader(handle))
+    assert [(row["variant"], int(row["batch_size"])) for row in table] == [("float32", 1), ("channels_last", 1)]
+    assert [float(row["images_per_s"]) for row in table] == [row["images_per_s"] for row in report["rows"]]
+    with pytest.raises(ConfigError, match=r"\.json or \.csv"):
+        bench.write_report(report, tmp_path / "bench.txt")

@@ -1,0 +1,90 @@
+# Models of the embedded default, trained inside the DAG (source: train). At paper scale the preset names official
+# checkpoints instead and these jobs are not needed; the multi-head fine-tune then starts from the official model.
+
+
+rule train_diffusion:
+    input:
+        **dataset_files(),
+    output:
+        model=f"{MODELS}/diffusion/model.pt",
+        losses=f"{MODELS}/diffusion/loss.tsv",
+    log:
+        log=f"{LOGS}/train_diffusion.log",
+        record=f"{LOGS}/train_diffusion.run.json",
+    benchmark:
+        f"{BENCHMARKS}/train_diffusion.tsv"
+    threads: workflow.cores
+    resources:
+        gpu=1,
+    conda:
+        "../envs/diffrobust.yaml"
+    params:
+        dataset_dir=DATASET_DIR,
+        out_dir=f"{MODELS}/diffusion",
+        settings=json_settings(CFG["models"]["diffusion"]),
+        seed=CFG["seed"],
+    message:
+        "Training the class-conditional pixel diffusion model (label dropout, EMA)"
+    shell:
+        "python -m diffrobust train-diffusion --dataset-dir {params.dataset_dir} --out-dir {params.out_dir}"
+        " --settings {params.settings:q} --seed {params.seed} --run-record {log.record} 2> {log.log}"
+
+
+rule finetune_multihead:
+    input:
+        **dataset_files(),
+        init=multihead_init_files,
+    output:
+        model=f"{MODELS}/multihead/model.pt",
+        losses=f"{MODELS}/multihead/loss.tsv",
+    log:
+        log=f"{LOGS}/finetune_multihead.log",
+        record=f"{LOGS}/finetune_multihead.run.json",
+    benchmark:
+        f"{BENCHMARKS}/finetune_multihead.tsv"
+    threads: workflow.cores
+    resources:
+        gpu=1,
+    conda:
+        "../envs/diffrobust.yaml"
+    params:
+        dataset_dir=DATASET_DIR,
+        out_dir=f"{MODELS}/multihead",
+        init=multihead_init(),
+        settings=json_settings(CFG["models"]["multihead"]["finetune"]),
+        seed=CFG["seed"],
+    message:
+        "Fine-tuning RDC's multi-head diffusion model from {params.init}"
+    shell:
+        "python -m diffrobust finetune-diffusion --variant multihead --init {params.init}"
+        " --dataset-dir {params.dataset_dir} --out-dir {params.out_dir} --settings {params.settings:q}"
+        " --seed {params.seed} --run-record {log.record} 2> {log.log}"
+
+
+rule train_classifier:
+    input:
+        **dataset_files(),
+    output:
+        model=f"{MODELS}/classifier/model.pt",
+        losses=f"{MODELS}/classifier/loss.tsv",
+        metrics=f"{MODELS}/classifier/metrics.json",
+    log:
+        log=f"{LOGS}/train_classifier.log",
+        record=f"{LOGS}/train_classifier.run.json",
+    benchmark:
+        f"{BENCHMARKS}/train_classifier.tsv"
+    threads: workflow.cores
+    resources:
+        gpu=1,
+    conda:
+        "../envs/diffrobust.yaml"
+    params:
+        dataset_dir=DATASET_DIR,
+        out_dir=f"{MODELS}/classifier",
+        settings=json_settings(CFG["models"]["classifier"]),
+        seed=CFG["seed"],
+    message:
+        "Training the base classifier"
+    shell:
+        "python -m diffrobust train-classifier --dataset-dir {params.dataset_dir} --out-dir {params.out_dir}"
+        " --settings {params.settings:q} --seed {params.seed} --run-record {log.record} 2> {log.log}"

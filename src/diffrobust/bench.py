@@ -5,10 +5,12 @@ For one network (by default the 52.5M-parameter improved-diffusion CIFAR-10 UNet
 - the FLOPs of one forward pass per image, counted by `torch.utils.flop_counter.FlopCounterMode` (convolutions,
   linear layers and matrix products: 2 FLOPs per multiply-add; normalisations, activations, softmax and resampling
   are not counted, so the count is the network's matrix work only);
-- a matrix-multiply peak (best of a few square float32 `torch.mm`, and bfloat16 for reference) in the same run,
-  so that achieved GFLOP/s can be read as a fraction of what this machine's BLAS reaches right now;
-- images/s for each batch size and execution variant (median of timed repeats after warm-up), the achieved
-  GFLOP/s, its fraction of the float32 matmul peak, and the speed-up over plain float32 (`float32` variant).
+- a matrix-multiply peak (the best of square float32 `torch.mm` calls, and bfloat16 for reference) timed between
+  the network calls, so that achieved GFLOP/s can be read as a fraction of what this machine's BLAS reaches under
+  the same load;
+- images/s for each batch size and execution variant (after warm-up, the median over rounds that time every
+  variant once, so that load changes on a shared CPU hit all variants alike), the achieved GFLOP/s, its fraction
+  of the float32 matmul peak, and the speed-up over plain float32 (`float32` variant).
 
 A variant is `float32` (eval network, `torch.no_grad`) or a `+`-joined set of features applied on top of it:
 `inference_mode`, `channels_last`, `bfloat16_autocast`, `compile`. `apply_variant(network, name)` gives the
@@ -54,8 +56,8 @@ FULL_SETTINGS = {"batch_sizes": DEFAULT_BATCH_SIZES, "variants": DEFAULT_VARIANT
                  "warmup": 2, "repeats": 5, "matmul_size": 2048, "threads": None}
 
 # Row fields, in CSV column order.
-ROW_FIELDS = ("variant", "batch_size", "images_per_s", "median_batch_s", "first_call_s", "gflops_per_s",
-              "fraction_of_fp32_peak", "speedup_vs_float32", "error")
+ROW_FIELDS = ("variant", "batch_size", "images_per_s", "median_batch_s", "min_batch_s", "max_batch_s",
+              "first_call_s", "gflops_per_s", "fraction_of_fp32_peak", "speedup_vs_float32", "error")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -82,10 +84,22 @@ def _to_channels_last(value):
 
 
 def _first_floating_dtype(args):
+    """dtype of the first floating-point tensor among `args` (the image, for every network here), or None."""
     for value in args:
         if isinstance(value, torch.Tensor) and value.is_floating_point():
             return value.dtype
     return None
+
+
+def _cast_floating(output, dtype):
+    """Floating tensors in `output` (a tensor, or a tuple/list/dict of them) cast to `dtype`."""
+    if isinstance(output, torch.Tensor):
+        return output.to(dtype) if output.is_floating_point() else output
+    if isinstance(output, (tuple, list)):
+        return type(output)(_cast_floating(value, dtype) for value in output)
+    if isinstance(output, dict):
+        return {key: _cast_floating(value, dtype) for key, value in output.items()}
+    return output
 
 
 def apply_variant(network, name, *, gradients=False):
@@ -128,9 +142,7 @@ def apply_variant(network, name, *, gradients=False):
         output_dtype = _first_floating_dtype(args)
         if "bfloat16_autocast" in features and output_dtype is not None:
             # Autocast leaves the last layer's output in bfloat16; callers expect their own dtype back.
-            output = torch.utils._pytree.tree_map(
-                lambda value: value.to(output_dtype)
-                if isinstance(value, torch.Tensor) and value.is_floating_point() else value, output)
+            output = _cast_floating(output, output_dtype)
         return output
 
     call.variant = name
@@ -274,35 +286,46 @@ def add_derived_columns(rows, flops, fp32_peak_gflops):
 def benchmark_batch_size(calls, args, batch_size, warmup, repeats, probes, log=print):
     """Rows for one batch size: warm every variant up, then time them in interleaved rounds.
 
-    Round r times each variant once (and each matmul probe once), so a change of load on a shared CPU hits all
+    Each round times each variant once (and each matmul probe once), so a change of load on a shared CPU hits all
     variants alike and their ratios stay meaningful; each variant's time is the median over rounds. A variant
     that raises gets an error row and drops out of the later rounds.
     """
     rows = {variant: dict.fromkeys(ROW_FIELDS) | {"variant": variant, "batch_size": batch_size} for variant in calls}
     samples = {variant: [] for variant in calls}
 
-    def attempt(variant, record):
+    def attempt(variant):
+        """Seconds of one call, or None after recording the variant's error."""
         try:
-            record(seconds_of_call(calls[variant], args))
+            return seconds_of_call(calls[variant], args)
         except Exception as error:  # noqa: BLE001 - a failing variant is reported, not fatal
             rows[variant]["error"] = _error_text(error)
             log(f"  {variant} batch {batch_size}: failed: {rows[variant]['error']}")
+            return None
 
     for variant in calls:
-        for index in range(max(warmup, 1)):
-            if rows[variant]["error"] is None:
-                attempt(variant, lambda s, index=index: rows[variant].update(first_call_s=s) if index == 0 else None)
-        if rows[variant]["error"] is None:
-            log(f"  {variant} batch {batch_size}: warmed up (first call {rows[variant]['first_call_s']:.2f} s)")
-    for _ in range(repeats):
+        for index in range(max(warmup, 1)):  # at least one: the first call's time is reported
+            seconds = attempt(variant)
+            if seconds is None:
+                break
+            if index == 0:
+                rows[variant]["first_call_s"] = seconds
+                log(f"  {variant} batch {batch_size}: first call {seconds:.2f} s")
+    order = list(calls)
+    for round_index in range(repeats):
         for probe in probes:
             probe.time_once()
-        for variant in calls:
+        # Rotate the order each round so that no variant always runs right after the same one.
+        shift = round_index % len(order)
+        for variant in order[shift:] + order[:shift]:
             if rows[variant]["error"] is None:
-                attempt(variant, samples[variant].append)
+                seconds = attempt(variant)
+                if seconds is not None:
+                    samples[variant].append(seconds)
     for variant, row in rows.items():
         if row["error"] is None:
             row["median_batch_s"] = statistics.median(samples[variant])
+            # The spread shows how much the load moved during the rounds (max/min near 1: a quiet machine).
+            row["min_batch_s"], row["max_batch_s"] = min(samples[variant]), max(samples[variant])
             log(f"  {variant} batch {batch_size}: {batch_size / row['median_batch_s']:.2f} images/s")
     return list(rows.values())
 
@@ -318,6 +341,9 @@ def run_benchmark(network=DEFAULT_NETWORK, batch_sizes=DEFAULT_BATCH_SIZES, vari
     """
     for variant in variants:
         variant_features(variant)  # reject typos before minutes of work
+    if repeats < 1 or not batch_sizes:
+        raise ConfigError(f"need at least one timed round and one batch size (repeats={repeats}, "
+                          f"batch_sizes={batch_sizes})")
     variants = tuple(dict.fromkeys((BASELINE_VARIANT, *variants)))
     label, architecture = resolve_network(network)
     torch.manual_seed(seed)
@@ -340,8 +366,6 @@ def run_benchmark(network=DEFAULT_NETWORK, batch_sizes=DEFAULT_BATCH_SIZES, vari
         rows += benchmark_batch_size(calls, args, batch_size, warmup, repeats, probes.values(), log)
         rows += [dict.fromkeys(ROW_FIELDS) | {"variant": variant, "batch_size": batch_size, "error": error}
                  for variant, error in failed.items()]
-    for probe in probes.values():
-        probe.time_once()  # at least one timed call even with repeats=0
     peaks = {dtype: probe.best_gflops for dtype, probe in probes.items()}
     add_derived_columns(rows, flops, peaks["float32"])
     return {
@@ -404,11 +428,11 @@ def format_table(report):
         f"network: {report['network']} ({report['parameters']:,} parameters, "
         f"{report['flops_per_image'] / 1e9:.3f} GFLOP per image forward, 2 FLOP per multiply-add)",
         f"matmul peak ({report['matmul_size']}^3, best round): float32 {peak['float32']:.1f} GFLOP/s, "
-        f"bfloat16 {peak['bfloat16']:.1f} GFLOP/s; torch {report['torch']}, {report['threads']} threads; "
-        f"median of {report['repeats']} interleaved rounds after {report['warmup']} warm-up calls",
+        f"bfloat16 {peak['bfloat16']:.1f} GFLOP/s; torch {report['torch']}, threads={report['threads']}; "
+        f"median of {report['repeats']} interleaved rounds after {report['warmup']} warm-up call(s)",
         "",
         f"{'variant':<24}{'batch':>6}{'images/s':>11}{'GFLOP/s':>10}{'of fp32 peak':>14}{'vs float32':>12}"
-        f"{'first call s':>14}",
+        f"{'first call s':>14}{'max/min':>9}",
     ]
     for row in report["rows"]:
         if row["error"] is not None:
@@ -417,7 +441,7 @@ def format_table(report):
         lines.append(
             f"{row['variant']:<24}{row['batch_size']:>6}{row['images_per_s']:>11.2f}{row['gflops_per_s']:>10.1f}"
             f"{_fmt(row['fraction_of_fp32_peak'], '.1%'):>14}{_fmt(row['speedup_vs_float32'], '.2f') + 'x':>12}"
-            f"{row['first_call_s']:>14.2f}")
+            f"{row['first_call_s']:>14.2f}{row['max_batch_s'] / row['min_batch_s']:>9.2f}")
     lines.append("")
     for batch_size, best in report["fastest"].items():
         lines.append(f"fastest at batch {batch_size}: {best['variant']} ({best['images_per_s']:.2f} images/s, "

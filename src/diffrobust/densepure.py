@@ -5,6 +5,7 @@ or official networks). `method` is "dds" (one-shot denoising at t*, one vote) or
 from t*, K votes per noise draw on the same smoothing noise).
 """
 
+import logging
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from diffrobust.models import classifier as as_classifier
 from diffrobust.models import eps_model, load_model, load_registry_checkpoint
 
 METHODS = ("dds", "densepure")
+log = logging.getLogger(__name__)
 
 
 def load_source(source):
@@ -72,6 +74,9 @@ def run_shard(*, method, settings, sigma, dataset_dir, subset, shard, diffusion,
     chosen = split.take(indices)
     labeler, denoiser = build_labeler(method, settings, load_source(diffusion), load_source(classifier), sigma)
     work_dir = Path(work_dir)
+    finished = sum(certify.label_file_path(work_dir / "labels", i).exists() for i in chosen.indices)
+    if finished:
+        log.info("resuming: %d of %d images already certified in %s, skipping them", finished, len(indices), work_dir)
     rows = certify.certify_shard(
         labeler, torch.from_numpy(chosen.images).float() / 255.0, chosen.labels, chosen.indices,
         n0=settings["n0"], n=settings["n"], sigma=sigma, alpha=settings["alpha"], batch_size=settings["batch_size"],

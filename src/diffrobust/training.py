@@ -410,27 +410,6 @@ def train_diffusion(dataset_dir, out_dir, *, architecture, schedule="linear", nu
     return models.load_model(path)
 
 
-def adm_flags_of(network):
-    """guided-diffusion flags (+ adm_unet's extra keys) that rebuild an ADMUNet: the inverse of build_adm_unet."""
-    image_size = network.image_size
-    if image_size is None or any(float(m) != int(m) for m in network.channel_mult):
-        raise ValueError("cannot describe this ADM network as adm_unet flags (no image_size, or fractional channel_mult)")
-    heads_out_channels = network.out_channels
-    return {
-        "image_size": image_size, "num_channels": network.model_channels, "num_res_blocks": network.num_res_blocks,
-        "num_heads": network.num_heads, "num_heads_upsample": network.num_heads_upsample,
-        "num_head_channels": network.num_head_channels,
-        "attention_resolutions": ",".join(str(image_size // rate) for rate in network.attention_resolutions),
-        "channel_mult": ",".join(str(int(m)) for m in network.channel_mult), "dropout": network.dropout,
-        "class_cond": network.num_classes is not None, "use_checkpoint": network.use_checkpoint,
-        "use_scale_shift_norm": network.use_scale_shift_norm, "resblock_updown": network.resblock_updown,
-        "use_fp16": network.use_fp16, "use_new_attention_order": network.use_new_attention_order,
-        "learn_sigma": heads_out_channels == 2 * network.in_channels,
-        "in_channels": network.in_channels, "num_classes": network.num_classes or 1000,
-        "conv_resample": network.conv_resample,
-    }
-
-
 def multihead_from_conditional(network, num_classes, fold_label=None):
     """RDC's multi-head UNet initialised from a class-conditional ADM network -> (multihead network, architecture).
 
@@ -443,24 +422,26 @@ def multihead_from_conditional(network, num_classes, fold_label=None):
     fine-tuning teaches head k the class-k eps. Heads reproduce eps(x, t, k) for k != c only where label_emb(k)
     equals label_emb(c).
     """
-    if network.num_classes is None:
-        raise ValueError("multi-head initialisation needs a class-conditional network (one with label_emb)")
-    flags = adm_flags_of(network)
+    if getattr(network, "num_classes", None) is None:
+        raise ValueError("multi-head initialisation needs a class-conditional ADM network (one with label_emb)")
+    flags = models.adm_unet_config_of(network)
     flags.update({"class_cond": False, "output_heads": num_classes})
     flags.pop("num_classes")
     architecture = {"family": "adm_unet", "config": flags}
     multihead = models.build_architecture(architecture)
-    source = network.state_dict()
-    target = multihead.state_dict()
+    source = models.inner_unet(network).state_dict()
+    target = models.inner_unet(multihead).state_dict()
     for key in target:
         if key in ("out.2.weight", "out.2.bias"):
+            # Head k's output channels form one contiguous block (also through a PatchedUNet's pixel shuffle,
+            # which keeps each output channel's p² sub-pixel channels together), so the copies are stacked.
             target[key] = source[key].repeat(num_classes, *([1] * (source[key].dim() - 1)))
         else:
             target[key] = source[key].clone()
     if fold_label is not None:
         target["time_embed.2.bias"] = target["time_embed.2.bias"] + source["label_emb.weight"][fold_label]
-    multihead.load_state_dict(target, strict=True)
-    return multihead, architecture
+    models.inner_unet(multihead).load_state_dict(target, strict=True)
+    return multihead.train(network.training), architecture  # in the source's mode (dropout on or off)
 
 
 def teacher_all_class_eps(teacher, x_t, t_model, num_classes, channels):

@@ -1,0 +1,334 @@
+"""diffrobust.training on a tiny synthetic dataset: learning, determinism, resuming after a kill, RDC's multi-head
+initialisation and fine-tuning, the classifier, and the sample grid."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from diffrobust import data, models, training
+
+NUM_CLASSES = 3
+
+
+def synthetic_images(count, seed):
+    """8x8 single-channel images: class c is a bright 2-pixel-wide bar at columns 2c+1, 2c+2 (row offset varies)
+    on a dim noisy background."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(count) % NUM_CLASSES
+    images = rng.integers(0, 60, size=(count, 1, 8, 8))
+    for i, label in enumerate(labels):
+        top = rng.integers(0, 3)
+        images[i, 0, top:top + 6, 2 * label + 1:2 * label + 3] = rng.integers(180, 256, size=(6, 2))
+    return images.astype(np.uint8), labels.astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("synthetic")
+    arrays = {}
+    for split, count, seed in (("train", 48, 0), ("test", 30, 1)):
+        images, labels = synthetic_images(count, seed)
+        arrays.update({f"{split}_images": images, f"{split}_labels": labels,
+                       f"{split}_indices": np.arange(count, dtype=np.int64)})
+    meta = {"name": "synthetic", "num_classes": NUM_CLASSES, "class_names": ["a", "b", "c"]}
+    data.write_dataset(folder, meta, arrays)
+    return folder
+
+
+TINY_UNET = {"family": "adm_unet", "config": {"num_channels": 32, "num_res_blocks": 1, "channel_mult": "1",
+                                               "attention_resolutions": "", "num_heads": 1, "dropout": 0.1}}
+DIFFUSION = dict(architecture=TINY_UNET, schedule="linear", num_timesteps=100, batch_size=8, lr=2e-3,
+                 ema_decay=0.9, label_dropout=0.3, seed=0, log_every=2, warmup_steps=2)
+CLASSIFIER = dict(architecture={"family": "small_resnet", "config": {"width": 8, "depth": 8}}, batch_size=16,
+                  lr=0.1, seed=0, augment=True, max_shift=1, log_every=1)
+
+
+def read_losses(out_dir):
+    lines = (out_dir / training.LOSS_FILE).read_text().splitlines()
+    assert lines[0] == "step\tloss\tseconds"
+    return [(int(step), float(loss)) for step, loss, _ in (line.split("\t") for line in lines[1:])]
+
+
+def assert_same_weights(a, b):
+    a, b = a.state_dict(), b.state_dict()
+    assert list(a) == list(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def weights_differ(a, b):
+    return any(not torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def randomize(network, seed, scale=0.05):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+    return network
+
+
+# --- pieces ---------------------------------------------------------------------------------------------------------
+
+def test_batch_stream_order_depends_on_the_step_alone():
+    images = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1)
+    stream = training.BatchStream(images, np.zeros(10), batch_size=4, seed=3)
+    rows = torch.cat([stream.rows(step) for step in range(5)]).tolist()  # 20 positions = epochs 0 and 1
+    assert sorted(rows[:10]) == list(range(10)) and sorted(rows[10:]) == list(range(10))
+    assert rows[:10] != rows[10:]  # each epoch has its own permutation
+    fresh = training.BatchStream(images, np.zeros(10), batch_size=4, seed=3)
+    assert fresh.rows(3).tolist() == rows[12:16]  # no need to replay steps 0..2
+    assert fresh.position(3) == (1, 2)
+    x01, _ = fresh.batch(3)
+    assert torch.equal(x01.flatten(), torch.tensor(rows[12:16], dtype=torch.float32) / 255)
+
+
+def test_ema_warmup_and_update():
+    assert training.ema_decay_at(0.999, 0) == pytest.approx(0.1)
+    assert training.ema_decay_at(0.999, 10_000) == 0.999
+    average, current = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+    with torch.no_grad():
+        average.weight.fill_(1.0)
+        current.weight.fill_(5.0)
+    training.update_ema(average, current, 0.75)
+    assert average.weight.item() == pytest.approx(0.75 * 1.0 + 0.25 * 5.0)
+
+
+def test_noise_table_draws_q_samples_at_the_network_timestep():
+    chain = models.build_diffusion(models.diffusion_settings("linear", 100, rescale_timesteps=True))
+    table = training.NoiseTable(chain)
+    x0 = torch.full((4, 1, 2, 2), 0.5)
+    x_t, noise, t_model = table.noisy(x0, torch.Generator().manual_seed(0))
+    index = (t_model / chain.timestep_scale).round().long()
+    assert torch.allclose(t_model, index.float() * 10.0)  # rescale_timesteps: 1000 / T = 10
+    for i in range(4):
+        level = int(index[i]) + 1  # table index i is time i + 1 (diffusion.py's convention)
+        expected = chain.q_sample(x0[i:i + 1].double(), level, noise[i:i + 1].double())
+        assert torch.allclose(x_t[i:i + 1].double(), expected, atol=1e-6)
+
+
+def test_label_dropout_uses_the_null_class():
+    labels = torch.arange(3).repeat(2000)
+    dropped = training.drop_labels(labels, 0.25, 3, torch.Generator().manual_seed(0))
+    replaced = dropped != labels
+    assert torch.all(dropped[replaced] == 3)
+    assert abs(replaced.float().mean().item() - 0.25) < 0.02
+
+
+# --- diffusion training ---------------------------------------------------------------------------------------------
+
+def test_diffusion_training_learns_and_writes_its_outputs(dataset_dir, tmp_path):
+    loaded = training.train_diffusion(dataset_dir, tmp_path, steps=40, checkpoint_every=10, **DIFFUSION)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.tsv", "model.pt"]  # resume file removed
+    losses = [loss for _, loss in read_losses(tmp_path)]
+    assert len(losses) == 20
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:2])
+    assert loaded.kind == "diffusion" and loaded.null_class == NUM_CLASSES
+    config = loaded.architecture["config"]
+    assert (config["in_channels"], config["image_size"], config["num_classes"]) == (1, 8, NUM_CLASSES + 1)
+    assert loaded.extra["training"]["label_dropout"] == 0.3
+    assert models.num_label_classes(loaded) == NUM_CLASSES
+
+
+def test_same_seed_gives_identical_weights(dataset_dir, tmp_path):
+    first = training.train_diffusion(dataset_dir, tmp_path / "a", steps=6, **DIFFUSION)
+    second = training.train_diffusion(dataset_dir, tmp_path / "b", steps=6, **DIFFUSION)
+    assert_same_weights(first.network, second.network)
+    assert read_losses(tmp_path / "a") == read_losses(tmp_path / "b")
+    other = training.train_diffusion(dataset_dir, tmp_path / "c", steps=6, **{**DIFFUSION, "seed": 1})
+    assert weights_differ(first.network, other.network)
+
+
+KILLED_RUN = """
+import os, torch
+from diffrobust import training
+torch.set_num_threads({threads})
+def stop(step):
+    if step == 7:
+        os._exit(17)  # no cleanup, no exception handling: as a killed job
+training.train_diffusion({dataset!r}, {out!r}, steps=10, checkpoint_every=3, on_step=stop, **{kwargs!r})
+"""
+
+
+def test_killed_diffusion_job_resumes_to_the_uninterrupted_result(dataset_dir, tmp_path):
+    uninterrupted = training.train_diffusion(dataset_dir, tmp_path / "whole", steps=10, checkpoint_every=3,
+                                             **DIFFUSION)
+    out = tmp_path / "killed"
+    script = KILLED_RUN.format(threads=torch.get_num_threads(), dataset=str(dataset_dir), out=str(out),
+                               kwargs=DIFFUSION)
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=os.environ)
+    assert completed.returncode == 17, completed.stderr
+    assert not (out / "model.pt").exists()
+    resume = torch.load(out / training.RESUME_FILE, weights_only=True)
+    assert resume["step"] == 6 and resume["data_position"] == [1, 0]  # 6 batches of 8 = one epoch of 48
+    assert [step for step, _ in read_losses(out)] == [2, 4, 6]
+
+    resumed = training.train_diffusion(dataset_dir, out, steps=10, checkpoint_every=3, **DIFFUSION)
+    assert_same_weights(resumed.network, uninterrupted.network)
+    assert read_losses(out) == read_losses(tmp_path / "whole")
+    assert not (out / training.RESUME_FILE).exists()
+
+
+# --- RDC's multi-head model -----------------------------------------------------------------------------------------
+
+def conditional_network(seed=0, **config):
+    architecture = {"family": "adm_unet", "config": {
+        **TINY_UNET["config"], "image_size": 8, "in_channels": 1, "class_cond": True, "num_classes": 4, **config}}
+    return randomize(models.build_architecture(architecture), seed).eval()
+
+
+def test_multihead_initialisation_copies_shared_weights_and_replicates_the_output_layer():
+    conditional = conditional_network(learn_sigma=True)  # 2 output channels per head: eps and v
+    multihead, architecture = training.multihead_from_conditional(conditional, NUM_CLASSES, fold_label=3)
+    source, target = conditional.state_dict(), multihead.state_dict()
+    assert set(target) == set(source) - {"label_emb.weight"}
+    assert architecture["config"]["output_heads"] == NUM_CLASSES and not architecture["config"]["class_cond"]
+    for key in target:
+        if key == "time_embed.2.bias":
+            assert torch.equal(target[key], source[key] + source["label_emb.weight"][3])
+        elif key.startswith("out.2."):
+            assert target[key].shape[0] == NUM_CLASSES * 2
+            for head in range(NUM_CLASSES):
+                assert torch.equal(target[key][2 * head:2 * head + 2], source[key])
+        else:
+            assert torch.equal(target[key], source[key]), key
+
+
+@pytest.mark.parametrize("patch_size", [1, 2])
+def test_every_head_starts_at_the_folded_class_and_only_there(patch_size):
+    extra = {"patch_size": patch_size, "channel_mult": "1"} if patch_size > 1 else {}
+    conditional = conditional_network(**extra)
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([5.0, 80.0])
+    multihead, _ = training.multihead_from_conditional(conditional, NUM_CLASSES, fold_label=3)
+    with torch.no_grad():
+        heads = models.multihead_outputs(multihead, x, t, NUM_CLASSES)
+        for k in range(4):
+            eps_k = conditional(x, t, y=torch.full((2,), k))
+            if k == 3:  # the folded null class: every head, up to the rounding of the moved addition
+                for head in range(NUM_CLASSES):
+                    assert (heads[:, head] - eps_k).abs().max().item() < 1e-5
+            else:  # a real class has its own embedding: its eps is not what the heads start from
+                assert (heads[:, k] - eps_k).abs().max().item() > 1e-3
+
+        # Without folding, the heads compute the network with a zero label embedding: exactly eps(x, t, k) for a
+        # class k whose embedding row is zero (adding 0.0 changes no bit).
+        models.inner_unet(conditional).label_emb.weight[1] = 0.0
+        unfolded, _ = training.multihead_from_conditional(conditional, NUM_CLASSES, fold_label=None)
+        heads = models.multihead_outputs(unfolded, x, t, NUM_CLASSES)
+        eps_1 = conditional(x, t, y=torch.full((2,), 1))
+        assert all(torch.equal(heads[:, head], eps_1) for head in range(NUM_CLASSES))
+
+
+def head_gap(multihead, teacher, x_t, t_model):
+    """Mean squared difference between the heads and the teacher's eps for every class."""
+    with torch.no_grad():
+        heads = models.multihead_outputs(multihead, x_t, t_model, NUM_CLASSES)
+        targets = training.teacher_all_class_eps(teacher, x_t, t_model, NUM_CLASSES, 1)
+    return ((heads - targets) ** 2).mean().item()
+
+
+def test_multihead_finetuning_moves_the_heads_towards_the_teacher(dataset_dir, tmp_path):
+    teacher = conditional_network(seed=4, dropout=0.0)
+    with torch.no_grad():  # distinct classes: large label embeddings, so heads must move to match the teacher
+        teacher.label_emb.weight.mul_(40.0)
+    settings = models.diffusion_settings("linear", 100, null_class=3)
+    path = models.save_model(tmp_path / "teacher.pt", teacher, kind="diffusion",
+                             architecture={"family": "adm_unet", "config": models.adm_unet_config_of(teacher)},
+                             diffusion=settings, extra={"training": {"label_dropout": 0.3}})
+    loaded = training.finetune_diffusion(path, dataset_dir, tmp_path / "mh", variant="multihead", steps=25,
+                                         batch_size=8, lr=2e-3, ema_decay=0.5, seed=0, log_every=5,
+                                         true_class_weight=0.0)  # pure distillation: the random teacher's eps
+                                                                 # are not the data's noise
+    assert loaded.kind == "multihead_diffusion" and loaded.diffusion_settings["null_class"] is None
+    assert loaded.extra["num_classes"] == NUM_CLASSES
+    x_t = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    t_model = torch.tensor([3.0, 10.0, 30.0, 50.0, 70.0, 95.0])
+    initial, _ = training.multihead_from_conditional(teacher, NUM_CLASSES, fold_label=3)
+    before, after = head_gap(initial, teacher, x_t, t_model), head_gap(loaded.network, teacher, x_t, t_model)
+    assert before > 1e-4 and after < 0.2 * before
+    eps = models.eps_model(loaded)(x_t, t_model, torch.tensor([0, 1, 2, 0, 1, 2]))
+    assert eps.shape == x_t.shape
+
+
+def test_conditional_finetuning_continues_the_same_network(dataset_dir, tmp_path):
+    base = training.train_diffusion(dataset_dir, tmp_path / "base", steps=4, **DIFFUSION)
+    tuned = training.finetune_diffusion(tmp_path / "base" / "model.pt", dataset_dir, tmp_path / "ft",
+                                        variant="conditional", steps=4, batch_size=8, lr=1e-3, ema_decay=0.5,
+                                        seed=0, log_every=2)
+    assert tuned.kind == "diffusion" and tuned.architecture == base.architecture
+    assert tuned.diffusion_settings == base.diffusion_settings
+    assert tuned.extra["training"]["label_dropout"] == 0.3  # inherited from the init model
+    assert weights_differ(tuned.network, base.network)
+    assert [step for step, _ in read_losses(tmp_path / "ft")] == [2, 4]
+    with pytest.raises(ValueError, match="variant"):
+        training.finetune_diffusion(base, dataset_dir, tmp_path / "x", variant="lora", steps=1, batch_size=8,
+                                    lr=1e-3, ema_decay=0.5, seed=0)
+
+
+# --- classifier -----------------------------------------------------------------------------------------------------
+
+def test_classifier_learns_far_above_chance(dataset_dir, tmp_path):
+    loaded = training.train_classifier(dataset_dir, tmp_path, epochs=8, **CLASSIFIER)
+    metrics = (tmp_path / "metrics.json").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.tsv", "metrics.json", "model.pt"]
+    test = data.load_dataset(dataset_dir)["test"]
+    accuracy = training.accuracy(models.classifier(loaded), test.images, test.labels)
+    assert accuracy >= 0.9  # chance is 1/3
+    assert f'"test_accuracy": {accuracy}' in metrics
+    assert loaded.extra["metrics"]["steps"] == 24  # ceil(8 epochs x 48 images / 16)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def interrupt_at(step_to_stop):
+    def hook(step):
+        if step == step_to_stop:
+            raise Interrupted
+    return hook
+
+
+def test_classifier_resumes_and_ignores_a_resume_file_of_another_config(dataset_dir, tmp_path):
+    whole = training.train_classifier(dataset_dir, tmp_path / "whole", epochs=2, checkpoint_every=2, **CLASSIFIER)
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted):  # killed with another learning rate
+        training.train_classifier(dataset_dir, out, epochs=2, checkpoint_every=2, on_step=interrupt_at(3),
+                                  **{**CLASSIFIER, "lr": 0.05})
+    assert torch.load(out / training.RESUME_FILE, weights_only=True)["step"] == 2
+    with pytest.raises(Interrupted):  # this run must start afresh rather than resume the lr=0.05 state
+        training.train_classifier(dataset_dir, out, epochs=2, checkpoint_every=2, on_step=interrupt_at(5),
+                                  **CLASSIFIER)
+    resumed = training.train_classifier(dataset_dir, out, epochs=2, checkpoint_every=2, **CLASSIFIER)
+    assert_same_weights(resumed.network, whole.network)  # batch-norm statistics and momentum included
+    assert read_losses(out) == read_losses(tmp_path / "whole")
+
+
+# --- samples --------------------------------------------------------------------------------------------------------
+
+def test_class_conditional_samples_are_deterministic_images(dataset_dir, tmp_path):
+    loaded = training.train_diffusion(dataset_dir, tmp_path, steps=4, **DIFFUSION)
+    classes = torch.tensor([0, 1, 2, 0])
+    first = training.sample_class_conditional(loaded, classes, 5, 0.0, torch.Generator().manual_seed(0))
+    again = training.sample_class_conditional(loaded, classes, 5, 0.0, torch.Generator().manual_seed(0))
+    guided = training.sample_class_conditional(loaded, classes, 5, 2.0, torch.Generator().manual_seed(0))
+    assert first.shape == (4, 1, 8, 8) and 0 <= first.min() and first.max() <= 1
+    assert torch.equal(first, again) and not torch.equal(first, guided)
+    path = training.save_image_grid(tmp_path / "grid.png", first, nrow=2)
+    from PIL import Image
+
+    with Image.open(path) as image:
+        assert image.size == (2 * 10 + 2, 2 * 10 + 2)
+
+
+def test_image_grid_places_images_row_by_row():
+    images = torch.stack([torch.full((1, 2, 2), value) for value in (0.2, 0.6, 1.0)])
+    grid = training.image_grid(images, nrow=2)
+    assert grid.shape == (10, 10, 1)
+    assert grid[2, 2, 0] == 51 and grid[2, 6, 0] == 153 and grid[6, 2, 0] == 255
+    assert grid[6, 6, 0] == 0 and grid[0, 0, 0] == 0  # empty slot and gaps stay black

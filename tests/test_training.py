@@ -272,6 +272,24 @@ def test_conditional_finetuning_continues_the_same_network(dataset_dir, tmp_path
 
 # --- classifier -----------------------------------------------------------------------------------------------------
 
+def test_augmentations_move_digits_within_their_limits():
+    x = torch.zeros(64, 1, 12, 12)
+    x[:, :, 5:7, 5:7] = 1.0  # a 2x2 blob centred at (5.5, 5.5)
+    generator = torch.Generator().manual_seed(0)
+    shifted = training.random_shift(x, 2, generator)
+    assert torch.equal(shifted.sum(dim=(1, 2, 3)), x.sum(dim=(1, 2, 3)))  # integer shifts keep every pixel
+    same = training.random_affine(x, 0, 0.0, 0.0, generator)
+    assert torch.allclose(same, x, atol=1e-5)
+    moved = training.random_affine(x, 2, 0.0, 0.0, generator)
+    rows = torch.arange(12.0).view(1, 12, 1)
+    centre = (moved[:, 0] * rows).sum(dim=(1, 2)) / moved[:, 0].sum(dim=(1, 2))
+    assert (centre - 5.5).abs().max() <= 2.0 + 1e-4 and (centre - 5.5).abs().max() > 1.0
+    assert torch.allclose(moved.sum(dim=(1, 2, 3)), x.sum(dim=(1, 2, 3)), atol=1e-4)  # blob stays inside
+    with pytest.raises(ValueError, match="augment"):
+        training.train_classifier("unused", "unused", augment="mixup", epochs=1, **{
+            k: v for k, v in CLASSIFIER.items() if k != "augment"})
+
+
 def test_classifier_learns_far_above_chance(dataset_dir, tmp_path):
     loaded = training.train_classifier(dataset_dir, tmp_path, epochs=8, **CLASSIFIER)
     metrics = (tmp_path / "metrics.json").read_text()

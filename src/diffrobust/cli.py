@@ -124,6 +124,18 @@ def cmd_merge_votes(args):
     log.info("merged %d images with %d votes -> %s", len(rows), args.votes, args.out_tsv)
 
 
+def cmd_bench(args):
+    from diffrobust import bench
+
+    bench.run(args)
+
+
+def cmd_bench_certify(args):
+    from diffrobust import bench_certify
+
+    bench_certify.run(args)
+
+
 def cmd_check_config(args):
     from diffrobust.config import load_config
 
@@ -207,6 +219,18 @@ def build_parser():
     merge.add_argument("--out-tsv", required=True)
     merge.add_argument("--run-record")
     merge.set_defaults(func=cmd_merge_votes)
+
+    from diffrobust import bench
+
+    benchmark = commands.add_parser("bench", help="CPU/GPU forward throughput of a diffusion network (prints figures)")
+    bench.add_arguments(benchmark)
+    benchmark.set_defaults(func=cmd_bench)
+
+    from diffrobust import bench_certify
+
+    certify_bench = commands.add_parser("bench-certify", help="noisy samples/s through denoise + classify, time shares")
+    bench_certify.add_arguments(certify_bench)
+    certify_bench.set_defaults(func=cmd_bench_certify)
 
     check = commands.add_parser("check-config", help="print the merged, validated config of a preset")
     check.add_argument("--preset", default="mini")

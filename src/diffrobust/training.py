@@ -554,6 +554,25 @@ def random_shift(x, max_shift, generator):
                         for i, (top, left) in enumerate(offsets.tolist())])
 
 
+def random_affine(x, max_shift, max_rotation_degrees, max_scale_change, generator):
+    """Random rotation (uniform in +-max_rotation_degrees), scaling (factor in 1 +- max_scale_change) and translation
+    (uniform in +-max_shift pixels) per image, bilinear, zero fill: the usual MNIST augmentation."""
+    n, _, height, width = x.shape
+    draws = torch.rand(n, 4, generator=generator) * 2 - 1  # rotation, scale, shift x, shift y in [-1, 1]
+    angle = draws[:, 0] * math.radians(max_rotation_degrees)
+    scale = 1 + draws[:, 1] * max_scale_change
+    # affine_grid maps output coordinates (in [-1, 1]) to input coordinates: the inverse of the image transform.
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    shift_x = -draws[:, 2] * max_shift * 2 / width
+    shift_y = -draws[:, 3] * max_shift * 2 / height
+    theta = torch.stack([torch.stack([cos, -sin, shift_x], 1), torch.stack([sin, cos, shift_y], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+AUGMENTATIONS = ("none", "shift", "affine")
+
+
 @torch.no_grad()
 def accuracy(network, images_uint8, labels, batch_size=500):
     """Top-1 accuracy of a [0, 1] -> logits classifier on uint8 images."""
@@ -566,16 +585,20 @@ def accuracy(network, images_uint8, labels, batch_size=500):
     return correct / len(labels)
 
 
-def train_classifier(dataset_dir, out_dir, *, architecture, epochs, batch_size, lr, seed, augment=True,
-                     max_shift=2, weight_decay=5e-4, warmup_fraction=0.05, checkpoint_every=200, log_every=20,
-                     on_step=None):
+def train_classifier(dataset_dir, out_dir, *, architecture, epochs, batch_size, lr, seed, augment="shift",
+                     max_shift=2, max_rotation_degrees=10.0, max_scale_change=0.1, weight_decay=5e-4,
+                     warmup_fraction=0.05, checkpoint_every=200, log_every=20, on_step=None):
     """Train a classifier ([0, 1] images -> logits) on the train split with cross-entropy, SGD with Nesterov
     momentum, linear warmup and cosine decay; writes model.pt (kind "classifier"), metrics.json (train and test
     accuracy) and loss.tsv. epochs may be fractional (steps = ceil(epochs·N/B)). Returns the LoadedModel.
 
     architecture: a `small_resnet` block (or any classifier family); in_channels and num_classes are filled from
-    the dataset. augment: random shifts of up to `max_shift` pixels.
+    the dataset. augment: "none", "shift" (random shifts of up to `max_shift` pixels; True means this) or
+    "affine" (`random_affine`: rotation, scaling and shift).
     """
+    augment = {True: "shift", False: "none", None: "none"}.get(augment, augment)
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
     dataset = load_dataset(dataset_dir)
     channels, _, num_classes = _dataset_shape(dataset)
     config_block = dict(architecture.get("config", {}))
@@ -583,20 +606,25 @@ def train_classifier(dataset_dir, out_dir, *, architecture, epochs, batch_size, 
         config_block.setdefault("in_channels", channels)
         config_block.setdefault("num_classes", num_classes)
     architecture = {"family": architecture["family"], "config": config_block}
+    # the affine limits are part of the job's identity only when they are used
+    config_extra = ({"max_rotation_degrees": max_rotation_degrees, "max_scale_change": max_scale_change}
+                    if augment == "affine" else {})
     train = dataset["train"]
     steps = math.ceil(epochs * len(train) / batch_size)
     config = {"job": "train_classifier", "dataset": _dataset_fingerprint(dataset_dir), "architecture": architecture,
               "epochs": epochs, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
-              "augment": bool(augment), "max_shift": max_shift, "weight_decay": weight_decay,
-              "warmup_fraction": warmup_fraction, "log_every": log_every}
+              "augment": augment, "max_shift": max_shift, "weight_decay": weight_decay,
+              "warmup_fraction": warmup_fraction, "log_every": log_every, **config_extra}
     torch.manual_seed(derived_seed(seed, 0, "init"))
     network = models.build_architecture(architecture)
     stream = BatchStream(train.images, train.labels, batch_size, seed)
 
     def loss_fn(step, generator):
         x01, labels = stream.batch(step)
-        if augment:
+        if augment == "shift":
             x01 = random_shift(x01, max_shift, generator)
+        elif augment == "affine":
+            x01 = random_affine(x01, max_shift, max_rotation_degrees, max_scale_change, generator)
         return F.cross_entropy(network(x01), labels)
 
     result = run_training(out_dir, config=config, network=network, loss_fn=loss_fn, steps=steps,

@@ -1,0 +1,114 @@
+"""`diffrobust bench-certify`: noisy samples per second through denoise + classify (the inner loop of DDS and
+DensePure certification), and the share of time spent in the diffusion network and in the classifier.
+
+Networks have random weights: speed does not depend on them. Two sizes: `mini` (this preset's small ADM UNet and
+small ResNet on 1x32x32 images) and `cifar10` (the 52.5M-parameter improved-diffusion UNet with the 36.5M WRN-28-10
+on 3x32x32; the papers' CIFAR-10 classifier is a ViT-B/16 at 224 px, which this project cannot load yet, so the WRN
+stands in and the classifier share is a lower bound).
+"""
+
+import time
+
+import torch
+
+from diffrobust import diffusion as dp
+from diffrobust.config import load_checkpoint_registry
+from diffrobust.defenses import SmoothingDenoiser
+from diffrobust.models import build_architecture
+
+SIZES = {
+    "mini": {
+        "diffusion": {"family": "adm_unet", "config": {"in_channels": 1, "image_size": 32, "num_channels": 32,
+                                                       "num_res_blocks": 1, "channel_mult": "1,2,2",
+                                                       "attention_resolutions": "8", "num_head_channels": 16,
+                                                       "class_cond": True, "num_classes": 11}},
+        "classifier": {"family": "small_resnet", "config": {"in_channels": 1, "num_classes": 10, "width": 16, "depth": 8}},
+        "image": (1, 32, 32),
+        "schedule": ("linear", 1000),
+        "null_class": 10,
+    },
+    "cifar10": {
+        "diffusion": "improved_diffusion_cifar10_uncond",
+        "classifier": "robustbench_cifar10_standard_wrn28_10",
+        "image": (3, 32, 32),
+        "schedule": ("cosine", 4000),
+        "null_class": None,
+    },
+}
+
+
+def _network(spec):
+    if isinstance(spec, str):
+        spec = load_checkpoint_registry()[spec]["architecture"]
+    return build_architecture(spec).eval().requires_grad_(False)
+
+
+def _eps(network, null_class):
+    if null_class is None:
+        return lambda x, t, y=None: network(x, t)
+    return lambda x, t, y=None: network(x, t, y=torch.full((x.shape[0],), null_class, dtype=torch.long))
+
+
+def _timed(call, repeats):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+@torch.no_grad()
+def measure(size, batch_size=32, sigma=0.5, reverse="one_shot", num_steps=None, repeats=3):
+    """Median seconds of one batch through the denoiser, the classifier and both; samples/s and time shares."""
+    spec = SIZES[size]
+    torch.manual_seed(0)
+    unet, classifier = _network(spec["diffusion"]), _network(spec["classifier"])
+    name, steps = spec["schedule"]
+    # learned variances where the network outputs them (the official CIFAR-10 model), fixed ones for the mini model
+    variance = "learned_range" if spec["null_class"] is None else "fixed_large"
+    maker = dp.GaussianDiffusion.cosine if name == "cosine" else dp.GaussianDiffusion.linear
+    schedule = maker(steps, variance=variance, rescale_timesteps=name == "cosine")
+    rule = "cosine_closed_form" if name == "cosine" else "nearest"
+    denoiser = SmoothingDenoiser(_eps(unet, spec["null_class"]), schedule, sigma, tstar_rule=rule, reverse=reverse,
+                                 num_steps=num_steps)
+    noisy = torch.rand(batch_size, *spec["image"])
+    generator = torch.Generator().manual_seed(0)
+    denoise = _timed(lambda: denoiser(noisy, generator), repeats)
+    cleaned = denoiser(noisy, generator)
+    classify = _timed(lambda: classifier(cleaned), repeats)
+    total = _timed(lambda: classifier(denoiser(noisy, generator)), repeats)
+    return {"size": size, "reverse": reverse, "steps": denoiser.network_evaluations(), "batch_size": batch_size,
+            "samples_per_second": batch_size / total, "diffusion_share": denoise / (denoise + classify),
+            "classifier_share": classify / (denoise + classify), "seconds_per_batch": total,
+            "diffusion_parameters": sum(p.numel() for p in unet.parameters()),
+            "classifier_parameters": sum(p.numel() for p in classifier.parameters())}
+
+
+def format_rows(rows):
+    header = (f"{'size':8} {'reverse':9} {'net evals':>9} {'batch':>5} {'samples/s':>10} {'diffusion':>9} "
+              f"{'classifier':>10} {'params (diff / clf)':>22}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(f"{r['size']:8} {r['reverse']:9} {r['steps']:9d} {r['batch_size']:5d} "
+                     f"{r['samples_per_second']:10.1f} {r['diffusion_share']:9.0%} {r['classifier_share']:10.0%} "
+                     f"{r['diffusion_parameters'] / 1e6:9.2f}M / {r['classifier_parameters'] / 1e6:.2f}M")
+    return "\n".join(lines)
+
+
+def add_arguments(parser):
+    parser.add_argument("--sizes", default="mini,cifar10", help="comma-separated: mini, cifar10")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sigma", type=float, default=0.5)
+    parser.add_argument("--densepure-steps", type=int, default=2, help="S of the DensePure (respaced) row")
+    return parser
+
+
+def run(args):
+    rows = []
+    for size in args.sizes.split(","):
+        rows.append(measure(size, args.batch_size, args.sigma, "one_shot", None, args.repeats))
+        rows.append(measure(size, args.batch_size, args.sigma, "respaced", args.densepure_steps, args.repeats))
+    print(format_rows(rows))
+    return rows

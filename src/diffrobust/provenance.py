@@ -2,6 +2,7 @@
 its timings, so that a result can be traced back to exactly what produced it."""
 
 import json
+import os
 import platform
 import socket
 import subprocess
@@ -45,6 +46,8 @@ def environment():
         "packages": package_versions(),
         "git_commit": git_commit(),
         "argv": sys.argv,
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "torch_threads": sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None,
     }
 
 

@@ -1,6 +1,9 @@
 # DensePure Table 1 and the Carlini et al. DDS baseline: randomized-smoothing certification of denoise-then-classify,
 # split into shards of images (one job each, resumable through a work folder the job keeps between attempts), then
 # a cheap merge that re-certifies every image from its stored per-draw labels with K votes.
+# OMP_NUM_THREADS: torch gets as many threads as the job reserved cores (oversubscribed threads on a busy CPU run
+# many times slower, measured with `diffrobust bench`).
+
 
 
 rule certify_shard:
@@ -33,7 +36,7 @@ rule certify_shard:
     message:
         "Certifying {wildcards.method} shard {wildcards.shard} at sigma {wildcards.sigma}"
     shell:
-        "python -m diffrobust certify-shard --method {wildcards.method} --sigma {wildcards.sigma}"
+        "OMP_NUM_THREADS={threads} python -m diffrobust certify-shard --method {wildcards.method} --sigma {wildcards.sigma}"
         " --shard {wildcards.shard} --settings {params.settings:q} --subset {params.subset:q}"
         " --dataset-dir {params.dataset_dir} --diffusion {params.diffusion} --classifier {params.classifier}"
         " --work-dir {params.work_dir} --out-tsv {output.tsv} --out-labels {output.labels}"

@@ -26,7 +26,7 @@ rule train_diffusion:
     message:
         "Training the class-conditional pixel diffusion model (label dropout, EMA)"
     shell:
-        "python -m diffrobust train-diffusion --dataset-dir {params.dataset_dir} --out-dir {params.out_dir}"
+        "OMP_NUM_THREADS={threads} python -m diffrobust train-diffusion --dataset-dir {params.dataset_dir} --out-dir {params.out_dir}"
         " --settings {params.settings:q} --seed {params.seed} --run-record {log.record} 2> {log.log}"
 
 
@@ -56,7 +56,7 @@ rule finetune_multihead:
     message:
         "Fine-tuning RDC's multi-head diffusion model from {params.init}"
     shell:
-        "python -m diffrobust finetune-diffusion --variant multihead --init {params.init}"
+        "OMP_NUM_THREADS={threads} python -m diffrobust finetune-diffusion --variant multihead --init {params.init}"
         " --dataset-dir {params.dataset_dir} --out-dir {params.out_dir} --settings {params.settings:q}"
         " --seed {params.seed} --run-record {log.record} 2> {log.log}"
 
@@ -86,5 +86,5 @@ rule train_classifier:
     message:
         "Training the base classifier"
     shell:
-        "python -m diffrobust train-classifier --dataset-dir {params.dataset_dir} --out-dir {params.out_dir}"
+        "OMP_NUM_THREADS={threads} python -m diffrobust train-classifier --dataset-dir {params.dataset_dir} --out-dir {params.out_dir}"
         " --settings {params.settings:q} --seed {params.seed} --run-record {log.record} 2> {log.log}"

@@ -228,6 +228,16 @@ def all_targets():
     return checkpoint_targets() + [f"{RESULTS}/reports/{name}.html" for name in CFG["reports"]]
 
 
+def input_dataset_folder(wildcards, input):
+    """Params helper: the prepared dataset folder, derived from the job's meta.json input."""
+    return str(Path(input.meta).parent)
+
+
+def output_folder(wildcards, output):
+    """Params helper: the folder of the job's first output."""
+    return str(Path(output[0]).parent)
+
+
 def json_settings(value):
     """Params helper: a config block as compact JSON (avoids lambdas in rules)."""
     return as_json(value)

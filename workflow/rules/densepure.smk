@@ -29,7 +29,7 @@ rule certify_shard:
     params:
         settings=json_settings(DENSEPURE),
         subset=json_settings(CFG["subsets"]["densepure"]),
-        dataset_dir=DATASET_DIR,
+        dataset_dir=input_dataset_folder,
         diffusion=model_source("diffusion"),
         classifier=model_source("classifier"),
         work_dir=f"{RESULTS}/densepure/{{method}}/sigma{{sigma}}/work/shard{{shard}}",
@@ -62,7 +62,7 @@ rule merge_votes:
         "../envs/diffrobust.yaml"
     params:
         alpha=DENSEPURE["alpha"],
-        dataset_dir=DATASET_DIR,
+        dataset_dir=input_dataset_folder,
     message:
         "Merging {wildcards.method} at sigma {wildcards.sigma} with {wildcards.votes} votes"
     shell:

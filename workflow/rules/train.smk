@@ -19,8 +19,8 @@ rule train_diffusion:
     conda:
         "../envs/diffrobust.yaml"
     params:
-        dataset_dir=DATASET_DIR,
-        out_dir=f"{MODELS}/diffusion",
+        dataset_dir=input_dataset_folder,
+        out_dir=output_folder,
         settings=json_settings(CFG["models"]["diffusion"]),
         seed=CFG["seed"],
     message:
@@ -48,8 +48,8 @@ rule finetune_multihead:
     conda:
         "../envs/diffrobust.yaml"
     params:
-        dataset_dir=DATASET_DIR,
-        out_dir=f"{MODELS}/multihead",
+        dataset_dir=input_dataset_folder,
+        out_dir=output_folder,
         init=multihead_init(),
         settings=json_settings(CFG["models"]["multihead"]["finetune"]),
         seed=CFG["seed"],
@@ -79,8 +79,8 @@ rule train_classifier:
     conda:
         "../envs/diffrobust.yaml"
     params:
-        dataset_dir=DATASET_DIR,
-        out_dir=f"{MODELS}/classifier",
+        dataset_dir=input_dataset_folder,
+        out_dir=output_folder,
         settings=json_settings(CFG["models"]["classifier"]),
         seed=CFG["seed"],
     message:

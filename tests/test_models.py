@@ -51,41 +51,29 @@ def test_adm_unet_with_default_extras_is_the_guided_diffusion_network(fixtures_d
     assert all(torch.equal(ours.state_dict()[k], value) for k, value in official.state_dict().items())
 
 
-def test_adm_unet_extra_keys_set_channels_classes_heads_and_patches():
+def test_adm_unet_extra_keys_set_channels_classes_heads_and_resampling():
     net = models.build_adm_unet({**TINY_UNET["config"], "output_heads": 5, "class_cond": False, "learn_sigma": True})
     assert net.in_channels == 1 and net.out_channels == 5 * 2 and net.num_classes is None
-    patched = models.build_adm_unet({**TINY_UNET["config"], "patch_size": 2, "channel_mult": "1"})
-    assert isinstance(patched, models.PatchedUNet)
-    assert (patched.unet.in_channels, patched.unet.image_size, patched.image_size) == (4, 4, 8)
-    assert patched.unet.label_emb.num_embeddings == 4
+    assert net.input_blocks[0][0].weight.shape[1] == 1 and net.out[2].weight.shape[0] == 10
+    conditional = models.build_adm_unet({**TINY_UNET["config"], "conv_resample": False})
+    assert conditional.label_emb.num_embeddings == 4
+    downsample = conditional.input_blocks[2][0]  # the level change after input conv + one residual block
+    assert isinstance(downsample.op, torch.nn.AvgPool2d)  # no strided convolution
     x, t = inputs()
-    assert patched(x, t, y=torch.tensor([0, 1, 3])).shape == x.shape
-    with pytest.raises(ValueError, match="patch_size"):
-        models.build_adm_unet({**TINY_UNET["config"], "patch_size": 3})
+    assert conditional(x, t, y=torch.tensor([0, 1, 3])).shape == x.shape
     with pytest.raises(ValueError, match="in_channels"):
         models.build_adm_unet({**TINY_UNET["config"], "in_channels": 0})
-
-
-def test_patched_unet_is_the_unet_on_space_to_depth_pixels():
-    patched = randomize(models.build_adm_unet({**TINY_UNET["config"], "patch_size": 2, "channel_mult": "1"}), 3)
-    x, t = inputs()
-    y = torch.tensor([2, 0, 3])
-    # Pixel (2i + a, 2j + b) of channel 0 is channel 2a + b of the 4 x 4 grid, at (i, j).
-    folded = torch.stack([x[:, 0, a::2, b::2] for a in (0, 1) for b in (0, 1)], dim=1)
-    inner = patched.unet(folded, t, y=y)
-    out = patched(x, t, y=y)
-    for a in (0, 1):
-        for b in (0, 1):
-            assert torch.equal(out[:, 0, a::2, b::2], inner[:, 2 * a + b])
+    with pytest.raises(ValueError, match="conv_resample"):
+        models.build_adm_unet({**TINY_UNET["config"], "conv_resample": "no"})
 
 
 def test_adm_unet_config_of_rebuilds_the_same_network():
-    for architecture in (TINY_UNET, {"family": "adm_unet", "config": {**TINY_UNET["config"], "patch_size": 2,
-                                                                       "channel_mult": "1", "learn_sigma": True}}):
-        network = models.build_architecture(architecture)
+    for extra in ({}, {"learn_sigma": True, "conv_resample": False, "class_cond": False}):
+        network = models.build_adm_unet({**TINY_UNET["config"], **extra})
         again = models.build_adm_unet(models.adm_unet_config_of(network))
         shapes = {k: v.shape for k, v in network.state_dict().items()}
         assert {k: v.shape for k, v in again.state_dict().items()} == shapes
+        assert again.conv_resample == network.conv_resample
 
 
 def test_small_resnet_checks_its_config():

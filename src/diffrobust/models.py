@@ -60,43 +60,7 @@ _ADM_DERIVED_ARGUMENTS = ("image_size", "model_channels", "num_res_blocks", "att
                           "channel_mult", "dims", "use_checkpoint", "use_fp16", "num_heads",
                           "num_head_channels", "num_heads_upsample", "use_scale_shift_norm", "resblock_updown",
                           "use_new_attention_order")
-ADM_UNET_EXTRA_KEYS = {"in_channels": 3, "num_classes": 1000, "output_heads": 1, "conv_resample": True,
-                       "patch_size": 1}
-
-
-class PatchedUNet(nn.Module):
-    """An ADM UNet that sees the image as p x p pixel patches folded into channels (space-to-depth, as DiT's
-    patchify): [N, C, H, W] -> pixel_unshuffle -> UNet on [N, C·p², H/p, W/p] -> pixel_shuffle -> [N, C_out, H, W].
-
-    Every layer then works at 1/p² of the positions, which is what makes a UNet trainable in minutes on a CPU;
-    the interface (and the channel layout of the output: head k still owns channels k·C .. (k+1)·C - 1) is that
-    of an unpatched network. The UNet's state-dict keys get the prefix `unet.`.
-    """
-
-    def __init__(self, unet, patch_size):
-        super().__init__()
-        self.unet = unet
-        self.patch_size = patch_size
-
-    @property
-    def num_classes(self):
-        return self.unet.num_classes
-
-    @property
-    def in_channels(self):
-        return self.unet.in_channels // self.patch_size ** 2
-
-    @property
-    def out_channels(self):
-        return self.unet.out_channels // self.patch_size ** 2
-
-    @property
-    def image_size(self):
-        return self.unet.image_size * self.patch_size
-
-    def forward(self, x, timesteps, y=None):
-        p = self.patch_size
-        return nn.functional.pixel_shuffle(self.unet(nn.functional.pixel_unshuffle(x, p), timesteps, y=y), p)
+ADM_UNET_EXTRA_KEYS = {"in_channels": 3, "num_classes": 1000, "output_heads": 1, "conv_resample": True}
 
 
 def build_adm_unet(config):
@@ -107,10 +71,7 @@ def build_adm_unet(config):
       10 classes + 1 null class = 11);
     - ``output_heads`` (default 1): eps heads in the output; RDC's multi-head model has one per class;
     - ``conv_resample`` (default true, as in every official model): 3x3 convolutions in the up/downsampling layers;
-      false resamples with nearest-neighbour / average pooling (cheaper on a CPU);
-    - ``patch_size`` p (default 1): > 1 wraps the UNet in `PatchedUNet`; ``image_size`` stays the image's size,
-      while ``attention_resolutions`` and ``channel_mult`` describe the UNet's own feature maps, which start at
-      image_size / p.
+      false resamples with nearest-neighbour / average pooling (cheaper on a CPU).
     Output channels = output_heads x in_channels x (2 if learn_sigma else 1). With every extra key at its default
     the network is exactly `build_guided_diffusion_unet`'s.
     """
@@ -120,47 +81,32 @@ def build_adm_unet(config):
     extras = {key: config.pop(key, default) for key, default in ADM_UNET_EXTRA_KEYS.items()}
     if not isinstance(extras["conv_resample"], bool):
         raise ValueError(f"adm_unet config key 'conv_resample' must be true or false, got {extras['conv_resample']!r}")
-    for key in ("in_channels", "num_classes", "output_heads", "patch_size"):
+    for key in ("in_channels", "num_classes", "output_heads"):
         value = extras[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"adm_unet config key {key!r} must be a positive integer, got {value!r}")
-    patch = extras["patch_size"]
-    if "image_size" in config:
-        if config["image_size"] % patch:
-            raise ValueError(f"adm_unet image_size {config['image_size']} is not a multiple of patch_size {patch}")
-        config["image_size"] //= patch
     # Let the official-flag builder validate the flags and derive channel_mult / attention downsample rates (on
     # the meta device: nothing is allocated), then build the network with the extra arguments.
     with torch.device("meta"):
         template = adm.build_guided_diffusion_unet(config)
     arguments = {name: getattr(template, name) for name in _ADM_DERIVED_ARGUMENTS}
     learn_sigma = template.out_channels == 6
-    pixels = patch * patch
-    unet = adm.ADMUNet(
-        in_channels=extras["in_channels"] * pixels,
-        out_channels=extras["output_heads"] * extras["in_channels"] * (2 if learn_sigma else 1) * pixels,
+    return adm.ADMUNet(
+        in_channels=extras["in_channels"],
+        out_channels=extras["output_heads"] * extras["in_channels"] * (2 if learn_sigma else 1),
         num_classes=extras["num_classes"] if template.num_classes is not None else None,
         conv_resample=extras["conv_resample"],
         **arguments,
     )
-    return unet if patch == 1 else PatchedUNet(unet, patch)
 
 
-def inner_unet(network):
-    """The ADMUNet of a possibly patched network."""
-    return network.unet if isinstance(network, PatchedUNet) else network
-
-
-def adm_unet_config_of(network, output_heads=1):
-    """The `adm_unet` config that rebuilds `network` (an ADMUNet or PatchedUNet with `output_heads` heads): the
-    inverse of build_adm_unet, for networks that came from elsewhere (registry ADM checkpoints, mini models)."""
-    unet = inner_unet(network)
-    patch = network.patch_size if isinstance(network, PatchedUNet) else 1
+def adm_unet_config_of(unet, output_heads=1):
+    """The `adm_unet` config that rebuilds an ADMUNet with `output_heads` heads: the inverse of build_adm_unet,
+    also for networks that came from elsewhere (registry ADM checkpoints)."""
     if unet.image_size is None or any(float(m) != int(m) for m in unet.channel_mult):
         raise ValueError("cannot describe this ADM network as adm_unet flags (no image_size, or fractional channel_mult)")
-    image_channels = unet.in_channels // patch ** 2
     return {
-        "image_size": unet.image_size * patch, "num_channels": unet.model_channels,
+        "image_size": unet.image_size, "num_channels": unet.model_channels,
         "num_res_blocks": unet.num_res_blocks, "num_heads": unet.num_heads,
         "num_heads_upsample": unet.num_heads_upsample, "num_head_channels": unet.num_head_channels,
         "attention_resolutions": ",".join(str(unet.image_size // rate) for rate in unet.attention_resolutions),
@@ -168,9 +114,9 @@ def adm_unet_config_of(network, output_heads=1):
         "class_cond": unet.num_classes is not None, "use_checkpoint": unet.use_checkpoint,
         "use_scale_shift_norm": unet.use_scale_shift_norm, "resblock_updown": unet.resblock_updown,
         "use_fp16": unet.use_fp16, "use_new_attention_order": unet.use_new_attention_order,
-        "learn_sigma": unet.out_channels == 2 * output_heads * image_channels * patch ** 2,
-        "in_channels": image_channels, "num_classes": unet.num_classes or ADM_UNET_EXTRA_KEYS["num_classes"],
-        "output_heads": output_heads, "conv_resample": unet.conv_resample, "patch_size": patch,
+        "learn_sigma": unet.out_channels == 2 * output_heads * unet.in_channels,
+        "in_channels": unet.in_channels, "num_classes": unet.num_classes or ADM_UNET_EXTRA_KEYS["num_classes"],
+        "output_heads": output_heads, "conv_resample": unet.conv_resample,
     }
 
 

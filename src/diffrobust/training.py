@@ -429,18 +429,17 @@ def multihead_from_conditional(network, num_classes, fold_label=None):
     flags.pop("num_classes")
     architecture = {"family": "adm_unet", "config": flags}
     multihead = models.build_architecture(architecture)
-    source = models.inner_unet(network).state_dict()
-    target = models.inner_unet(multihead).state_dict()
+    source = network.state_dict()
+    target = multihead.state_dict()
     for key in target:
         if key in ("out.2.weight", "out.2.bias"):
-            # Head k's output channels form one contiguous block (also through a PatchedUNet's pixel shuffle,
-            # which keeps each output channel's p² sub-pixel channels together), so the copies are stacked.
+            # head k owns output channels k·C_out .. (k+1)·C_out - 1: stack K copies of the output layer
             target[key] = source[key].repeat(num_classes, *([1] * (source[key].dim() - 1)))
         else:
             target[key] = source[key].clone()
     if fold_label is not None:
         target["time_embed.2.bias"] = target["time_embed.2.bias"] + source["label_emb.weight"][fold_label]
-    models.inner_unet(multihead).load_state_dict(target, strict=True)
+    multihead.load_state_dict(target, strict=True)
     return multihead.train(network.training), architecture  # in the source's mode (dropout on or off)
 
 

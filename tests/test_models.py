@@ -68,12 +68,37 @@ def test_adm_unet_extra_keys_set_channels_classes_heads_and_resampling():
 
 
 def test_adm_unet_config_of_rebuilds_the_same_network():
-    for extra in ({}, {"learn_sigma": True, "conv_resample": False, "class_cond": False}):
+    for extra in ({}, {"learn_sigma": True, "conv_resample": False, "class_cond": False},
+                  {"patch_size": 2, "attention_resolutions": "2"}):
         network = models.build_adm_unet({**TINY_UNET["config"], **extra})
         again = models.build_adm_unet(models.adm_unet_config_of(network))
         shapes = {k: v.shape for k, v in network.state_dict().items()}
         assert {k: v.shape for k, v in again.state_dict().items()} == shapes
         assert again.conv_resample == network.conv_resample
+        assert again.patch_size == network.patch_size == extra.get("patch_size", 1)
+        assert again.attention_resolutions == network.attention_resolutions
+
+
+def test_patched_adm_unet_is_the_unpatched_network_on_pixel_unshuffled_images():
+    # image 8x8x1 in 2x2 patches = a 4x4x4 image; flags describe the patched grid (attention at its 2x2 level)
+    patched = tiny_unet(architecture={"family": "adm_unet", "config": {
+        **TINY_UNET["config"], "patch_size": 2, "attention_resolutions": "2", "learn_sigma": True}})
+    assert patched.image_size == 8 and patched.in_channels == 1 and patched.out_channels == 2
+    plain = models.build_adm_unet({**TINY_UNET["config"], "image_size": 4, "in_channels": 4,
+                                   "attention_resolutions": "2", "learn_sigma": True})
+    plain.load_state_dict(patched.state_dict())  # the same parameters, shape for shape
+    x, t = inputs()
+    y = torch.tensor([0, 2, 3])
+    with torch.no_grad():
+        out = patched(x, t, y)
+        expected = torch.nn.functional.pixel_shuffle(plain(torch.nn.functional.pixel_unshuffle(x, 2), t, y), 2)
+    assert out.shape == (3, 2, 8, 8)
+    assert torch.equal(out, expected)
+    # channel 0 of the output is eps of the image's channel: the unshuffled eps patch channels are 0..3
+    assert torch.equal(out[:, :1], torch.nn.functional.pixel_shuffle(
+        plain(torch.nn.functional.pixel_unshuffle(x, 2), t, y)[:, :4], 2))
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        models.build_adm_unet({**TINY_UNET["config"], "patch_size": 3})
 
 
 def test_small_resnet_checks_its_config():

@@ -198,8 +198,9 @@ def test_multihead_initialisation_copies_shared_weights_and_replicates_the_outpu
             assert torch.equal(target[key], source[key]), key
 
 
-def test_every_head_starts_at_the_folded_class_and_only_there():
-    conditional = conditional_network()
+@pytest.mark.parametrize("patch", [{}, {"patch_size": 2, "attention_resolutions": "4"}], ids=["plain", "patched"])
+def test_every_head_starts_at_the_folded_class_and_only_there(patch):
+    conditional = conditional_network(**patch)
     x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     t = torch.tensor([5.0, 80.0])
     multihead, _ = training.multihead_from_conditional(conditional, NUM_CLASSES, fold_label=3)
@@ -240,7 +241,7 @@ def test_distilling_a_subset_of_heads_estimates_the_all_heads_loss_without_bias(
     one_head = np.array([loss(seed, 1) for seed in range(150)])
     assert np.array_equal(full, [loss(seed, NUM_CLASSES) for seed in range(150)])
     assert not np.allclose(one_head, full)  # a different estimate per draw ...
-    assert one_head.mean() == pytest.approx(full.mean(), rel=0.1)  # ... of the same loss
+    assert one_head.mean() == pytest.approx(full.mean(), rel=0.05)  # ... of the same loss
 
 
 def head_gap(multihead, teacher, x_t, t_model):

@@ -60,7 +60,8 @@ _ADM_DERIVED_ARGUMENTS = ("image_size", "model_channels", "num_res_blocks", "att
                           "channel_mult", "dims", "use_checkpoint", "use_fp16", "num_heads",
                           "num_head_channels", "num_heads_upsample", "use_scale_shift_norm", "resblock_updown",
                           "use_new_attention_order")
-ADM_UNET_EXTRA_KEYS = {"in_channels": 3, "num_classes": 1000, "output_heads": 1, "conv_resample": True}
+ADM_UNET_EXTRA_KEYS = {"in_channels": 3, "num_classes": 1000, "output_heads": 1, "conv_resample": True,
+                       "patch_size": 1}
 
 
 def build_adm_unet(config):
@@ -71,7 +72,10 @@ def build_adm_unet(config):
       10 classes + 1 null class = 11);
     - ``output_heads`` (default 1): eps heads in the output; RDC's multi-head model has one per class;
     - ``conv_resample`` (default true, as in every official model): 3x3 convolutions in the up/downsampling layers;
-      false resamples with nearest-neighbour / average pooling (cheaper on a CPU).
+      false resamples with nearest-neighbour / average pooling (cheaper on a CPU);
+    - ``patch_size`` p (default 1): the UNet runs on p x p patches stacked into channels, at image_size / p
+      (about 3x cheaper training for the mini preset); `attention_resolutions` then name feature resolutions of
+      that patched grid (image_size 32, patch_size 2: "8" is the middle level).
     Output channels = output_heads x in_channels x (2 if learn_sigma else 1). With every extra key at its default
     the network is exactly `build_guided_diffusion_unet`'s.
     """
@@ -81,21 +85,32 @@ def build_adm_unet(config):
     extras = {key: config.pop(key, default) for key, default in ADM_UNET_EXTRA_KEYS.items()}
     if not isinstance(extras["conv_resample"], bool):
         raise ValueError(f"adm_unet config key 'conv_resample' must be true or false, got {extras['conv_resample']!r}")
-    for key in ("in_channels", "num_classes", "output_heads"):
+    for key in ("in_channels", "num_classes", "output_heads", "patch_size"):
         value = extras[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"adm_unet config key {key!r} must be a positive integer, got {value!r}")
     # Let the official-flag builder validate the flags and derive channel_mult / attention downsample rates (on
-    # the meta device: nothing is allocated), then build the network with the extra arguments.
+    # the meta device: nothing is allocated), then build the network with the extra arguments. A patched UNet's
+    # levels run at image_size / patch_size, which is what its flags describe.
+    patch_size = extras["patch_size"]
+    image_size = config.get("image_size")
+    if patch_size > 1:
+        if not isinstance(image_size, int) or image_size % patch_size:
+            raise ValueError(f"adm_unet config key 'image_size' ({image_size!r}) must be a multiple of "
+                             f"patch_size ({patch_size})")
+        config["image_size"] = image_size // patch_size
     with torch.device("meta"):
         template = adm.build_guided_diffusion_unet(config)
     arguments = {name: getattr(template, name) for name in _ADM_DERIVED_ARGUMENTS}
+    if patch_size > 1:
+        arguments["image_size"] = image_size
     learn_sigma = template.out_channels == 6
     return adm.ADMUNet(
         in_channels=extras["in_channels"],
         out_channels=extras["output_heads"] * extras["in_channels"] * (2 if learn_sigma else 1),
         num_classes=extras["num_classes"] if template.num_classes is not None else None,
         conv_resample=extras["conv_resample"],
+        patch_size=patch_size,
         **arguments,
     )
 
@@ -109,14 +124,15 @@ def adm_unet_config_of(unet, output_heads=1):
         "image_size": unet.image_size, "num_channels": unet.model_channels,
         "num_res_blocks": unet.num_res_blocks, "num_heads": unet.num_heads,
         "num_heads_upsample": unet.num_heads_upsample, "num_head_channels": unet.num_head_channels,
-        "attention_resolutions": ",".join(str(unet.image_size // rate) for rate in unet.attention_resolutions),
+        "attention_resolutions": ",".join(str(unet.image_size // unet.patch_size // rate)
+                                          for rate in unet.attention_resolutions),
         "channel_mult": ",".join(str(int(m)) for m in unet.channel_mult), "dropout": unet.dropout,
         "class_cond": unet.num_classes is not None, "use_checkpoint": unet.use_checkpoint,
         "use_scale_shift_norm": unet.use_scale_shift_norm, "resblock_updown": unet.resblock_updown,
         "use_fp16": unet.use_fp16, "use_new_attention_order": unet.use_new_attention_order,
         "learn_sigma": unet.out_channels == 2 * output_heads * unet.in_channels,
         "in_channels": unet.in_channels, "num_classes": unet.num_classes or ADM_UNET_EXTRA_KEYS["num_classes"],
-        "output_heads": output_heads, "conv_resample": unet.conv_resample,
+        "output_heads": output_heads, "conv_resample": unet.conv_resample, "patch_size": unet.patch_size,
     }
 
 

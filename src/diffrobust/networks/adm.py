@@ -370,14 +370,20 @@ class ADMUNet(nn.Module):
     :param resblock_updown: resample with parameter-free residual blocks instead of Downsample/Upsample.
     :param use_new_attention_order: q/k/v-major qkv layout instead of the legacy head-major one.
     :param image_size: recorded only (guided-diffusion's UNetModel takes it but does not use it).
+    :param patch_size: not in the official code (1 = the official network): the UNet works on p x p pixel
+        patches stacked into channels (pixel-unshuffle in, pixel-shuffle out), so every level runs at 1/p of the
+        image resolution. It cuts the cost of the mini preset's CPU training about 3x; in_channels, out_channels
+        and image_size still describe the image.
     """
 
     def __init__(self, in_channels, model_channels, out_channels, num_res_blocks, attention_resolutions,
                  dropout=0.0, channel_mult=(1, 2, 4, 8), conv_resample=True, dims=2, num_classes=None,
                  use_checkpoint=False, use_fp16=False, num_heads=1, num_head_channels=-1, num_heads_upsample=-1,
                  use_scale_shift_norm=False, resblock_updown=False, use_new_attention_order=False,
-                 image_size=None):
+                 image_size=None, patch_size=1):
         super().__init__()
+        if not isinstance(patch_size, int) or patch_size < 1:
+            raise ValueError(f"patch_size must be a positive integer, got {patch_size!r}")
         if num_heads_upsample == -1:
             num_heads_upsample = num_heads
 
@@ -400,6 +406,8 @@ class ADMUNet(nn.Module):
         self.use_scale_shift_norm = use_scale_shift_norm
         self.resblock_updown = resblock_updown
         self.use_new_attention_order = use_new_attention_order
+        self.patch_size = patch_size
+        patch_pixels = patch_size * patch_size
 
         time_embed_dim = model_channels * 4
         self.time_embed = nn.Sequential(
@@ -423,7 +431,7 @@ class ADMUNet(nn.Module):
         # Encoder. `skip_channels` records each block's output width, which the decoder pops in reverse.
         ch = input_ch = int(self.channel_mult[0] * model_channels)
         self.input_blocks = nn.ModuleList(
-            [TimestepConditionedSequential(conv_nd(dims, in_channels, ch, 3, padding=1))]
+            [TimestepConditionedSequential(conv_nd(dims, in_channels * patch_pixels, ch, 3, padding=1))]
         )
         skip_channels = [ch]
         downsample_rate = 1
@@ -470,7 +478,7 @@ class ADMUNet(nn.Module):
         self.out = nn.Sequential(
             GroupNorm32(ch),
             nn.SiLU(),
-            zero_parameters(conv_nd(dims, input_ch, out_channels, 3, padding=1)),
+            zero_parameters(conv_nd(dims, input_ch, out_channels * patch_pixels, 3, padding=1)),
         )
 
     def forward(self, x, timesteps, y=None):
@@ -494,13 +502,20 @@ class ADMUNet(nn.Module):
 
         skips = []
         h = x.type(self.time_embed[0].weight.dtype)
+        if self.patch_size > 1:
+            h = F.pixel_unshuffle(h, self.patch_size)
         for block in self.input_blocks:
             h = block(h, emb)
             skips.append(h)
         h = self.middle_block(h, emb)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
-        return self.out(h.type(x.dtype))
+        out = self.out(h.type(x.dtype))
+        if self.patch_size > 1:
+            # output channel c*p*p + k is pixel k of the patch of image channel c: heads and the learned-sigma
+            # halves stay in the image channel order
+            out = F.pixel_shuffle(out, self.patch_size)
+        return out
 
 
 # ----------------------------------------------------------------------------------------------------------------

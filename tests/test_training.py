@@ -132,6 +132,8 @@ def test_diffusion_training_learns_and_writes_its_outputs(dataset_dir, tmp_path)
     assert (config["in_channels"], config["image_size"], config["num_classes"]) == (1, 8, NUM_CLASSES + 1)
     assert loaded.extra["training"]["label_dropout"] == 0.3
     assert models.num_label_classes(loaded) == NUM_CLASSES
+    # the posterior variance: DensePure's 2-step reverse with beta-sized steps (fixed_large) adds too much noise
+    assert models.load_model(tmp_path / "model.pt").diffusion_settings["variance"] == "fixed_small"
 
 
 def test_same_seed_gives_identical_weights(dataset_dir, tmp_path):

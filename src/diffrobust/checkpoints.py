@@ -2,22 +2,13 @@
 
 from pathlib import Path
 
-import yaml
-
-from diffrobust.download import file_digest
+from diffrobust.download import file_digest, read_lock
 
 CHECKPOINTS_DIR = Path("data/checkpoints")
 
 
 def checkpoint_path(name, file_entry, root=CHECKPOINTS_DIR):
     return Path(root) / name / file_entry["path"]
-
-
-def read_lock(lock_path):
-    lock_path = Path(lock_path)
-    if not lock_path.is_file():
-        return {}
-    return yaml.safe_load(lock_path.read_text()) or {}
 
 
 def lock_key(name, file_entry):

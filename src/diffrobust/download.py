@@ -137,7 +137,7 @@ def _expectations(sha256, md5, size, lock, lock_key):
         return _Expected(sha256=sha256, md5=md5, size=size)
     if not lock_key:
         raise ValueError("fetch(): lock_key is needed to use a lock file")
-    entry = _read_lock(lock).get(lock_key)
+    entry = read_lock(lock).get(lock_key)
     if entry is None:
         return _Expected(sha256=None, md5=md5, size=size, lock=lock, lock_key=lock_key)
     recorded_size = entry.get("size")
@@ -151,8 +151,9 @@ def _expectations(sha256, md5, size, lock, lock_key):
     )
 
 
-def _read_lock(lock):
+def read_lock(lock):
     """The lock file's entries ({} if it does not exist yet)."""
+    lock = Path(lock)
     if not lock.exists():
         return {}
     entries = yaml.safe_load(lock.read_text()) or {}
@@ -201,7 +202,7 @@ def _record_in_lock(lock, lock_key, facts, url):
     may have recorded the same key since the lock was first read; its entry then stands and is returned.
     """
     with _lock_held(lock):
-        entries = _read_lock(lock)
+        entries = read_lock(lock)
         if lock_key in entries:
             return entries[lock_key], False
         entries[lock_key] = {

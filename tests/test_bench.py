@@ -301,3 +301,23 @@ def test_command_line_quick_run_writes_json_and_csv(tmp_path, capsys):
     assert [float(row["images_per_s"]) for row in table] == [row["images_per_s"] for row in report["rows"]]
     with pytest.raises(ConfigError, match=r"\.json or \.csv"):
         bench.write_report(report, tmp_path / "bench.txt")
+
+
+# --- bench-certify ----------------------------------------------------------------------------------------------------
+
+def test_bench_certify_mini_size_is_the_mini_presets_networks_and_its_shares_add_up():
+    from diffrobust import bench_certify
+    from diffrobust.config import load_config
+
+    spec = bench_certify.SIZES["mini"]()
+    preset = load_config({"preset": "mini"})["models"]
+    assert spec["diffusion"]["config"]["patch_size"] == preset["diffusion"]["architecture"]["config"]["patch_size"]
+    assert spec["variance"] == preset["diffusion"]["variance"] == "fixed_small"
+    row = bench_certify.measure("mini", batch_size=2, reverse="respaced", num_steps=2, repeats=1)
+    assert row["steps"] == 2  # S = 2 network calls per reverse run
+    assert row["diffusion_share"] + row["classifier_share"] == pytest.approx(1.0)
+    assert 0 < row["diffusion_share"] < 1
+    assert row["samples_per_second"] == pytest.approx(2 / row["seconds_per_batch"])
+    from diffrobust.models import build_architecture
+
+    assert row["diffusion_parameters"] == sum(p.numel() for p in build_architecture(spec["diffusion"]).parameters())

@@ -12,26 +12,34 @@ import time
 import torch
 
 from diffrobust import diffusion as dp
-from diffrobust.config import load_checkpoint_registry
+from diffrobust.config import load_checkpoint_registry, load_config
 from diffrobust.defenses import SmoothingDenoiser
 from diffrobust.models import build_architecture
 
-SIZES = {
-    "mini": {
-        "diffusion": {"family": "adm_unet", "config": {"in_channels": 1, "image_size": 32, "num_channels": 32,
-                                                       "num_res_blocks": 1, "channel_mult": "1,2,2",
-                                                       "attention_resolutions": "8", "num_head_channels": 16,
-                                                       "class_cond": True, "num_classes": 11}},
-        "classifier": {"family": "small_resnet", "config": {"in_channels": 1, "num_classes": 10, "width": 16, "depth": 8}},
+def _mini_size():
+    """The mini preset's networks as configured (config/presets/mini.yaml), on 1x32x32 MNIST with 10 classes."""
+    models = load_config({"preset": "mini"})["models"]
+    diffusion = {**models["diffusion"]["architecture"]["config"], "in_channels": 1, "image_size": 32,
+                 "class_cond": True, "num_classes": 11}
+    classifier = {**models["classifier"]["architecture"]["config"], "in_channels": 1, "num_classes": 10}
+    return {
+        "diffusion": {"family": models["diffusion"]["architecture"]["family"], "config": diffusion},
+        "classifier": {"family": models["classifier"]["architecture"]["family"], "config": classifier},
         "image": (1, 32, 32),
-        "schedule": ("linear", 1000),
+        "schedule": (models["diffusion"]["schedule"], models["diffusion"]["num_timesteps"]),
+        "variance": models["diffusion"]["variance"],
         "null_class": 10,
-    },
-    "cifar10": {
+    }
+
+
+SIZES = {
+    "mini": _mini_size,
+    "cifar10": lambda: {
         "diffusion": "improved_diffusion_cifar10_uncond",
         "classifier": "robustbench_cifar10_standard_wrn28_10",
         "image": (3, 32, 32),
         "schedule": ("cosine", 4000),
+        "variance": "learned_range",
         "null_class": None,
     },
 }
@@ -61,12 +69,11 @@ def _timed(call, repeats):
 @torch.no_grad()
 def measure(size, batch_size=32, sigma=0.5, reverse="one_shot", num_steps=None, repeats=3):
     """Median seconds of one batch through the denoiser, the classifier and both; samples/s and time shares."""
-    spec = SIZES[size]
+    spec = SIZES[size]()
     torch.manual_seed(0)
     unet, classifier = _network(spec["diffusion"]), _network(spec["classifier"])
     name, steps = spec["schedule"]
-    # learned variances where the network outputs them (the official CIFAR-10 model), fixed ones for the mini model
-    variance = "learned_range" if spec["null_class"] is None else "fixed_large"
+    variance = spec["variance"]
     maker = dp.GaussianDiffusion.cosine if name == "cosine" else dp.GaussianDiffusion.linear
     schedule = maker(steps, variance=variance, rescale_timesteps=name == "cosine")
     rule = "cosine_closed_form" if name == "cosine" else "nearest"

@@ -2,9 +2,8 @@
 DensePure certification), and the share of time spent in the diffusion network and in the classifier.
 
 Networks have random weights: speed does not depend on them. Two sizes: `mini` (this preset's small ADM UNet and
-small ResNet on 1x32x32 images) and `cifar10` (the 52.5M-parameter improved-diffusion UNet with the 36.5M WRN-28-10
-on 3x32x32; the papers' CIFAR-10 classifier is a ViT-B/16 at 224 px, which this project cannot load yet, so the WRN
-stands in and the classifier share is a lower bound).
+small ResNet on 1x32x32 images) and `cifar10` (the 52.5M-parameter improved-diffusion UNet on 3x32x32 with the
+papers' 85.8M-parameter ViT-B/16, which classifies the image resized to 224 px).
 """
 
 import time
@@ -36,7 +35,7 @@ SIZES = {
     "mini": _mini_size,
     "cifar10": lambda: {
         "diffusion": "improved_diffusion_cifar10_uncond",
-        "classifier": "robustbench_cifar10_standard_wrn28_10",
+        "classifier": "vit_b16_cifar10",
         "image": (3, 32, 32),
         "schedule": ("cosine", 4000),
         "variance": "learned_range",

@@ -352,7 +352,28 @@ def _read_state_dict(path, family):
 
 
 REGISTRY_KINDS = {"improved_diffusion_unet": "diffusion", "guided_diffusion_unet": "diffusion",
-                  "edm_vp_songunet": "diffusion", "robustbench_wrn": "classifier"}
+                  "edm_vp_songunet": "diffusion", "robustbench_wrn": "classifier", "hf_vit": "classifier",
+                  "timm_beit": "classifier"}
+
+
+def _registry_network(architecture, path, device):
+    """Build the registry network and load the official weights at `path` into it, strictly."""
+    family = architecture["family"]
+    if family == "hf_vit":  # a Hugging Face folder: transformers reads it (and renames legacy weight names)
+        from diffrobust.networks.pretrained import load_hf_vit
+
+        try:
+            network = load_hf_vit(architecture["config"], path.parent)
+        except (OSError, ValueError) as error:
+            raise ModelFileError(f"{path.parent}: cannot load the Hugging Face ViT ({error})") from error
+        return network.to(device).eval().requires_grad_(False)
+    network = build_architecture(architecture)
+    state_dict = _read_state_dict(path, family)
+    if family == "timm_beit":
+        from diffrobust.networks.pretrained import timm_beit_state_dict
+
+        state_dict = timm_beit_state_dict(state_dict, network)
+    return _finish(network, state_dict, device, path)
 
 
 def load_registry_checkpoint(name, root="data/checkpoints", *, registry=None, device="cpu"):
@@ -370,14 +391,14 @@ def load_registry_checkpoint(name, root="data/checkpoints", *, registry=None, de
     if family not in REGISTRY_KINDS:
         raise ValueError(f"checkpoint {name!r} (family {family!r}) has no loader here; loadable families: "
                          f"{', '.join(sorted(REGISTRY_KINDS))}")
-    file_entry = entry["files"][0]
-    path = Path(root) / name / file_entry["path"]
-    if not path.is_file():
-        how = (entry.get("manual") or "").strip() or (
-            f"download it with `snakemake --cores 1 {Path('data/checkpoints') / name / file_entry['path']}` "
-            "(the workflow's download_checkpoint job)")
-        raise CheckpointNotFoundError(f"checkpoint file {path} not found ({entry.get('description', name)}). {how}")
-    network = _finish(build_architecture(architecture), _read_state_dict(path, family), device, path)
+    for file_entry in entry["files"]:  # the weights are the last file (Hugging Face folders list config.json first)
+        path = Path(root) / name / file_entry["path"]
+        if not path.is_file():
+            how = (entry.get("manual") or "").strip() or (
+                f"download it with `snakemake --cores 1 {Path('data/checkpoints') / name / file_entry['path']}` "
+                "(the workflow's download_checkpoint job)")
+            raise CheckpointNotFoundError(f"checkpoint file {path} not found ({entry.get('description', name)}). {how}")
+    network = _registry_network(architecture, path, device)
     settings = registry_diffusion_settings(architecture)
     return LoadedModel(network=network, kind=REGISTRY_KINDS[family], architecture=architecture,
                        diffusion=None if settings is None else build_diffusion(settings),

@@ -13,6 +13,8 @@ BUILDERS = {
     "guided_diffusion_unet": "diffrobust.networks.adm:build_guided_diffusion_unet",
     "edm_vp_songunet": "diffrobust.networks.edm:build_edm_vp_songunet",
     "robustbench_wrn": "diffrobust.networks.wrn:build_robustbench_wrn",
+    "hf_vit": "diffrobust.networks.pretrained:build_hf_vit",
+    "timm_beit": "diffrobust.networks.pretrained:build_timm_beit",
 }
 
 

@@ -1,0 +1,145 @@
+"""The papers' transformer classifiers (HF ViT-B/16 for CIFAR-10, timm BEiT-L/16 for ImageNet): the registry
+architectures, the resize + normalise preprocessing, and loading checkpoints in their official on-disk formats."""
+
+import re
+
+import pytest
+import torch
+
+from diffrobust import models
+from diffrobust.config import load_checkpoint_registry
+from diffrobust.networks.pretrained import ResizeNormalize
+
+INPUT = {"size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic"}
+TINY_VIT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+            "image_size": 32, "patch_size": 16, "num_channels": 3, "num_labels": 10}
+TINY_BEIT = {"model_name": "beit_base_patch16_224", "img_size": 32, "embed_dim": 32, "depth": 2, "num_heads": 2,
+             "num_classes": 10}
+
+
+def randomized(network, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    return network.eval()
+
+
+def images(n=3, size=16, seed=1):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+# --- architectures of the registry entries ------------------------------------------------------------------------
+
+def test_registry_vit_is_vit_b16_with_a_ten_class_head():
+    network = models.build_architecture(load_checkpoint_registry()["vit_b16_cifar10"]["architecture"])
+    # ViT-B/16 has 86,567,656 parameters with its 1000-class head; CIFAR-10's head has 990 fewer rows of 768 + 1
+    assert sum(p.numel() for p in network.parameters()) == 86_567_656 - 990 * 769
+    assert network.network.classifier.out_features == 10
+    assert network.preprocess.size == 224
+
+
+def test_registry_beit_is_timms_beit_large_at_512():
+    network = models.build_architecture(load_checkpoint_registry()["beit_large_patch16_512_imagenet"]["architecture"])
+    assert round(sum(p.numel() for p in network.parameters()) / 1e6, 1) == 305.7  # timm's model card: 305.7 M
+    assert network.network.patch_embed.grid_size == (32, 32) and network.preprocess.size == 512
+
+
+def test_input_block_is_required():
+    with pytest.raises(ValueError, match="needs an `input` block"):
+        models.build_architecture({"family": "hf_vit", "config": TINY_VIT})
+
+
+# --- preprocessing ------------------------------------------------------------------------------------------------
+
+def test_resize_normalize_maps_the_unit_interval_to_plus_minus_one_at_the_classifier_size():
+    prepare = ResizeNormalize(**{**INPUT, "size": 24})
+    constant = torch.full((2, 3, 8, 8), 0.75)
+    out = prepare(constant)
+    assert out.shape == (2, 3, 24, 24)
+    assert torch.allclose(out, torch.full_like(out, 0.5), atol=1e-6)  # (0.75 - 0.5) / 0.5
+    assert prepare(torch.zeros(1, 3, 24, 24)).eq(-1).all()  # already at size: normalised only
+
+
+def test_resize_normalize_antialiases_when_it_shrinks():
+    checkerboard = ((torch.arange(16)[:, None] + torch.arange(16)[None, :]) % 2).float().expand(1, 3, 16, 16)
+    out = ResizeNormalize(**{**INPUT, "size": 4})(checkerboard) * 0.5 + 0.5  # back to [0, 1]
+    assert (out - 0.5).abs().max() < 0.05  # averaged, not aliased to 0s or 1s
+
+
+# --- the official on-disk formats ---------------------------------------------------------------------------------
+
+def legacy_vit_names(state_dict):
+    """transformers 4.x names, as in the 2022 Hugging Face checkpoints (pytorch_model.bin)."""
+    renames = [(r"^vit\.layers\.(\d+)\.", r"vit.encoder.layer.\1."), (r"attention\.q_proj", "attention.attention.query"),
+               (r"attention\.k_proj", "attention.attention.key"), (r"attention\.v_proj", "attention.attention.value"),
+               (r"attention\.o_proj", "attention.output.dense"), (r"mlp\.fc1", "intermediate.dense"),
+               (r"mlp\.fc2", "output.dense")]
+    renamed = {}
+    for key, value in state_dict.items():
+        for pattern, replacement in renames:
+            key = re.sub(pattern, replacement, key)
+        renamed[key] = value
+    return renamed
+
+
+def write_vit_folder(folder, reference, drop=None):
+    folder.mkdir(parents=True)
+    reference.network.config.to_json_file(folder / "config.json")
+    weights = legacy_vit_names(reference.network.state_dict())
+    assert "vit.encoder.layer.1.attention.attention.query.weight" in weights
+    if drop:
+        weights.pop(drop)
+    torch.save(weights, folder / "pytorch_model.bin")
+
+
+def vit_registry(config=TINY_VIT):
+    return {"tiny_vit": {"files": [{"path": "config.json", "urls": []}, {"path": "pytorch_model.bin", "urls": []}],
+                         "architecture": {"family": "hf_vit", "config": {**config, "input": INPUT}}}}
+
+
+def test_hf_vit_loads_a_legacy_checkpoint_folder_and_classifies_unit_interval_images(tmp_path):
+    reference = randomized(models.build_architecture(vit_registry()["tiny_vit"]["architecture"]))
+    write_vit_folder(tmp_path / "tiny_vit", reference)
+    loaded = models.load_registry_checkpoint("tiny_vit", tmp_path, registry=vit_registry())
+    assert loaded.kind == "classifier"
+    x = images()  # 16 px, resized to the classifier's 32
+    with torch.no_grad():
+        logits = models.classifier(loaded)(x)
+        expected = reference.network(pixel_values=(torch.nn.functional.interpolate(
+            x, size=(32, 32), mode="bicubic", antialias=True) - 0.5) / 0.5).logits
+    assert logits.shape == (3, 10)
+    assert (logits - expected).abs().max().item() < 1e-5
+
+
+def test_hf_vit_refuses_missing_weights_and_a_config_that_disagrees_with_the_registry(tmp_path):
+    reference = randomized(models.build_architecture(vit_registry()["tiny_vit"]["architecture"]))
+    write_vit_folder(tmp_path / "tiny_vit", reference, drop="classifier.weight")
+    with pytest.raises(models.ModelFileError, match="missing_keys"):
+        models.load_registry_checkpoint("tiny_vit", tmp_path, registry=vit_registry())
+    write_vit_folder(tmp_path / "other" / "tiny_vit", reference)
+    with pytest.raises(models.ModelFileError, match="hidden_size = 32, but the registry"):
+        models.load_registry_checkpoint("tiny_vit", tmp_path / "other", registry=vit_registry({**TINY_VIT, "hidden_size": 64}))
+    (tmp_path / "other" / "tiny_vit" / "pytorch_model.bin").unlink()
+    with pytest.raises(models.CheckpointNotFoundError, match="pytorch_model.bin not found"):
+        models.load_registry_checkpoint("tiny_vit", tmp_path / "other", registry=vit_registry())
+
+
+def test_timm_beit_loads_a_unilm_checkpoint_with_its_position_index_buffers(tmp_path):
+    registry = {"tiny_beit": {"files": [{"path": "beit.pth", "urls": []}],
+                              "architecture": {"family": "timm_beit", "config": {**TINY_BEIT, "input": INPUT}}}}
+    reference = randomized(models.build_architecture(registry["tiny_beit"]["architecture"]))
+    # unilm saves {"model": state_dict} including the relative-position index buffers that timm does not persist
+    weights = dict(reference.network.state_dict())
+    weights.update({name: buffer for name, buffer in reference.network.named_buffers() if "relative_position_index" in name})
+    assert any("relative_position_index" in key for key in weights)
+    (tmp_path / "tiny_beit").mkdir()
+    torch.save({"model": weights}, tmp_path / "tiny_beit" / "beit.pth")
+    loaded = models.load_registry_checkpoint("tiny_beit", tmp_path, registry=registry)
+    x = images(size=32)
+    with torch.no_grad():
+        assert (models.classifier(loaded)(x) - reference(x)).abs().max().item() < 1e-5
+    weights.pop("head.weight")
+    torch.save({"model": weights}, tmp_path / "tiny_beit" / "beit.pth")
+    with pytest.raises(models.ModelFileError, match="head.weight"):
+        models.load_registry_checkpoint("tiny_beit", tmp_path, registry=registry)

@@ -199,7 +199,7 @@ def test_resolve_network_reads_registry_names_and_json_blocks():
     with pytest.raises(ConfigError, match="registry names:.*improved_diffusion_cifar10_uncond"):
         bench.resolve_network("no_such_network")
     with pytest.raises(ConfigError, match="no architecture block"):
-        bench.resolve_network("vit_b16_cifar10")
+        bench.resolve_network("stable_diffusion_v1_4")
 
 
 # ---------------------------------------------------------------------------------------------------------------

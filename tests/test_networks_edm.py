@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from diffrobust.networks import build_network
+from diffrobust import models
 from diffrobust.networks import edm
 
 
@@ -329,3 +330,26 @@ def test_pickle_reader_explains_files_that_are_not_network_snapshots(tmp_path, s
     torch.save(small["state_dict"], torch_file)
     with pytest.raises(edm.EDMPickleError, match="not a readable EDM network pickle"):
         edm.load_edm_pickle_state_dict(torch_file)
+
+
+def test_registry_loader_drops_the_augmentation_map_that_sampling_never_uses(tmp_path, small):
+    # EDM's CIFAR-10 pickles were trained with augment_dim = 9; the registry network (as the manifest) has none
+    trained = edm.build_edm_vp_songunet({**small["config"], "augment_dim": 9})
+    weights = dict(small["state_dict"])
+    weights["model.map_augment.weight"] = torch.randn(trained.model.map_augment.weight.shape) * 0.3
+    trained.load_state_dict(weights, strict=True)
+    trained.eval().requires_grad_(False)
+    (tmp_path / "tiny_edm").mkdir()
+    write_edm_like_pickle(tmp_path / "tiny_edm" / "net.pkl", trained, {**small["config"], "augment_dim": 9})
+    registry = {"tiny_edm": {"files": [{"path": "net.pkl", "urls": []}],
+                             "architecture": {"family": "edm_vp_songunet", "config": small["config"]}}}
+    loaded = models.load_registry_checkpoint("tiny_edm", tmp_path, registry=registry)
+    assert "model.map_augment.weight" not in loaded.network.state_dict()
+    with torch.no_grad():
+        out = loaded.network(small["x"], small["sigma"], small["class_labels"])
+        with_augment_net = trained(small["x"], small["sigma"], small["class_labels"])
+        augmented = trained(small["x"], small["sigma"], small["class_labels"],
+                            augment_labels=torch.ones(len(small["x"]), 9))
+    assert (out - small["out"]).abs().max().item() < 1e-5
+    assert torch.equal(out, with_augment_net)
+    assert (augmented - out).abs().max().item() > 1e-4  # the map is real (float error is ~1e-6): unused labels make it vanish

@@ -369,6 +369,11 @@ def _registry_network(architecture, path, device):
         return network.to(device).eval().requires_grad_(False)
     network = build_architecture(architecture)
     state_dict = _read_state_dict(path, family)
+    if family == "edm_vp_songunet" and getattr(network.model, "map_augment", None) is None:
+        # EDM's CIFAR-10 training sets augment_dim = 9 (its --augment default), so the released pickles carry
+        # model.map_augment.weight, a bias-free map of the augmentation labels. Sampling and every defense pass no
+        # augmentation labels, so that map adds exactly nothing; the registry network (the manifest) has none.
+        state_dict.pop("model.map_augment.weight", None)
     if family == "timm_beit":
         from diffrobust.networks.pretrained import timm_beit_state_dict
 

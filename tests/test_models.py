@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import randomize
+
 from diffrobust import diffusion as D
 from diffrobust import models
 from diffrobust.networks import adm, edm
@@ -19,15 +21,6 @@ TINY_UNET = {"family": "adm_unet", "config": {
 TINY_SETTINGS = {"schedule": "linear", "num_timesteps": 50, "learn_sigma": False, "rescale_timesteps": False,
                  "null_class": 3}
 TINY_CLASSIFIER = {"family": "small_resnet", "config": {"in_channels": 1, "num_classes": 3, "width": 8, "depth": 8}}
-
-
-def randomize(network, seed, scale=0.05):
-    """Give every parameter random values (ADM zero-initialises its output layers, which would hide mistakes)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in network.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
-    return network
 
 
 def tiny_unet(seed=0, architecture=TINY_UNET):

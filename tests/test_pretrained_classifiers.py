@@ -6,6 +6,8 @@ import re
 import pytest
 import torch
 
+from helpers import randomize
+
 from diffrobust import models
 from diffrobust.config import load_checkpoint_registry
 from diffrobust.networks.pretrained import ResizeNormalize
@@ -15,14 +17,6 @@ TINY_VIT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
             "image_size": 32, "patch_size": 16, "num_channels": 3, "num_labels": 10}
 TINY_BEIT = {"model_name": "beit_base_patch16_224", "img_size": 32, "embed_dim": 32, "depth": 2, "num_heads": 2,
              "num_classes": 10}
-
-
-def randomized(network, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in network.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
-    return network.eval()
 
 
 def images(n=3, size=16, seed=1):
@@ -99,7 +93,7 @@ def vit_registry(config=TINY_VIT):
 
 
 def test_hf_vit_loads_a_legacy_checkpoint_folder_and_classifies_unit_interval_images(tmp_path):
-    reference = randomized(models.build_architecture(vit_registry()["tiny_vit"]["architecture"]))
+    reference = randomize(models.build_architecture(vit_registry()["tiny_vit"]["architecture"]), 0, 0.1).eval()
     write_vit_folder(tmp_path / "tiny_vit", reference)
     loaded = models.load_registry_checkpoint("tiny_vit", tmp_path, registry=vit_registry())
     assert loaded.kind == "classifier"
@@ -113,7 +107,7 @@ def test_hf_vit_loads_a_legacy_checkpoint_folder_and_classifies_unit_interval_im
 
 
 def test_hf_vit_refuses_missing_weights_and_a_config_that_disagrees_with_the_registry(tmp_path):
-    reference = randomized(models.build_architecture(vit_registry()["tiny_vit"]["architecture"]))
+    reference = randomize(models.build_architecture(vit_registry()["tiny_vit"]["architecture"]), 0, 0.1).eval()
     write_vit_folder(tmp_path / "tiny_vit", reference, drop="classifier.weight")
     with pytest.raises(models.ModelFileError, match="missing_keys"):
         models.load_registry_checkpoint("tiny_vit", tmp_path, registry=vit_registry())
@@ -128,7 +122,7 @@ def test_hf_vit_refuses_missing_weights_and_a_config_that_disagrees_with_the_reg
 def test_timm_beit_loads_a_unilm_checkpoint_with_its_position_index_buffers(tmp_path):
     registry = {"tiny_beit": {"files": [{"path": "beit.pth", "urls": []}],
                               "architecture": {"family": "timm_beit", "config": {**TINY_BEIT, "input": INPUT}}}}
-    reference = randomized(models.build_architecture(registry["tiny_beit"]["architecture"]))
+    reference = randomize(models.build_architecture(registry["tiny_beit"]["architecture"]), 0, 0.1).eval()
     # unilm saves {"model": state_dict} including the relative-position index buffers that timm does not persist
     weights = dict(reference.network.state_dict())
     weights.update({name: buffer for name, buffer in reference.network.named_buffers() if "relative_position_index" in name})

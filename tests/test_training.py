@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import randomize
+
 from diffrobust import data, models, training
 
 NUM_CLASSES = 3
@@ -62,14 +64,6 @@ def assert_same_weights(a, b):
 
 def weights_differ(a, b):
     return any(not torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
-
-
-def randomize(network, seed, scale=0.05):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in network.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
-    return network
 
 
 # --- pieces ---------------------------------------------------------------------------------------------------------

@@ -240,16 +240,16 @@ def build_parser():
 
 
 def main(argv=None):
-    from diffrobust.config import ConfigError
-    from diffrobust.data import DataError
-    from diffrobust.download import DownloadError
+    from diffrobust.errors import DiffrobustError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         args.func(args)
-    except (ConfigError, DataError, DownloadError) as error:
+    except DiffrobustError as error:
+        if args.verbose:
+            log.exception("traceback of the error below")
         print(f"diffrobust {args.command}: error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -10,6 +10,8 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from diffrobust.errors import DiffrobustError
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PRESETS_DIR = REPO_ROOT / "config" / "presets"
 CONFIG_SCHEMA = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
@@ -17,7 +19,7 @@ CHECKPOINTS_REGISTRY = REPO_ROOT / "config" / "checkpoints.yaml"
 CHECKPOINTS_SCHEMA = REPO_ROOT / "workflow" / "schemas" / "checkpoints.schema.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(DiffrobustError, ValueError):
     """A configuration problem, with a message meant for the person running the workflow."""
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diffrobust.errors import DiffrobustError
 from diffrobust.download import file_digest
 from diffrobust.io import atomic_write_json, atomic_write_npz
 
@@ -22,7 +23,7 @@ EVAL_SPLIT_SIZE = {"mnist": 1000, "cifar10": 10000, "imagenet": 50000}
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
-class DataError(ValueError):
+class DataError(DiffrobustError, ValueError):
     """Bad or missing input data, with a message saying what to do."""
 
 

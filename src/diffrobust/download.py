@@ -23,6 +23,7 @@ import yaml
 from tqdm import tqdm
 
 from diffrobust import __version__
+from diffrobust.errors import DiffrobustError
 
 CHUNK_SIZE = 1 << 20  # bytes read and written at a time, and hashed at a time
 MAX_BACKOFF = 60.0  # seconds; the longest wait between two attempts on one URL
@@ -45,7 +46,7 @@ _LOCK_HEADER = """\
 """
 
 
-class DownloadError(RuntimeError):
+class DownloadError(DiffrobustError, RuntimeError):
     """A file could not be brought to its destination."""
 
 

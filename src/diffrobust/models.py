@@ -35,6 +35,7 @@ from torch import nn
 
 from diffrobust import diffusion as diffusion_lib
 from diffrobust.io import atomic_path
+from diffrobust.errors import DiffrobustError
 
 KINDS = ("diffusion", "multihead_diffusion", "classifier")
 FILE_FORMAT = "diffrobust-model"
@@ -42,11 +43,11 @@ FILE_VERSION = 1
 SCHEDULES = ("linear", "cosine", "vpsde")
 
 
-class ModelFileError(ValueError):
+class ModelFileError(DiffrobustError, ValueError):
     """A model file that is not what it should be, with a message saying what to do."""
 
 
-class CheckpointNotFoundError(FileNotFoundError):
+class CheckpointNotFoundError(DiffrobustError, FileNotFoundError):
     """A registry checkpoint file that is not on disk yet."""
 
 

@@ -42,7 +42,7 @@ from diffrobust import diffusion as dp
 from diffrobust import imagespace, training
 from diffrobust.data import load_dataset
 from diffrobust.defenses import SmoothingDenoiser
-from diffrobust.densepure import load_source
+from diffrobust.models import load_source
 from diffrobust.models import all_class_eps, eps_model, num_label_classes
 
 torch.set_grad_enabled(False)

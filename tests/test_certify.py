@@ -2,6 +2,7 @@
 whose true radius is known, DensePure's vote merge, and sharded runs that resume after a kill."""
 
 import importlib.util
+import os
 import re
 import subprocess
 import sys
@@ -421,9 +422,107 @@ def test_resume_repairs_rows_and_label_files(tmp_path, shard_job):
     assert again[4] == rows[4]  # the rebuilt row keeps its recorded time
     table = rs.read_certification_tsv(tsv)
     assert sorted(table["idx"]) == shard_job.INDICES and table["idx"].is_unique
-    # resuming with other settings would mix two runs in one folder
-    with pytest.raises(ValueError, match="other settings"):
-        shard_job.run(out, shard_job.Labeler(), alpha=0.001)
+
+
+def test_alpha_change_recertifies_from_the_stored_labels(tmp_path, shard_job):
+    out = tmp_path / "run"
+    strict = shard_job.run(out, shard_job.Labeler())
+    stamps = {path: path.stat().st_mtime_ns for path in (out / "labels").glob("*.npz")}
+    labeler = shard_job.Labeler()
+    loose = shard_job.run(out, labeler, alpha=0.2)
+    assert labeler.calls == 0  # alpha does not change the labels: nothing is drawn again
+    assert {path: path.stat().st_mtime_ns for path in stamps} == stamps
+    assert without_time(loose) == without_time(shard_job.run(tmp_path / "fresh", shard_job.Labeler(), alpha=0.2))
+    certified = [(a["radius"], b["radius"]) for a, b in zip(strict, loose) if a["predict"] >= 0]
+    assert certified and all(b > a for a, b in certified)  # a larger alpha certifies larger radii
+    assert rs.read_certification_tsv(out / "certify.tsv")["radius"].tolist() == [row["radius"] for row in loose]
+
+
+@pytest.mark.parametrize("change, why", [
+    ({"seed": 8}, "settings.seed: 7 -> 8"),
+    ({"batch_size": 5}, "settings.batch_size: 16 -> 5"),
+    ({"n": 41}, "settings.n: 40 -> 41"),
+    ({"labeler_settings": {"votes": 2}}, "settings.labeler: null -> {\"votes\": 2}"),
+])
+def test_a_changed_setting_discards_the_stale_labels(tmp_path, shard_job, caplog, change, why):
+    out = tmp_path / "run"
+    shard_job.run(out, shard_job.Labeler())
+    labeler = shard_job.Labeler()
+    with caplog.at_level("WARNING", logger="diffrobust"):
+        rows = shard_job.run(out, labeler, **change)
+    assert labeler.calls > 0 and stored_labels(out)  # everything drawn again
+    assert len([record for record in caplog.records if "discarding" in record.getMessage()]) == 1
+    assert why in caplog.text and "labels.stale" in caplog.text
+    assert (out / "labels.stale").is_dir()  # moved aside, not deleted
+    fresh = shard_job.run(tmp_path / "fresh", shard_job.Labeler(), **change)
+    assert without_time(rows) == without_time(fresh)
+    assert stored_labels(out).keys() == stored_labels(tmp_path / "fresh").keys()
+    for name, (n0, n) in stored_labels(out).items():
+        assert np.array_equal(n, stored_labels(tmp_path / "fresh")[name][1])
+
+
+def test_a_changed_input_file_discards_the_stale_labels(tmp_path, shard_job, caplog):
+    model = tmp_path / "model.bin"
+    model.write_bytes(b"weights of one model")
+    shard_job.run(tmp_path / "run", shard_job.Labeler(), inputs={"model": model})
+    idle = shard_job.Labeler()
+    shard_job.run(tmp_path / "run", idle, inputs={"model": model})
+    assert idle.calls == 0
+    os.utime(model)  # touched, same bytes (e.g. restored by DVC): rehashed and found equal, the labels are kept
+    shard_job.run(tmp_path / "run", idle, inputs={"model": model})
+    assert idle.calls == 0
+    model.write_bytes(b"weights of a retrained model")
+    labeler = shard_job.Labeler()
+    with caplog.at_level("WARNING", logger="diffrobust"):
+        shard_job.run(tmp_path / "run", labeler, inputs={"model": model})
+    assert labeler.calls == 6 * shard_job.CALLS_PER_IMAGE
+    assert "inputs.model.0" in caplog.text
+
+
+def test_damaged_or_foreign_label_files_are_named_and_recomputed(tmp_path, shard_job, caplog):
+    out = tmp_path / "run"
+    rows = shard_job.run(out, shard_job.Labeler())
+    labels = out / "labels"
+    truncated = labels / "000040.npz"
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    (labels / "000060.npz").write_bytes((labels / "000000.npz").read_bytes())  # another image's labels
+    with open(out / "certify.tsv", "a") as handle:
+        handle.write("garbage\tline\n")
+    labeler = shard_job.Labeler()
+    with caplog.at_level("WARNING", logger="diffrobust"):
+        again = shard_job.run(out, labeler)
+    assert labeler.calls == 2 * shard_job.CALLS_PER_IMAGE
+    assert without_time(again) == without_time(rows)
+    assert f"label file {truncated}: unreadable" in caplog.text
+    assert "holds the labels of image 0, not 60" in caplog.text
+    assert "certify.tsv line 8 unreadable" in caplog.text
+    assert sorted(rs.read_certification_tsv(out / "certify.tsv")["idx"]) == shard_job.INDICES  # in finishing order
+
+
+def test_a_label_file_is_tied_to_the_pixels_of_its_image(tmp_path, shard_job, caplog):
+    out = tmp_path / "run"
+    shard_job.run(out, shard_job.Labeler())
+    labeler = shard_job.Labeler()
+    other_pixels = shard_job.IMAGES.clone()
+    other_pixels[1] = 1 - other_pixels[1]  # a dataset prepared anew: another image at index 20
+    with caplog.at_level("WARNING", logger="diffrobust"):
+        certify_shard_args = dict(shard_job.SETTINGS, progress=False)
+        rs.certify_shard(labeler, other_pixels, shard_job.LABELS, shard_job.INDICES, out_tsv=out / "certify.tsv",
+                         out_labels_dir=out / "labels", **certify_shard_args)
+    assert labeler.calls == shard_job.CALLS_PER_IMAGE
+    assert "000020.npz: it was computed on other pixels" in caplog.text
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"sigma": -0.5}, "sigma = -0.5 must be > 0"),
+    ({"alpha": 1.0}, "alpha = 1.0 must be in (0, 0.5)"),
+    ({"n": 0}, "n = 0 must be an integer >= 1"),
+    ({"n0": 6.0}, "n0 = 6.0 must be an integer >= 1"),
+])
+def test_certify_shard_refuses_settings_out_of_range(tmp_path, shard_job, bad, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        shard_job.run(tmp_path / "run", shard_job.Labeler(), **bad)
+    assert not (tmp_path / "run").exists()
 
 
 def test_same_seed_same_labels_whatever_the_sharding(tmp_path, shard_job):

@@ -3,6 +3,8 @@ K-vote merge re-certifies from the stored labels exactly."""
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -106,3 +108,127 @@ def test_shards_partition_the_subset():
     assert np.array_equal(np.concatenate(blocks), np.arange(0, 1000, 20))
     with pytest.raises(ValueError, match="shard 2 is empty"):
         densepure.shard_indices(spec, 1000, 2, 25)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Stale state: every change that alters the labels makes a finished shard recompute; alpha does not.
+
+SMALL = {**SETTINGS, "n0": 2, "n": 6, "batch_size": 8, "shard_size": 2}
+
+
+def _shard(root, work, *, method="densepure", settings=SMALL, sigma=0.5, dataset="mnist", diffusion="diffusion.pt",
+           classifier="classifier.pt", shard=0):
+    work = Path(work)
+    densepure.run_shard(method=method, settings=settings, sigma=sigma, dataset_dir=root / dataset, subset=SUBSET,
+                        shard=shard, diffusion=root / diffusion, classifier=root / classifier, work_dir=work / "work",
+                        out_tsv=work / "shard.tsv", out_labels=work / "shard.labels.npz", progress=False)
+    with np.load(work / "shard.labels.npz") as bundle:
+        labels = (bundle["labels_n0"], bundle["labels_n"])
+    return certify.read_certification_tsv(work / "shard.tsv"), labels
+
+
+@pytest.fixture(scope="module")
+def variants(setup):
+    """Other model files and a dataset prepared anew (other images at the same indices)."""
+    torch.manual_seed(1)
+    loaded = models.load_model(setup / "diffusion.pt")
+    models.save_model(setup / "diffusion2.pt", models.build_architecture(loaded.architecture), kind="diffusion",
+                      architecture=loaded.architecture, diffusion=loaded.diffusion_settings)
+    resnet = models.load_model(setup / "classifier.pt")
+    models.save_model(setup / "classifier2.pt", build_small_resnet(resnet.architecture["config"]), kind="classifier",
+                      architecture=resnet.architecture)
+    data.prepare_mnist(setup / "mnist_resplit", test_per_class=2, split_seed=1)
+    first = data.load_dataset(setup / "mnist").eval_split.take([0, 1]).images
+    assert not np.array_equal(first, data.load_dataset(setup / "mnist_resplit").eval_split.take([0, 1]).images)
+    return setup
+
+
+@pytest.fixture(scope="module")
+def finished(variants, tmp_path_factory):
+    work = tmp_path_factory.mktemp("finished")
+    _shard(variants, work)
+    return work
+
+
+@pytest.mark.parametrize("change", [
+    {"method": "dds"},
+    {"settings": {**SMALL, "reverse": "ddim"}},
+    {"settings": {**SMALL, "num_steps": 1}},
+    {"settings": {**SMALL, "tstar_rule": "first_at_least"}},
+    {"settings": {**SMALL, "votes": 3}},
+    {"diffusion": "diffusion2.pt"},
+    {"classifier": "classifier2.pt"},
+    {"dataset": "mnist_resplit"},
+], ids=["method", "reverse", "num_steps", "tstar_rule", "votes", "diffusion_file", "classifier_file", "dataset"])
+def test_a_change_that_alters_the_labels_recomputes_a_finished_shard(variants, finished, tmp_path, caplog, change):
+    rerun = tmp_path / "rerun"
+    shutil.copytree(finished, rerun)
+    with caplog.at_level("WARNING", logger="diffrobust"):
+        table, labels = _shard(variants, rerun, **change)
+    assert "discarding" in caplog.text or "computed on other pixels" in caplog.text, caplog.text
+    fresh_table, fresh_labels = _shard(variants, tmp_path / "fresh", **change)
+    assert np.array_equal(labels[0], fresh_labels[0]) and np.array_equal(labels[1], fresh_labels[1])
+    assert table[["idx", "label", "predict", "radius"]].equals(fresh_table[["idx", "label", "predict", "radius"]])
+
+
+def test_an_alpha_change_keeps_the_labels_and_recertifies(variants, finished, tmp_path):
+    rerun = tmp_path / "rerun"
+    shutil.copytree(finished, rerun)
+    stamps = {path.name: path.stat().st_mtime_ns for path in (rerun / "work/labels").glob("*.npz")}
+    table, labels = _shard(variants, rerun, settings={**SMALL, "alpha": 0.3})
+    assert {path.name: path.stat().st_mtime_ns for path in (rerun / "work/labels").glob("*.npz")} == stamps
+    fresh_table, fresh_labels = _shard(variants, tmp_path / "fresh", settings={**SMALL, "alpha": 0.3})
+    assert np.array_equal(labels[1], fresh_labels[1])
+    assert table[["idx", "predict", "radius"]].equals(fresh_table[["idx", "predict", "radius"]])
+
+
+def test_merge_refuses_bundles_that_do_not_form_one_table(variants, finished, tmp_path):
+    bundle = finished / "shard.labels.npz"
+    _shard(variants, tmp_path / "second", shard=1)
+    second = tmp_path / "second/shard.labels.npz"
+    assert len(densepure.merge_bundles([bundle, second], 2, 0.5, 0.05, 10, method="densepure")) == 4
+    _shard(variants, tmp_path / "sigma", sigma=0.25, shard=1)
+    _shard(variants, tmp_path / "steps", settings={**SMALL, "num_steps": 1}, shard=1)
+    _shard(variants, tmp_path / "dds", method="dds", shard=1)
+    refusals = [
+        (([bundle, tmp_path / "sigma/shard.labels.npz"], 2, 0.5), "drawn at sigma 0.25, not 0.5"),
+        (([bundle, bundle], 2, 0.5), "image 0 appears in"),
+        (([bundle], 3, 0.5), "3 votes asked for"),
+        (([bundle, tmp_path / "steps/shard.labels.npz"], 2, 0.5), "settings.labeler.num_steps: 2 -> 1"),
+        (([bundle, tmp_path / "dds/shard.labels.npz"], 1, 0.5), "holds dds labels, not densepure"),
+    ]
+    for (paths, k, sigma), message in refusals:
+        with pytest.raises(densepure.BundleError, match=re.escape(message)):
+            densepure.merge_bundles(paths, k, sigma, 0.05, 10, method="densepure")
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "diffrobust", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def test_the_command_line_refuses_out_of_range_values(setup, tmp_path):
+    command = _command(setup, tmp_path)
+    sigma = command.index("--sigma") + 1
+    negative = _cli(*command[3:sigma], "-0.5", *command[sigma + 1:])
+    assert negative.returncode == 2 and "densepure.sigmas: -0.5 is less than or equal to the minimum of 0" in negative.stderr
+    settings = command.index("--settings") + 1
+    alpha_one = _cli(*command[3:settings], json.dumps({**SETTINGS, "alpha": 1}), *command[settings + 1:])
+    assert alpha_one.returncode == 2 and "densepure.alpha: 1 is greater than or equal to the maximum of 0.5" in alpha_one.stderr
+    whole_float = _cli(*command[3:settings], json.dumps({**SETTINGS, "n": 48.0}), *command[settings + 1:])
+    assert whole_float.returncode == 2 and "densepure.n: 48.0 is not of type 'integer'" in whole_float.stderr
+    merge = _cli("merge-votes", "--bundles", "x.npz", "--votes", "1", "--sigma", "0.5", "--alpha", "1",
+                 "--dataset-dir", setup / "mnist", "--out-tsv", tmp_path / "m.tsv")
+    assert merge.returncode == 2 and "densepure.alpha: 1.0 is greater than or equal to the maximum of 0.5" in merge.stderr
+    assert not (tmp_path / "work").exists() and not (tmp_path / "m.tsv").exists()
+
+
+def test_a_missing_model_gets_the_instruction_not_a_traceback(setup, tmp_path):
+    command = _command(setup, tmp_path)
+    diffusion = command.index("--diffusion") + 1
+    for source, instruction in (("improved_diffusion_cifar10_uncond", "download it with `snakemake --cores 1 data/checkpoints/improved_diffusion_cifar10_uncond/"),
+                                ("results/x/model.pt", "model file results/x/model.pt not found. The workflow makes it: run `snakemake --cores all results/x/model.pt`"),
+                                ("no_such_checkpoint", "'no_such_checkpoint' is neither a model file nor a checkpoint")):
+        result = _cli(*command[3:diffusion], source, *command[diffusion + 1:], cwd=tmp_path)
+        assert result.returncode == 1, result.stderr
+        assert instruction in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "shard0.tsv").exists()

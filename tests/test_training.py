@@ -328,16 +328,18 @@ def interrupt_at(step_to_stop):
     return hook
 
 
-def test_classifier_resumes_and_ignores_a_resume_file_of_another_config(dataset_dir, tmp_path):
+def test_classifier_resumes_and_ignores_a_resume_file_of_another_config(dataset_dir, tmp_path, caplog):
     whole = training.train_classifier(dataset_dir, tmp_path / "whole", epochs=2, checkpoint_every=2, **CLASSIFIER)
     out = tmp_path / "run"
     with pytest.raises(Interrupted):  # killed with another learning rate
         training.train_classifier(dataset_dir, out, epochs=2, checkpoint_every=2, on_step=interrupt_at(3),
                                   **{**CLASSIFIER, "lr": 0.05})
     assert torch.load(out / training.RESUME_FILE, weights_only=True)["step"] == 2
-    with pytest.raises(Interrupted):  # this run must start afresh rather than resume the lr=0.05 state
+    with pytest.raises(Interrupted), caplog.at_level("WARNING", logger="diffrobust"):
+        # this run must start afresh rather than resume the lr=0.05 state, and say why
         training.train_classifier(dataset_dir, out, epochs=2, checkpoint_every=2, on_step=interrupt_at(5),
                                   **CLASSIFIER)
+    assert f"lr: 0.05 -> {CLASSIFIER['lr']}" in caplog.text
     resumed = training.train_classifier(dataset_dir, out, epochs=2, checkpoint_every=2, **CLASSIFIER)
     assert_same_weights(resumed.network, whole.network)  # batch-norm statistics and momentum included
     assert read_losses(out) == read_losses(tmp_path / "whole")
@@ -366,3 +368,17 @@ def test_image_grid_places_images_row_by_row():
     assert grid.shape == (10, 10, 1)
     assert grid[2, 2, 0] == 51 and grid[2, 6, 0] == 153 and grid[6, 2, 0] == 255
     assert grid[6, 6, 0] == 0 and grid[0, 0, 0] == 0  # empty slot and gaps stay black
+
+
+def test_a_resume_file_of_another_code_version_is_not_continued(dataset_dir, tmp_path, caplog, monkeypatch):
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        training.train_classifier(dataset_dir, out, epochs=1, checkpoint_every=2, on_step=interrupt_at(3),
+                                  **CLASSIFIER)
+    assert torch.load(out / training.RESUME_FILE, weights_only=True)["step"] == 2
+    monkeypatch.setattr(training, "TRAINING_VERSION", training.TRAINING_VERSION + 1)
+    steps = []
+    with caplog.at_level("WARNING", logger="diffrobust"):
+        training.train_classifier(dataset_dir, out, epochs=1, checkpoint_every=2, on_step=steps.append, **CLASSIFIER)
+    assert steps[0] == 1  # started from step 0, not from the stored step 2
+    assert f"code_version: {training.TRAINING_VERSION - 1} -> {training.TRAINING_VERSION}" in caplog.text

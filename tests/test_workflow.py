@@ -175,3 +175,21 @@ def test_smoke_run_then_dvc_push_pull_into_a_fresh_clone(repo_copy, tmp_path):
     # the documented fix: mark the restored outputs as current, after which nothing reruns
     snakemake(clone, "--touch")
     assert "Nothing to be done" in snakemake(clone, "-n").stdout
+
+    # Stale state: a changed setting reruns the certification jobs, whose work folders are full of labels made with
+    # the old setting (restored by DVC here); they must be discarded, so the tables equal a clean run's.
+    (clone / "steps.yaml").write_text("densepure:\n  num_steps: 1\n")
+    densepure = clone / "results/smoke/densepure/densepure/sigma0.5"
+    targets = [str((densepure / f"votes{k}.tsv").relative_to(clone)) for k in (1, 3)]
+    snakemake(clone, *targets, "--configfile", "steps.yaml")
+    assert "discarding the per-image label files" in (clone / "logs/smoke/certify_shard/densepure/sigma0.5/shard0.log").read_text()
+    rerun = _tables_without_time(densepure)
+    shutil.rmtree(densepure)
+    snakemake(clone, *targets, "--configfile", "steps.yaml")
+    assert rerun == _tables_without_time(densepure) and {"votes1.tsv", "votes3.tsv", "shard0.tsv"} <= rerun.keys()
+
+
+def _tables_without_time(folder):
+    """Every certification TSV in `folder` without its timing column: {file name: rows}."""
+    return {path.name: [line.rsplit("\t", 1)[0] for line in path.read_text().splitlines()]
+            for path in sorted(Path(folder).glob("*.tsv"))}

@@ -19,6 +19,7 @@ images are sharded or ordered. The n0 (selection) and n (estimation) draws come 
 certify requires them to be independent. The draws do depend on `batch_size` (the noise is drawn one batch at a time).
 """
 
+import logging
 import math
 import os
 import time
@@ -30,7 +31,10 @@ import torch
 from scipy.stats import beta, binomtest, norm
 from tqdm import tqdm
 
+from diffrobust import resumable
 from diffrobust.io import atomic_write_npz, atomic_write_text
+
+log = logging.getLogger(__name__)
 
 ABSTAIN = -1
 TSV_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
@@ -38,8 +42,9 @@ TSV_HEADER = "\t".join(TSV_COLUMNS) + "\n"
 
 # Streams derived from (seed, index): tags keep them apart (fixed-length spawn keys never collide).
 _NOISE_N0, _NOISE_N, _LABELER_N0, _LABELER_N = range(4)
-# What must match for stored label files to belong to the same run, and for two runs to have drawn the same noise.
-_RUN_KEYS = ("sigma", "n0", "n", "alpha", "seed", "reverse_seed", "batch_size")
+# Version of how label files are made from the settings (noise streams, file layout): part of every run's identity.
+LABELS_VERSION = 2
+# What must match for two runs to have drawn the same noise (so their label rows stack into votes).
 _NOISE_KEYS = ("idx", "sigma", "n0", "n", "seed", "batch_size")
 
 
@@ -241,28 +246,26 @@ def write_certification_tsv(rows, path):
     atomic_write_text(path, TSV_HEADER + "".join(format_row(row) for row in rows))
 
 
-def _recover_tsv(out_tsv, out_labels_dir):
-    """Rows of an interrupted run that can be trusted, by index; rewrites the file (atomically) if anything was dropped.
+def _rebuild_tsv(out_tsv, rows):
+    """Rewrite the running TSV with the rows of the finished images (atomically), naming any line of the old file
+    that could not be read.
 
-    A row is appended only once its label file is in place, so a torn last line (no newline: killed mid-write) and a
-    row whose label file is missing (deleted by hand) are dropped and their images computed again."""
+    The rows come from the label files (the state that counts), so a torn last line (killed mid-write), a garbage
+    line or a row of another run cannot leak into the results; rows of other images stay out too."""
     out_tsv = Path(out_tsv)
-    if not out_tsv.exists() or out_tsv.stat().st_size == 0:
-        atomic_write_text(out_tsv, TSV_HEADER)
-        return {}
-    text = out_tsv.read_text()
-    lines = text.split("\n")
-    complete, torn = lines[:-1], lines[-1]  # text ending in "\n" leaves an empty torn part
-    if not complete or complete[0] + "\n" != TSV_HEADER:
-        raise ValueError(f"{out_tsv}: not a certification TSV with header {TSV_HEADER.strip()!r}")
-    rows = {}
-    for line in complete[1:]:
-        row = parse_row(line)
-        if label_file_path(out_labels_dir, row["idx"]).exists() and row["idx"] not in rows:
-            rows[row["idx"]] = row
-    if torn or len(rows) != len(complete) - 1:
-        atomic_write_text(out_tsv, TSV_HEADER + "".join(format_row(row) for row in rows.values()))
-    return rows
+    if out_tsv.is_file():
+        lines = out_tsv.read_text(errors="replace").split("\n")
+        if lines and lines[0] + "\n" != TSV_HEADER:
+            log.warning("%s: no certification header; rebuilding it from the label files", out_tsv)
+        for number, line in enumerate(lines[1:], start=2):
+            if not line:
+                continue
+            try:
+                parse_row(line)
+            except ValueError as error:
+                log.warning("%s line %d unreadable (%r: %s); dropped, the image's row is rebuilt from its label file "
+                            "or the image certified again", out_tsv, number, line[:60], error)
+    atomic_write_text(out_tsv, TSV_HEADER + "".join(format_row(row) for row in rows))
 
 
 def _append_row(out_tsv, row):
@@ -279,47 +282,92 @@ def read_label_file(path):
     return {key: value if value.ndim else value.item() for key, value in arrays.items()}
 
 
-def _check_same_run(stored, run, path):
-    different = {key: (stored[key], run[key]) for key in _RUN_KEYS if stored[key] != run[key]}
-    if different:
-        raise ValueError(f"{path} was written by a run with other settings (stored, now): {different}; "
-                         "use another output folder or delete the old one")
+def _usable_label_file(path, index, label, image_digest, identity, n0, n):
+    """(stored record, None) if the label file at `path` is complete and belongs to this image (index, true label,
+    pixels) and this run, else (None, why not). A missing file is (None, None)."""
+    if not path.exists():
+        return None, None
+    try:
+        stored = read_label_file(path)
+        shapes = (stored["labels_n0"].shape[1:], stored["labels_n"].shape[1:])
+        owner = (stored["idx"], stored["image"], stored["identity"], stored["label"])
+    except Exception as error:  # truncated or damaged: zipfile, numpy and pickle errors all mean "unreadable"
+        return None, f"unreadable ({type(error).__name__}: {error})"
+    if owner[0] != index:
+        return None, f"it holds the labels of image {owner[0]}, not {index}"
+    if owner[1] != image_digest or owner[3] != label:
+        return None, "it was computed on other pixels at this index (the dataset was prepared anew)"
+    if owner[2] != identity["digest"]:
+        return None, "it was written by another run (other settings, models or code)"
+    if shapes != ((n0,), (n,)):
+        return None, f"its label arrays have {shapes[0][0]} and {shapes[1][0]} draws, not {n0} and {n}"
+    return stored, None
+
+
+def check_run_settings(*, n0, n, sigma, alpha, batch_size):
+    """Refuse settings that would make CERTIFY write nonsense (negative radii, inf, nan) instead of an error."""
+    problems = []
+    if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
+        problems.append(f"sigma = {sigma!r} must be > 0")
+    if not (isinstance(alpha, (int, float)) and 0 < alpha < 0.5):
+        problems.append(f"alpha = {alpha!r} must be in (0, 0.5)")
+    for name, value in (("n0", n0), ("n", n), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            problems.append(f"{name} = {value!r} must be an integer >= 1")
+    if problems:
+        raise ValueError("certification settings out of range: " + "; ".join(problems))
 
 
 def certify_shard(labeler, images, labels, indices, *, n0, n, sigma, alpha, batch_size, seed, num_classes,
-                  out_tsv, out_labels_dir, reverse_seed=0, progress=True):
+                  out_tsv, out_labels_dir, reverse_seed=0, labeler_settings=None, inputs=None, progress=True):
     """Certify `images` (N, C, H, W) with true `labels`, whose dataset indices are `indices`; resumable.
 
     For each image: its label arrays go to `out_labels_dir/<index>.npz` (atomically), then one row with Cohen's columns
-    `idx label predict radius correct time` is appended to `out_tsv`. On restart, images with both are skipped; an
-    image whose label file exists but whose row is missing gets its row rebuilt from the file, with no labeler call.
-    One TSV per concurrently running shard; shards may share the label folder. Returns the rows, in input order."""
-    run = {"sigma": float(sigma), "n0": int(n0), "n": int(n), "alpha": float(alpha), "seed": int(seed),
-           "reverse_seed": int(reverse_seed), "batch_size": int(batch_size)}
-    done = _recover_tsv(out_tsv, out_labels_dir)
-    rows = {}
-    bar = tqdm(total=len(indices), disable=not progress, desc="certify", unit="image")
+    `idx label predict radius correct time` is appended to `out_tsv`. One TSV per concurrently running shard; shards
+    may share the label folder. Returns the rows, in input order.
+
+    Resuming: the label folder is claimed with the run's identity (`resumable.claim_folder`): the noise settings
+    (sigma, n0, n, seed, reverse seed, batch size), `labeler_settings` (everything that decides the labeler's
+    labels: method, reverse process, steps, votes, code version) and the sha256 of the `inputs` files ({role:
+    paths}: the models). State of another identity is moved aside and recomputed. A label file is reused only if it
+    is readable and belongs to its image (index and pixels) and to this run; its row is then recomputed from the
+    stored labels at the current alpha (alpha does not change labels), with no labeler call."""
+    check_run_settings(n0=n0, n=n, sigma=sigma, alpha=alpha, batch_size=batch_size)
+    run = {"sigma": float(sigma), "n0": int(n0), "n": int(n), "seed": int(seed), "reverse_seed": int(reverse_seed),
+           "batch_size": int(batch_size)}
+    identity = resumable.claim_folder(out_labels_dir, job="certify_labels", version=LABELS_VERSION,
+                                      settings={**run, "labeler": labeler_settings}, inputs=inputs,
+                                      what="per-image label files")
+    images = torch.as_tensor(images)
+    rows, todo = {}, []
     for image, label, index in zip(images, labels, indices):
         index, label = int(index), int(label)
         path = label_file_path(out_labels_dir, index)
-        if index in done:
-            _check_same_run(read_label_file(path), run, path)
-            rows[index] = done[index]
-        elif path.exists():
-            stored = read_label_file(path)
-            _check_same_run(stored, run, path)
-            predict, radius, _ = certify_from_labels(stored["labels_n0"], stored["labels_n"], num_classes, sigma, alpha)
-            rows[index] = row_for(index, label, predict, radius, stored["seconds"])
-            _append_row(out_tsv, rows[index])
-        else:
-            started = time.perf_counter()
-            result = certify(labeler, torch.as_tensor(image), n0, n, sigma, alpha, batch_size, seed, index=index,
-                             reverse_seed=reverse_seed, num_classes=num_classes)
-            seconds = time.perf_counter() - started
-            atomic_write_npz(path, {"idx": index, "label": label, "labels_n0": result["labels_n0"],
-                                    "labels_n": result["labels_n"], "seconds": seconds, **run})
-            rows[index] = row_for(index, label, result["predict"], result["radius"], seconds)
-            _append_row(out_tsv, rows[index])
+        image_digest = resumable.array_digest(image.detach().cpu().numpy())
+        stored, problem = _usable_label_file(path, index, label, image_digest, identity, n0, n)
+        if problem:
+            log.warning("label file %s: %s; certifying image %d again", path, problem, index)
+        if stored is None:
+            todo.append((image, label, index, image_digest))
+            continue
+        predict, radius, _ = certify_from_labels(stored["labels_n0"], stored["labels_n"], num_classes, sigma, alpha)
+        rows[index] = row_for(index, label, predict, radius, stored["seconds"])
+    if rows:
+        log.info("resuming: %d of %d images already certified in %s, skipping them", len(rows), len(indices),
+                 out_labels_dir)
+    _rebuild_tsv(out_tsv, [rows[int(index)] for index in indices if int(index) in rows])
+    bar = tqdm(total=len(indices), initial=len(rows), disable=not progress, desc="certify", unit="image")
+    for image, label, index, image_digest in todo:
+        started = time.perf_counter()
+        result = certify(labeler, image, n0, n, sigma, alpha, batch_size, seed, index=index,
+                         reverse_seed=reverse_seed, num_classes=num_classes)
+        seconds = time.perf_counter() - started
+        atomic_write_npz(label_file_path(out_labels_dir, index),
+                         {"idx": index, "label": label, "image": image_digest, "identity": identity["digest"],
+                          "labels_n0": result["labels_n0"], "labels_n": result["labels_n"], "seconds": seconds,
+                          **run})
+        rows[index] = row_for(index, label, result["predict"], result["radius"], seconds)
+        _append_row(out_tsv, rows[index])
         bar.update()
     bar.close()
     return [rows[int(index)] for index in indices]

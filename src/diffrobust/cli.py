@@ -20,6 +20,59 @@ def _json(text):
         raise argparse.ArgumentTypeError(f"not valid JSON: {error}") from None
 
 
+def _schema_at(key):
+    """The config schema's rule for `key` ("densepure.alpha"; "densepure.sigmas[]" for an item of a list), with the
+    schema's $defs so that references resolve."""
+    from diffrobust.config import CONFIG_SCHEMA, read_yaml
+
+    root = read_yaml(CONFIG_SCHEMA)
+    node = root
+    for part in key.split("."):
+        item = part.endswith("[]")
+        node = node["properties"][part.removesuffix("[]")]
+        if item:
+            node = node["items"]
+    return {**node, "$defs": root.get("$defs", {})}
+
+
+def schema_problems(value, key):
+    """What is wrong with `value` as config key `key`, one line each ([] when valid). Integers must be ints: JSON
+    and YAML floats such as 60.0 would pass jsonschema's integer type and crash the job later."""
+    import jsonschema
+
+    strict_integers = jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda checker, v: isinstance(v, int) and not isinstance(v, bool))
+    validator_class = jsonschema.validators.extend(jsonschema.Draft202012Validator, type_checker=strict_integers)
+    errors = validator_class(_schema_at(key)).iter_errors(value)
+    return [f"{'.'.join([key.removesuffix('[]'), *map(str, error.absolute_path)])}: {error.message}"
+            for error in sorted(errors, key=lambda e: list(map(str, e.absolute_path)))]
+
+
+def _checked(key, parse=json.loads):
+    """An argparse type: parse the argument, then hold it to the config schema's rule for `key`, so that a direct
+    call of a subcommand is checked as the DAG build checks the config (no negative radii, inf or nan from it)."""
+
+    def convert(text):
+        try:
+            value = parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"cannot read {text!r}: {error}") from None
+        problems = schema_problems(value, key)
+        if problems:
+            raise argparse.ArgumentTypeError("out of range (as config key " + "; ".join(problems) + ")")
+        return value
+
+    convert.__name__ = key  # argparse names the type in its message
+    return convert
+
+
+def _non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; shards are numbered from 0")
+    return value
+
+
 # --- subcommands -------------------------------------------------------------------------------------------------
 
 
@@ -75,7 +128,7 @@ def cmd_train_diffusion(args):
 
 def cmd_finetune_diffusion(args):
     from diffrobust import training
-    from diffrobust.densepure import load_source
+    from diffrobust.models import load_source
     from diffrobust.provenance import run_record
 
     with run_record(args.run_record, config={"init": args.init, "variant": args.variant, **args.settings},
@@ -119,7 +172,7 @@ def cmd_merge_votes(args):
 
     num_classes = read_meta(args.dataset_dir)["num_classes"]
     with run_record(args.run_record, config=vars(args) | {"func": None}):
-        rows = densepure.merge_bundles(args.bundles, args.votes, args.sigma, args.alpha, num_classes)
+        rows = densepure.merge_bundles(args.bundles, args.votes, args.sigma, args.alpha, num_classes, args.method)
         certify.write_certification_tsv(rows, args.out_tsv)
     log.info("merged %d images with %d votes -> %s", len(rows), args.votes, args.out_tsv)
 
@@ -197,10 +250,11 @@ def build_parser():
 
     shard = commands.add_parser("certify-shard", help="randomized-smoothing certification of one shard (DDS/DensePure)")
     shard.add_argument("--method", required=True, choices=["dds", "densepure"])
-    shard.add_argument("--sigma", required=True, type=float)
-    shard.add_argument("--shard", required=True, type=int)
-    shard.add_argument("--settings", required=True, type=_json, help="the densepure config block (JSON)")
-    shard.add_argument("--subset", required=True, type=_json, help="the subsets.densepure config entry (JSON)")
+    shard.add_argument("--sigma", required=True, type=_checked("densepure.sigmas[]", float))
+    shard.add_argument("--shard", required=True, type=_non_negative_int, help="0-based shard number")
+    shard.add_argument("--settings", required=True, type=_checked("densepure"), help="the densepure config block (JSON)")
+    shard.add_argument("--subset", required=True, type=_checked("subsets.densepure"),
+                       help="the subsets.densepure config entry (JSON)")
     shard.add_argument("--dataset-dir", required=True)
     shard.add_argument("--diffusion", required=True, help="model file (.pt) or checkpoint name")
     shard.add_argument("--classifier", required=True, help="model file (.pt) or checkpoint name")
@@ -212,9 +266,10 @@ def build_parser():
 
     merge = commands.add_parser("merge-votes", help="re-certify from stored per-draw labels with K votes")
     merge.add_argument("--bundles", nargs="+", required=True)
-    merge.add_argument("--votes", required=True, type=int)
-    merge.add_argument("--sigma", required=True, type=float)
-    merge.add_argument("--alpha", required=True, type=float)
+    merge.add_argument("--votes", required=True, type=_checked("densepure.votes", int))
+    merge.add_argument("--sigma", required=True, type=_checked("densepure.sigmas[]", float))
+    merge.add_argument("--alpha", required=True, type=_checked("densepure.alpha", float))
+    merge.add_argument("--method", choices=["dds", "densepure"], help="refuse bundles of another method")
     merge.add_argument("--dataset-dir", required=True)
     merge.add_argument("--out-tsv", required=True)
     merge.add_argument("--run-record")

@@ -5,28 +5,31 @@ or official networks). `method` is "dds" (one-shot denoising at t*, one vote) or
 from t*, K votes per noise draw on the same smoothing noise).
 """
 
+import json
 import logging
+import math
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from diffrobust import certify, data
+from diffrobust import certify, data, resumable
 from diffrobust.defenses import SmoothingDenoiser, VotingLabeler
+from diffrobust.errors import DiffrobustError
 from diffrobust.io import atomic_path
 from diffrobust.models import classifier as as_classifier
-from diffrobust.models import eps_model, load_model, load_registry_checkpoint
+from diffrobust.models import eps_model, load_source, source_files
 
 METHODS = ("dds", "densepure")
+# Version of the labeler's algorithm (denoiser, reverse processes, vote streams): part of the label files'
+# identity. Bump it when a change to defenses/diffusion would give other labels for the same settings and models.
+LABELER_VERSION = 1
 log = logging.getLogger(__name__)
 
 
-def load_source(source):
-    """A model from a file the workflow wrote (path ending in .pt) or from config/checkpoints.yaml (a name)."""
-    if str(source).endswith(".pt") and Path(source).is_file():
-        return load_model(source)
-    return load_registry_checkpoint(source)
+class BundleError(DiffrobustError, ValueError):
+    """Label bundles that cannot be merged into one table (mixed runs, repeated images, too few votes)."""
 
 
 def shard_indices(subset_spec, split_size, shard, shard_size):
@@ -40,6 +43,20 @@ def shard_indices(subset_spec, split_size, shard, shard_size):
 
 def num_shards(subset_spec, split_size, shard_size):
     return -(-len(data.subset_indices(subset_spec, split_size, "densepure")) // shard_size)
+
+
+def labeler_settings(method, settings):
+    """The settings that decide a method's per-draw labels (what a label file's identity records).
+
+    Not included, because labels do not depend on them: alpha (re-certification only), shard_size, radii, the vote
+    ablation, the other sigmas (each sigma has its own folders). The models enter the identity as file digests."""
+    if method == "dds":
+        chosen = {"tstar_rule": settings["dds_tstar_rule"], "reverse": "one_shot", "votes": 1}
+    elif method == "densepure":
+        chosen = {key: settings[key] for key in ("tstar_rule", "reverse", "num_steps", "votes")}
+    else:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    return {"method": method, **chosen, "labeler_version": LABELER_VERSION}
 
 
 def build_labeler(method, settings, diffusion_loaded, classifier_loaded, sigma):
@@ -71,27 +88,33 @@ def run_shard(*, method, settings, sigma, dataset_dir, subset, shard, diffusion,
     split_size = dataset.meta.get("num_files", len(split))
     indices = shard_indices(subset, split_size, shard, settings["shard_size"])
     chosen = split.take(indices)
+    certify.check_run_settings(n0=settings["n0"], n=settings["n"], sigma=sigma, alpha=settings["alpha"],
+                               batch_size=settings["batch_size"])
     labeler, denoiser = build_labeler(method, settings, load_source(diffusion), load_source(classifier), sigma)
     work_dir = Path(work_dir)
-    finished = sum(certify.label_file_path(work_dir / "labels", i).exists() for i in chosen.indices)
-    if finished:
-        log.info("resuming: %d of %d images already certified in %s, skipping them", finished, len(indices), work_dir)
+    label_settings = labeler_settings(method, settings)
+    inputs = {"diffusion": source_files(diffusion), "classifier": source_files(classifier)}
     with torch.no_grad():  # certification never needs gradients (and must not switch them off for the caller)
         rows = certify.certify_shard(
             labeler, torch.from_numpy(chosen.images).float() / 255.0, chosen.labels, chosen.indices,
             n0=settings["n0"], n=settings["n"], sigma=sigma, alpha=settings["alpha"], batch_size=settings["batch_size"],
             seed=settings["seed"], num_classes=dataset.meta["num_classes"], out_tsv=work_dir / "rows.tsv",
-            out_labels_dir=work_dir / "labels", progress=progress)
-    bundle_labels([certify.label_file_path(work_dir / "labels", i) for i in chosen.indices], out_labels)
+            out_labels_dir=work_dir / "labels", labeler_settings=label_settings, inputs=inputs, progress=progress)
+    identity = resumable.read_identity(work_dir / "labels")["identity"]  # what certify_shard claimed the folder with
+    bundle_labels([certify.label_file_path(work_dir / "labels", i) for i in chosen.indices], out_labels,
+                  identity=identity)
     certify.write_certification_tsv(rows, out_tsv)
     return {"images": len(rows), "network_evaluations_per_draw": denoiser.network_evaluations() * labeler.votes,
-            "t_star": float(denoiser.t_star), "votes": labeler.votes}
+            "t_star": float(denoiser.t_star), "votes": labeler.votes,
+            "labels_identity": resumable.identity_digest(identity)}
 
 
-def bundle_labels(label_files, out_path):
-    """One .npz with every image's idx, label, per-draw labels and seconds (stacked in shard order)."""
+def bundle_labels(label_files, out_path, identity=None):
+    """One .npz with every image's idx, label, per-draw labels and seconds (stacked in shard order), and the
+    identity of the run that made them (sigma, method and every setting that decides the labels; JSON)."""
     records = [certify.read_label_file(path) for path in label_files]
     arrays = {
+        "identity": json.dumps(identity, sort_keys=True),
         "idx": np.array([r["idx"] for r in records], dtype=np.int64),
         "label": np.array([r["label"] for r in records], dtype=np.int64),
         "labels_n0": np.stack([r["labels_n0"] for r in records]),
@@ -103,8 +126,47 @@ def bundle_labels(label_files, out_path):
             np.savez(handle, **arrays)
 
 
-def merge_bundles(bundle_paths, k, sigma, alpha, num_classes):
-    """Re-certify every image from its stored labels with a majority vote over the first k votes."""
+def read_bundle_identity(bundle, path):
+    """The identity stored in an open bundle, as a dict (BundleError for bundles without one)."""
+    if "identity" not in bundle.files:
+        raise BundleError(f"{path} records no identity (written by an older version): rerun its certify_shard job")
+    return json.loads(str(bundle["identity"]))
+
+
+def check_bundles(bundle_paths, k, sigma, method=None):
+    """Refuse to merge bundles that do not form one table: other sigmas or methods, mixed settings or models, an
+    image stored twice, or fewer stored votes than k."""
+    if not isinstance(k, int) or k < 1:
+        raise BundleError(f"votes = {k!r}: the merge needs k >= 1")
+    first, seen = None, {}
+    for path in bundle_paths:
+        with np.load(path) as bundle:
+            identity = read_bundle_identity(bundle, path)
+            stored_votes = bundle["labels_n"].shape[1]
+            indices = bundle["idx"].tolist()
+        settings = identity["settings"]
+        if not math.isclose(settings["sigma"], sigma):
+            raise BundleError(f"{path} holds labels drawn at sigma {settings['sigma']}, not {sigma}")
+        if method is not None and settings["labeler"]["method"] != method:
+            raise BundleError(f"{path} holds {settings['labeler']['method']} labels, not {method}")
+        if first is None:
+            first = (path, identity)
+        elif identity != first[1]:
+            raise BundleError(f"{path} was made by another run than {first[0]} "
+                              f"({'; '.join(resumable.differences(first[1], identity)[:4])}): rerun the stale shards")
+        if k > stored_votes:
+            raise BundleError(f"{k} votes asked for, {path} stores {stored_votes}: raise densepure.votes and rerun")
+        for index in indices:
+            if index in seen:
+                raise BundleError(f"image {index} appears in {seen[index]} and in {path}: a bundle is repeated or "
+                                  "two shards overlap")
+            seen[index] = path
+
+
+def merge_bundles(bundle_paths, k, sigma, alpha, num_classes, method=None):
+    """Re-certify every image from its stored labels with a majority vote over the first k votes (after
+    `check_bundles`)."""
+    check_bundles(bundle_paths, k, sigma, method)
     rows = []
     for path in bundle_paths:
         with np.load(path) as bundle:

@@ -25,6 +25,7 @@ Diffusion settings
 for "vpsde"); `build_diffusion` turns them into a `diffusion.GaussianDiffusion`.
 """
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -409,6 +410,45 @@ def load_registry_checkpoint(name, root="data/checkpoints", *, registry=None, de
     return LoadedModel(network=network, kind=REGISTRY_KINDS[family], architecture=architecture,
                        diffusion=None if settings is None else build_diffusion(settings),
                        diffusion_settings=settings, extra={"registry_name": name, "path": str(path)})
+
+
+MODEL_FILE_SUFFIXES = (".pt", ".pth", ".pkl", ".bin", ".safetensors")
+
+
+def looks_like_file(source):
+    """A model source that names a file (a path with a folder or a weight-file suffix), not a registry name."""
+    source = str(source)
+    return "/" in source or os.sep in source or source.endswith(MODEL_FILE_SUFFIXES)
+
+
+def _registry_entry(name, registry=None):
+    entries = _read_registry(registry)
+    if name not in entries:
+        raise ModelFileError(f"{name!r} is neither a model file nor a checkpoint of config/checkpoints.yaml "
+                             f"(known: {', '.join(sorted(entries))}); check the spelling")
+    return entries[name]
+
+
+def source_files(source, root="data/checkpoints", *, registry=None):
+    """The files a model source is read from: the model file itself, or a registry checkpoint's files under root."""
+    if looks_like_file(source):
+        return [Path(source)]
+    return [Path(root) / str(source) / entry["path"] for entry in _registry_entry(source, registry)["files"]]
+
+
+def load_source(source, root="data/checkpoints", *, registry=None, device="cpu"):
+    """A model from a file the workflow wrote (`save_model`) or a checkpoint name of config/checkpoints.yaml.
+
+    A source that looks like a file and is not there is an output of the workflow that has not been made (or a
+    typo): the error says so and how to make it, instead of looking the path up in the registry."""
+    if looks_like_file(source):
+        if not Path(source).is_file():
+            raise ModelFileError(
+                f"model file {source} not found. The workflow makes it: run `snakemake --cores all {source}` "
+                "(or the whole DAG), or check the path")
+        return load_model(source, device=device)
+    _registry_entry(source, registry)
+    return load_registry_checkpoint(source, root, registry=registry, device=device)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -14,9 +14,12 @@ thread count (a different thread count may change float rounding in matrix produ
 Resuming
 --------
 Every `checkpoint_every` steps the job writes `resume.pt` (network, EMA, optimizer, step, loss log, RNG and data
-order state, and the job's config) atomically. A job that finds a resume file written with the same config
-continues from it and ends with the same weights as an uninterrupted run; a resume file from another config is
-ignored (and replaced). The resume file is deleted once the outputs are written.
+order state, and the job's identity) atomically. The identity is the job's config: every setting that changes the
+weights, the sha256 of the dataset file (and the init network's digest for fine-tuning) and `TRAINING_VERSION`, the
+version of this training code. A job that finds a resume file of the same identity continues from it and ends with
+the same weights as an uninterrupted run; a resume file of another identity (or an unreadable one) is ignored and
+replaced, with one log line naming what differs (`resumable.describe_mismatch`, the comparison every stage uses).
+The resume file is deleted once the outputs are written.
 
 Outputs (all written atomically): `model.pt` (`models.save_model`; EMA weights for diffusion models),
 `loss.tsv` (step, mean loss since the previous row, cumulative training seconds) and, for classifiers,
@@ -26,7 +29,6 @@ Outputs (all written atomically): `model.pt` (`models.save_model`; EMA weights f
 import contextlib
 import copy
 import hashlib
-import json
 import logging
 import math
 import sys
@@ -39,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from diffrobust import imagespace, models
+from diffrobust import imagespace, models, resumable
 from diffrobust.data import load_dataset
 from diffrobust.download import file_digest
 from diffrobust.diffusion import ddim_reverse
@@ -48,6 +50,9 @@ from diffrobust.io import atomic_path, atomic_write_json, atomic_write_text
 log = logging.getLogger(__name__)
 
 RESUME_FILE = "resume.pt"
+# Version of the training algorithms: part of every resume file's identity. Bump it when a code change would give
+# other weights for the same config (a resumed run must not continue a state the new code would not have made).
+TRAINING_VERSION = 1
 MODEL_FILE = "model.pt"
 LOSS_FILE = "loss.tsv"
 METRICS_FILE = "metrics.json"
@@ -80,11 +85,6 @@ def deterministic_algorithms():
         yield
     finally:
         torch.use_deterministic_algorithms(previous, warn_only=previous_warn)
-
-
-def _canonical(config):
-    """The config as JSON would give it back (tuples -> lists), so a stored config compares equal."""
-    return json.loads(json.dumps(config, sort_keys=True, default=str))
 
 
 def network_digest(network):
@@ -217,8 +217,9 @@ def _read_resume(path, config):
     except Exception as error:  # a file from an older version of this code, or damaged by hand
         log.warning("ignoring unreadable resume file %s (%s)", path, error)
         return None
-    if record.get("config") != config:
-        log.warning("ignoring resume file %s: it was written with another config", path)
+    stored = record.get("config") if isinstance(record, dict) else None
+    if stored != config:
+        log.warning("ignoring resume file %s and starting afresh: %s", path, resumable.describe_mismatch(stored, config))
         return None
     return record
 
@@ -235,7 +236,7 @@ def run_training(out_dir, *, config, network, loss_fn, steps, lr_schedule, seed,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     resume_path = out_dir / RESUME_FILE
-    config = _canonical(config)
+    config = resumable.canonical({**config, "code_version": TRAINING_VERSION})
     parameters = [p for p in network.parameters() if p.requires_grad]
     if optimizer == "adam":
         opt = torch.optim.AdamW(parameters, lr=lr_schedule(0), weight_decay=weight_decay)

@@ -67,5 +67,5 @@ rule merge_votes:
         "Merging {wildcards.method} at sigma {wildcards.sigma} with {wildcards.votes} votes"
     shell:
         "python -m diffrobust merge-votes --bundles {input.bundles} --votes {wildcards.votes}"
-        " --sigma {wildcards.sigma} --alpha {params.alpha} --dataset-dir {params.dataset_dir}"
+        " --sigma {wildcards.sigma} --alpha {params.alpha} --method {wildcards.method} --dataset-dir {params.dataset_dir}"
         " --out-tsv {output.tsv} --run-record {log.record} 2> {log.log}"

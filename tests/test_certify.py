@@ -82,21 +82,26 @@ def test_predict_from_labels_binomial_test():
     assert rs.predict_from_labels(np.full(5, 3), 0.05) == -1  # p = 2 / 2**5 = 0.0625: five draws cannot decide
 
 
-def test_majority_vote_ties_go_to_the_smallest_label():
+def test_majority_vote_ties_go_to_the_label_voted_first():
     labels = np.array([[2, 0, 5, 7],
                        [1, 0, 4, 7],
                        [1, 3, 4, 2]])
     assert rs.majority_vote(labels).tolist() == [1, 0, 4, 7]
-    assert rs.majority_vote(labels, k=2).tolist() == [1, 0, 4, 7]  # 2-vs-1 and 5-vs-4 ties go down
+    assert rs.majority_vote(labels, k=2).tolist() == [2, 0, 5, 7]  # 2-vs-1 and 5-vs-4 ties: the first vote wins
     assert rs.majority_vote(labels, k=1).tolist() == [2, 0, 5, 7]
+    # DensePure's example: votes 3, 1, 3, 1 -> 3 (the smallest-label rule would say 1)
+    assert rs.majority_vote(np.array([[3], [1], [3], [1]])).tolist() == [3]
     with pytest.raises(ValueError):
         rs.majority_vote(labels, k=4)
 
 
-def test_majority_vote_is_scipy_mode():
+def test_majority_vote_is_densepure_max_by_count():
+    """DensePure's results/merge_results.py: max(votes, key=votes.count), first maximum in vote order."""
     labels = np.random.default_rng(0).integers(0, 4, size=(6, 500)).astype(np.int16)
-    expected = scipy.stats.mode(labels, axis=0, keepdims=False).mode
-    assert np.array_equal(rs.majority_vote(labels), expected)
+    expected = [max(column, key=column.count) for column in labels.T.tolist()]
+    assert rs.majority_vote(labels).tolist() == expected
+    smallest = scipy.stats.mode(labels, axis=0, keepdims=False).mode
+    assert not np.array_equal(rs.majority_vote(labels), smallest)  # the two rules do differ on ties
 
 
 # ---------------------------------------------------------------------------------------------------------------------

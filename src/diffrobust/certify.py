@@ -117,8 +117,9 @@ def sample_noise_labels(labeler, x, num, sigma, batch_size, generator, labeler_g
 def majority_vote(labels, k=None):
     """Per noise draw (column), the most frequent label over the first `k` rows (all rows by default).
 
-    Ties go to the smallest label: that is scipy.stats.mode's rule, which DensePure's `merge_results.py` uses. A 1-D
-    array is taken as a single vote per draw and returned as is."""
+    Ties go to the tied label that appears first in vote (reverse-seed) order: DensePure's `results/merge_results.py`
+    takes `max(votes, key=votes.count)`, e.g. votes 3, 1, 3, 1 -> 3. A 1-D array is taken as a single vote per draw
+    and returned as is."""
     labels = np.asarray(labels)
     if labels.ndim == 1:
         return labels
@@ -129,9 +130,8 @@ def majority_vote(labels, k=None):
     # K is small (tens), so counting every row's label among all rows, O(K^2 * num), is cheap and needs no table of
     # classes (ImageNet has 1000); one row at a time keeps the memory at K * num.
     counts = np.stack([(labels == row).sum(axis=0) for row in labels])
-    most = counts.max(axis=0)
-    candidates = np.where(counts == most, labels, np.iinfo(labels.dtype).max)
-    return candidates.min(axis=0)
+    first_winner = np.argmax(counts == counts.max(axis=0), axis=0)  # argmax: the first row holding a top count
+    return labels[first_winner, np.arange(labels.shape[1])]
 
 
 def class_counts(votes, num_classes=None):

@@ -122,7 +122,13 @@ def _split_output(output, channels):
 
 
 def _noise_like(x, generator):
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    """Standard normal noise shaped like x, drawn on the generator's device in float32 (float64 for float64 x), then
+    moved to x's device and dtype: a CPU generator gives the same draws whatever device and precision the chain runs
+    in (drawing with device=x.device would fail for a CPU generator and CUDA x, and fp16 draws round differently)."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if generator is None:
+        return torch.randn(x.shape, dtype=dtype, device=x.device).to(x.dtype)
+    return torch.randn(x.shape, generator=generator, dtype=dtype, device=generator.device).to(x.device, x.dtype)
 
 
 class GaussianDiffusion:

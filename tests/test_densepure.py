@@ -232,3 +232,30 @@ def test_a_missing_model_gets_the_instruction_not_a_traceback(setup, tmp_path):
         assert result.returncode == 1, result.stderr
         assert instruction in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "shard0.tsv").exists()
+
+
+def test_networks_run_where_and_how_they_are_told(setup, tmp_path):
+    """bf16 autocast runs on the CPU, changes the recorded identity (its labels may differ) and keeps the draws'
+    shapes; fp16 on the CPU and CUDA on a machine without it are refused before any work."""
+    bf16 = densepure.run_shard(method="dds", settings=SMALL, sigma=0.5, dataset_dir=setup / "mnist", subset=SUBSET,
+                               shard=0, diffusion=setup / "diffusion.pt", classifier=setup / "classifier.pt",
+                               work_dir=tmp_path / "bf16", out_tsv=tmp_path / "bf16.tsv",
+                               out_labels=tmp_path / "bf16.npz", device="cpu", precisions={"diffusion": "bf16"},
+                               progress=False)
+    assert bf16["device"]["device"] == "cpu" and bf16["device"]["precision"]["diffusion"] == "bf16"
+    fp32_table, _ = _shard(setup, tmp_path / "fp32", method="dds")
+    assert len(certify.read_certification_tsv(tmp_path / "bf16.tsv")) == len(fp32_table) == 2
+    with np.load(tmp_path / "bf16.npz") as bundle:
+        assert json.loads(str(bundle["identity"]))["settings"]["labeler"]["precisions"]["diffusion"] == "bf16"
+    from diffrobust.device import DeviceError, cuda_available
+
+    with pytest.raises(DeviceError, match="fp16' needs a GPU"):
+        densepure.run_shard(method="dds", settings=SMALL, sigma=0.5, dataset_dir=setup / "mnist", subset=SUBSET,
+                            shard=0, diffusion=setup / "diffusion.pt", classifier=setup / "classifier.pt",
+                            work_dir=tmp_path / "fp16", out_tsv=tmp_path / "fp16.tsv", out_labels=tmp_path / "x.npz",
+                            device="cpu", precisions={"classifier": "fp16"}, progress=False)
+    # a GPU this machine does not have: any CUDA one on a CPU-only machine, one past the last elsewhere
+    missing, message = (f"cuda:{torch.cuda.device_count()}", "GPU(s)") if cuda_available() else ("cuda", "no CUDA GPU")
+    result = _cli(*_command(setup, tmp_path)[3:], "--device", missing)
+    assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "fp16.tsv").exists() and not (tmp_path / "shard0.tsv").exists()

@@ -156,12 +156,15 @@ def cmd_certify_shard(args):
     settings = args.settings
     with run_record(args.run_record, config={"method": args.method, "sigma": args.sigma, "shard": args.shard,
                                              "settings": settings, "subset": args.subset,
-                                             "diffusion": args.diffusion, "classifier": args.classifier},
+                                             "diffusion": args.diffusion, "classifier": args.classifier,
+                                             "device": args.device, "diffusion_precision": args.diffusion_precision,
+                                             "classifier_precision": args.classifier_precision},
                     seed=settings["seed"]) as record:
         record.update(densepure.run_shard(
             method=args.method, settings=settings, sigma=args.sigma, dataset_dir=args.dataset_dir,
             subset=args.subset, shard=args.shard, diffusion=args.diffusion, classifier=args.classifier,
-            work_dir=args.work_dir, out_tsv=args.out_tsv, out_labels=args.out_labels))
+            work_dir=args.work_dir, out_tsv=args.out_tsv, out_labels=args.out_labels, device=args.device,
+            precisions={"diffusion": args.diffusion_precision, "classifier": args.classifier_precision}))
     log.info("certified shard %d (%s, sigma %s): %s", args.shard, args.method, args.sigma, record)
 
 
@@ -259,6 +262,10 @@ def build_parser():
     shard.add_argument("--diffusion", required=True, help="model file (.pt) or checkpoint name")
     shard.add_argument("--classifier", required=True, help="model file (.pt) or checkpoint name")
     shard.add_argument("--work-dir", required=True, help="resumable per-image results (kept between attempts)")
+    shard.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda or cuda:N")
+    for role in ("diffusion", "classifier"):
+        shard.add_argument(f"--{role}-precision", default="fp32", choices=["fp32", "fp16", "bf16"],
+                           help=f"autocast precision of the {role} network")
     shard.add_argument("--out-tsv", required=True)
     shard.add_argument("--out-labels", required=True)
     shard.add_argument("--run-record")

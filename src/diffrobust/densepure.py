@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffrobust import certify, data, resumable
+from diffrobust import certify, data, imagespace, resumable
 from diffrobust.defenses import SmoothingDenoiser, VotingLabeler
+from diffrobust.device import OnDevice, resolve_device
+from diffrobust.device import describe as describe_device
 from diffrobust.errors import DiffrobustError
 from diffrobust.io import atomic_path
 from diffrobust.models import classifier as as_classifier
@@ -45,23 +47,30 @@ def num_shards(subset_spec, split_size, shard_size):
     return -(-len(data.subset_indices(subset_spec, split_size, "densepure")) // shard_size)
 
 
-def labeler_settings(method, settings):
+def labeler_settings(method, settings, precisions=None):
     """The settings that decide a method's per-draw labels (what a label file's identity records).
 
     Not included, because labels do not depend on them: alpha (re-certification only), shard_size, radii, the vote
-    ablation, the other sigmas (each sigma has its own folders). The models enter the identity as file digests."""
+    ablation, the other sigmas (each sigma has its own folders). The models enter the identity as file digests.
+    The networks' precisions are included (fp16 changes labels); the device is not (the same seeds give the same
+    draws on every device, and a GPU's float rounding changes few labels: `diffrobust gpu-check` measures it), so a
+    shard started on one device may be finished on another."""
     if method == "dds":
         chosen = {"tstar_rule": settings["dds_tstar_rule"], "reverse": "one_shot", "votes": 1}
     elif method == "densepure":
         chosen = {key: settings[key] for key in ("tstar_rule", "reverse", "num_steps", "votes")}
     else:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    return {"method": method, **chosen, "labeler_version": LABELER_VERSION}
+    return {"method": method, **chosen, "precisions": precisions or {"diffusion": "fp32", "classifier": "fp32"},
+            "labeler_version": LABELER_VERSION}
 
 
-def build_labeler(method, settings, diffusion_loaded, classifier_loaded, sigma):
-    """The base labeler randomized smoothing queries: denoise x + σε, classify; K votes for DensePure."""
-    eps = eps_model(diffusion_loaded, unconditional=True)
+def build_labeler(method, settings, diffusion_loaded, classifier_loaded, sigma, device="cpu", precisions=None):
+    """The base labeler randomized smoothing queries: denoise x + σε, classify; K votes for DensePure. The networks
+    run on `device` at their `precisions` ({"diffusion": ..., "classifier": ...}, default fp32)."""
+    precisions = precisions or {}
+    eps = OnDevice(eps_model(diffusion_loaded, unconditional=True), device, precisions.get("diffusion", "fp32"))
+    classify = OnDevice(as_classifier(classifier_loaded), device, precisions.get("classifier", "fp32"))
     if method == "dds":
         denoiser = SmoothingDenoiser(eps, diffusion_loaded.diffusion, sigma, tstar_rule=settings["dds_tstar_rule"],
                                      reverse="one_shot")
@@ -72,12 +81,13 @@ def build_labeler(method, settings, diffusion_loaded, classifier_loaded, sigma):
         votes = settings["votes"]
     else:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    return VotingLabeler(denoiser, as_classifier(classifier_loaded), votes), denoiser
+    return VotingLabeler(denoiser, classify, votes), denoiser
 
 
 def run_shard(*, method, settings, sigma, dataset_dir, subset, shard, diffusion, classifier, work_dir, out_tsv,
-              out_labels, progress=True):
+              out_labels, device="cpu", precisions=None, progress=True):
     """Certify one shard of images; resumable through `work_dir`; outputs written only when the shard is done.
+    The networks and images go to `device` ("auto", "cpu", "cuda[:N]"); `precisions` as in `build_labeler`.
 
     work_dir holds one label file per finished image plus the running TSV (certify.certify_shard skips finished
     images on restart). out_tsv gets Cohen's columns; out_labels bundles every image's per-draw labels
@@ -90,13 +100,17 @@ def run_shard(*, method, settings, sigma, dataset_dir, subset, shard, diffusion,
     chosen = split.take(indices)
     certify.check_run_settings(n0=settings["n0"], n=settings["n"], sigma=sigma, alpha=settings["alpha"],
                                batch_size=settings["batch_size"])
-    labeler, denoiser = build_labeler(method, settings, load_source(diffusion), load_source(classifier), sigma)
+    device = resolve_device(device)
+    precisions = {"diffusion": "fp32", "classifier": "fp32", **(precisions or {})}
+    labeler, denoiser = build_labeler(method, settings, load_source(diffusion, device=device),
+                                      load_source(classifier, device=device), sigma, device, precisions)
     work_dir = Path(work_dir)
-    label_settings = labeler_settings(method, settings)
+    label_settings = labeler_settings(method, settings, precisions)
     inputs = {"diffusion": source_files(diffusion), "classifier": source_files(classifier)}
     with torch.no_grad():  # certification never needs gradients (and must not switch them off for the caller)
         rows = certify.certify_shard(
-            labeler, torch.from_numpy(chosen.images).float() / 255.0, chosen.labels, chosen.indices,
+            labeler, imagespace.uint8_to_float(torch.from_numpy(chosen.images)).to(device), chosen.labels,
+            chosen.indices,
             n0=settings["n0"], n=settings["n"], sigma=sigma, alpha=settings["alpha"], batch_size=settings["batch_size"],
             seed=settings["seed"], num_classes=dataset.meta["num_classes"], out_tsv=work_dir / "rows.tsv",
             out_labels_dir=work_dir / "labels", labeler_settings=label_settings, inputs=inputs, progress=progress)
@@ -106,7 +120,7 @@ def run_shard(*, method, settings, sigma, dataset_dir, subset, shard, diffusion,
     certify.write_certification_tsv(rows, out_tsv)
     return {"images": len(rows), "network_evaluations_per_draw": denoiser.network_evaluations() * labeler.votes,
             "t_star": float(denoiser.t_star), "votes": labeler.votes,
-            "labels_identity": resumable.identity_digest(identity)}
+            "labels_identity": resumable.identity_digest(identity), "device": describe_device(device, precisions)}
 
 
 def bundle_labels(label_files, out_path, identity=None):

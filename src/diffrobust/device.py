@@ -1,0 +1,102 @@
+"""Where the networks run and in what precision: the `device` and `precision` config keys, in one place.
+
+- device: "auto" (the first CUDA GPU when torch sees one, else the CPU), "cpu", "cuda" or "cuda:N". Asking for CUDA
+  on a machine without it is an error before any work starts, not a silent fall-back to a CPU run that would take
+  weeks at paper scale.
+- precision: "fp32" (default), "fp16" or "bf16": autocast around the network's forward; inputs are moved to the
+  device and outputs come back as float32, so the diffusion arithmetic, the smoothing noise and the votes stay in
+  float32 whatever the network runs in. fp16 autocast needs a GPU (the CPU has no fast fp16 kernels); bf16 runs on
+  both.
+
+Randomness never depends on the device: every stage draws from CPU generators and moves the draws (see
+`certify.sample_noise_labels` and `diffusion._noise_like`), so a seed means the same draws on a laptop and on a GPU.
+The labels a GPU computes can still differ from the CPU's where a network output sits at a decision boundary (float
+rounding); `diffrobust gpu-check` measures how often.
+"""
+
+import contextlib
+
+import torch
+from torch import nn
+
+from diffrobust.errors import DiffrobustError
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class DeviceError(DiffrobustError, ValueError):
+    """A device or precision this machine cannot provide."""
+
+
+def cuda_available():
+    return torch.cuda.is_available()
+
+
+def resolve_device(name="auto", key="device"):
+    """The torch.device for a config value (see the module docstring); `key` names the setting in errors."""
+    name = str(name)
+    if name == "auto":
+        return torch.device("cuda" if cuda_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
+        if not cuda_available():
+            raise DeviceError(f"{key} = {name!r}, but this machine has no CUDA GPU that torch can use "
+                              f"(torch {torch.__version__}, torch.cuda.is_available() is False). Use {key}: auto "
+                              "(GPU when present, else CPU) or cpu, or install a CUDA build of torch on a GPU machine.")
+        index = int(name[5:]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise DeviceError(f"{key} = {name!r}, but torch sees {torch.cuda.device_count()} GPU(s) "
+                              f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+        return torch.device(f"cuda:{index}")
+    raise DeviceError(f"{key} = {name!r} is not a device; use auto, cpu, cuda or cuda:N")
+
+
+def check_precision(precision, device, key="precision"):
+    """Refuse a precision the device cannot run (fp16 autocast on the CPU)."""
+    if precision not in PRECISIONS:
+        raise DeviceError(f"{key} = {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "fp16" and torch.device(device).type == "cpu":
+        raise DeviceError(f"{key} = 'fp16' needs a GPU (the CPU has no fast fp16 kernels): use bf16 or fp32 there")
+    return precision
+
+
+def autocast(device, precision):
+    """A context running the enclosed network calls at `precision` on `device` (nothing for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=PRECISIONS[precision])
+
+
+def _to(value, device):
+    return value.to(device) if isinstance(value, torch.Tensor) else value
+
+
+class OnDevice(nn.Module):
+    """`module` on `device`, run under `precision` autocast: tensor arguments are moved there first, floating
+    outputs come back as float32 on the device. Gradients flow through (attacks need them)."""
+
+    def __init__(self, module, device, precision="fp32"):
+        super().__init__()
+        self.device = torch.device(device)
+        self.precision = check_precision(precision, self.device)
+        self.module = module.to(self.device)
+
+    def forward(self, *args, **kwargs):
+        args = [_to(value, self.device) for value in args]
+        kwargs = {key: _to(value, self.device) for key, value in kwargs.items()}
+        with autocast(self.device, self.precision):
+            out = self.module(*args, **kwargs)
+        return out.float() if out.is_floating_point() else out
+
+
+
+def describe(device, precisions=None):
+    """What a run record says about where it ran."""
+    device = torch.device(device)
+    record = {"device": str(device), "precision": precisions, "torch": torch.__version__,
+              "cuda": torch.version.cuda, "cuda_available": cuda_available()}
+    if device.type == "cuda":
+        record["gpu"] = torch.cuda.get_device_name(device)
+        record["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
+    return record

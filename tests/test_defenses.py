@@ -55,3 +55,21 @@ def test_purified_classifier_composes_and_voting_is_prefix_stable():
     nine = VotingLabeler(noisy_purifier, Threshold(), 9)(x, torch.Generator().manual_seed(3))
     assert five.shape == (5, 6) and torch.equal(five, nine[:5])
     assert 0 < five.float().mean() < 1  # the votes really differ between reverse streams
+
+
+def test_purifiers_leave_autograd_to_the_caller():
+    """Attacks backpropagate through a defense: the denoiser must not switch gradients off."""
+    schedule = dp.GaussianDiffusion.linear(1000, variance="fixed_small")
+    weight = torch.nn.Parameter(torch.tensor(0.3))
+
+    def model(x_t, t_model, y=None):
+        return weight * x_t
+
+    x = torch.rand(2, 1, 4, 4, requires_grad=True)
+    for reverse, steps in (("one_shot", None), ("respaced", 2)):
+        denoiser = SmoothingDenoiser(model, schedule, 0.25, tstar_rule="nearest", reverse=reverse, num_steps=steps)
+        out = denoiser(x, torch.Generator().manual_seed(0))
+        (grad,) = torch.autograd.grad(out.sum(), x)
+        assert grad.abs().sum() > 0, reverse
+    with torch.no_grad():  # and a caller that needs none can still switch them off
+        assert not SmoothingDenoiser(model, schedule, 0.25, tstar_rule="nearest")(x).requires_grad

@@ -65,8 +65,9 @@ class SmoothingDenoiser:
             return len(dp.full_times(self.t_star)) - 1
         return len(dp.respaced_times(self.t_star, self.num_steps)) - 1
 
-    @torch.no_grad()
     def __call__(self, x_noisy01, generator=None):
+        # No torch.no_grad() here: a purifier leaves autograd to its caller (attacks backpropagate through it;
+        # certification, which needs no gradients, wraps its run in no_grad itself).
         x_t = imagespace.to_model_space(x_noisy01) * self.alpha_bar ** 0.5
         if self.reverse == "one_shot":
             x0 = dp.one_shot_denoise(self.eps_model, self.schedule, x_t, self.t_star)
@@ -102,7 +103,6 @@ class VotingLabeler:
     def __init__(self, purifier, classifier, votes):
         self.purifier, self.classifier, self.votes = purifier, classifier, int(votes)
 
-    @torch.no_grad()
     def __call__(self, x_noisy01, generator=None):
         # One draw from the caller's stream per batch; vote k uses seed base + k (mt19937 streams of adjacent seeds
         # are unrelated), so the first K votes do not depend on how many votes are run.

@@ -41,3 +41,17 @@ def test_unknown_notebook_parameter_is_refused_before_running(tmp_path, repo_roo
         render_notebook(repo_root / "notebooks" / "data_report.py", {"sigma": 0.5}, tmp_path / "x.ipynb",
                         tmp_path / "x.html")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_render_leaves_the_previous_report_as_it_was(tmp_path):
+    notebook = tmp_path / "broken.py"
+    notebook.write_text('# %% tags=["parameters"]\nx = 1\n\n# %%\nraise RuntimeError(f"broken on purpose {x}")\n')
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    (reports / "r.html").write_text("the previous report")
+    (reports / "r.ipynb").write_text("the previous notebook")
+    with pytest.raises(Exception, match="broken on purpose 2"):
+        render_notebook(notebook, {"x": 2}, reports / "r.ipynb", reports / "r.html", cwd=tmp_path)
+    assert (reports / "r.html").read_text() == "the previous report"
+    assert (reports / "r.ipynb").read_text() == "the previous notebook"
+    assert sorted(path.name for path in reports.iterdir()) == ["r.html", "r.ipynb"]  # no temporary file left

@@ -8,7 +8,9 @@ data/ and results/ are never touched.
 import functools
 import hashlib
 import http.server
+import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -193,3 +195,85 @@ def _tables_without_time(folder):
     """Every certification TSV in `folder` without its timing column: {file name: rows}."""
     return {path.name: [line.rsplit("\t", 1)[0] for line in path.read_text().splitlines()]
             for path in sorted(Path(folder).glob("*.tsv"))}
+
+
+# --- config overrides as a user types them (issue 9) ---------------------------------------------------------------
+
+
+def _shell_arguments(stdout, subcommand, flag):
+    """The JSON value of `flag` in every planned `diffrobust <subcommand>` call of a `snakemake -n -p` plan."""
+    values = []
+    for line in stdout.splitlines():
+        if f"diffrobust {subcommand} " in line:
+            words = shlex.split(line.split("Shell command:", 1)[-1].split(" 2>")[0])
+            values.append(json.loads(words[words.index(flag) + 1]))
+    return values
+
+
+def test_nested_numeric_override_reaches_the_jobs(repo_copy):
+    result = snakemake(repo_copy, "-n", "-p", "--config", "preset=smoke", "densepure={votes: 5, n: 1000}")
+    settings = _shell_arguments(result.stdout, "certify-shard", "--settings")
+    assert len(settings) == 4
+    assert all(s["votes"] == 5 and s["n"] == 1000 and s["seed"] == 0 for s in settings)
+    assert "votes5.tsv" in result.stdout  # the full-K merge follows the new K
+
+
+def test_whole_float_override_reaches_the_jobs_as_an_integer(repo_copy):
+    (repo_copy / "floats.yaml").write_text("densepure:\n  n: 6.0e+1\nmodels:\n  diffusion:\n    training:\n      steps: 4.0\n")
+    result = snakemake(repo_copy, "-n", "-p", "--config", "preset=smoke", "seed=7", "--configfile", "floats.yaml")
+    settings = _shell_arguments(result.stdout, "certify-shard", "--settings")
+    assert settings and all(type(s["n"]) is int and s["n"] == 60 for s in settings)
+    assert all(s["seed"] == 7 for s in settings)  # the stage seed follows the global seed
+    training = _shell_arguments(result.stdout, "train-diffusion", "--settings")
+    assert training[0]["training"]["steps"] == 4 and type(training[0]["training"]["steps"]) is int
+    assert "config key 'densepure.n' = 60.0 (from floats.yaml) is a whole number: read as the integer 60" in (
+        result.stdout + result.stderr)
+
+
+def test_path_override_with_digits_stays_a_string(repo_copy):
+    result = snakemake(repo_copy, "-n", "-p", "--config", "preset=imagenet", "datasets={imagenet: {val_dir: /data/2012}}")
+    settings = _shell_arguments(result.stdout, "prepare-dataset", "--settings")
+    assert settings == [{"val_dir": "/data/2012", "image_size": 256}]
+
+
+@pytest.mark.parametrize("args, files, messages", [
+    (["--config", "densepure={votes: 0}"], {},
+     ["config key 'densepure.votes' = 0 (from --config) must be >= 1"]),
+    (["--configfile", "radii.yaml"], {"radii.yaml": "densepure:\n  radii: [0.0, -0.5]\n"},
+     ["config key 'densepure.radii.1' = -0.5 (from radii.yaml) must be >= 0"]),
+    (["--config", "densepure={radii: [0.0, -0.5]}"], {},
+     ["config key 'densepure.radii.1' = -0.5 (from --config) must be >= 0"]),
+    (["--configfile", "typo.yaml"], {"typo.yaml": "models:\n  diffusion:\n    training:\n      stepz: 5\n"},
+     ["unknown config key 'models.diffusion.training.stepz'", "(from typo.yaml)", "did you mean 'steps'?"]),
+    (["--config", "subsets={densepure: {stop: 5000}}"], {},
+     ["config key 'subsets.densepure'", "the evaluation split has only 1000 images", "(from --config;"]),
+    ([], {"config/config.yaml": "preset: mini\nseed: -3\n"},
+     ["config key 'seed' = -3 (from config/config.yaml) must be >= 0"]),
+])
+def test_bad_override_is_refused_at_dag_build_naming_its_source(repo_copy, args, files, messages):
+    for name, text in files.items():
+        (repo_copy / name).write_text(text)
+    result = snakemake(repo_copy, "-n", *args, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    for message in messages:
+        assert message in output
+    assert "must be of type" not in output and "Traceback" not in output
+
+
+def test_a_failed_render_keeps_the_previous_report_and_renders_again_next_time(repo_copy):
+    """Snakemake deletes a job's outputs before it runs; the report's HTML is flagged update() so that it survives a
+    failed render, and the missing executed notebook makes the next run render again."""
+    reports = repo_copy / "results/smoke/reports"
+    targets = [str(Path("results/smoke/reports") / name) for name in ("data_report.html", "data_report.ipynb")]
+    snakemake(repo_copy, *targets, "--config", "preset=smoke")
+    previous = (reports / "data_report.html").read_bytes()
+    notebook = repo_copy / "notebooks/data_report.py"
+    working = notebook.read_text()
+    notebook.write_text(working + '\n# %%\nraise RuntimeError("broken on purpose")\n')
+    result = snakemake(repo_copy, *targets, "--config", "preset=smoke", check=False)
+    assert result.returncode != 0
+    assert (reports / "data_report.html").read_bytes() == previous
+    assert not (reports / "data_report.ipynb").exists()
+    notebook.write_text(working)
+    assert "render_report" in snakemake(repo_copy, "-n", *targets, "--config", "preset=smoke").stdout

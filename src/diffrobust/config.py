@@ -1,10 +1,23 @@
-"""Configuration: presets merged with overrides, defaults filled from the schema, then validated.
+"""Configuration: layered sources merged, typed, defaults filled, validated; errors name the key and its source.
 
-The merge order is: `config/presets/<preset>.yaml` < everything Snakemake was given (config/config.yaml,
---configfile, --config). Errors name the key, where its value came from, what is allowed and how to fix it.
+Sources, lowest priority first: `config/presets/<preset>.yaml`, `config/config.yaml` (the Snakefile's `configfile:`),
+every `--configfile` in the order given, `--config`. Mappings merge key by key; lists and scalars replace. Values from
+files are taken as YAML read them. Values of `--config` are text (Snakemake reads a nested `--config` value with
+YAML's BaseLoader, which types nothing) and are read here as YAML would read them, guided by the schema: a key that
+takes a string keeps the text as written (`val_dir: /data/2012`, `attention_resolutions: 8`).
+
+Then, before any job runs: whole floats where the schema says integer become integers (`n: 6.0e+1` -> 60, reported
+as a note), the schema is checked (every block is closed), stage seeds follow the global seed, the evaluation subsets
+are checked against the split sizes, and the networks the DAG trains are built on PyTorch's meta device. Every error
+names the key, the source its value came from, what is allowed and how to fix it.
 """
 
 import copy
+import difflib
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jsonschema
@@ -18,9 +31,34 @@ CONFIG_SCHEMA = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
 CHECKPOINTS_REGISTRY = REPO_ROOT / "config" / "checkpoints.yaml"
 CHECKPOINTS_SCHEMA = REPO_ROOT / "workflow" / "schemas" / "checkpoints.schema.yaml"
 
+# Stage seeds that follow the global `seed` unless the config sets them (the schema gives them no default).
+STAGE_SEEDS = (("densepure", "seed"),)
+MNIST_CLASSES = 10
+
+log = logging.getLogger(__name__)
+
 
 class ConfigError(DiffrobustError, ValueError):
     """A configuration problem, with a message meant for the person running the workflow."""
+
+
+@dataclass(frozen=True)
+class ConfigSource:
+    """One layer of config: the name the user knows it by (a file path, `--config`) and its values.
+
+    `as_text`: the values are text to be read as YAML (Snakemake's `--config`), not values a YAML file gave."""
+
+    name: str
+    values: dict
+    as_text: bool = False
+
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    """The merged, validated config and the notes worth printing (values converted on the way)."""
+
+    config: dict
+    notes: list = field(default_factory=list)
 
 
 def read_yaml(path):
@@ -33,6 +71,35 @@ def read_yaml(path):
         raise ConfigError(f"{path}: file not found") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
+
+
+def display_path(path):
+    """A path as the user would write it: relative to the working folder when inside it."""
+    path = Path(path).absolute()
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def read_source(path):
+    """A config file as a ConfigSource; it must hold a mapping of config keys."""
+    values = read_yaml(path)
+    if values is None:
+        values = {}
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{display_path(path)}: must be a mapping of config keys, got {type(values).__name__}")
+    return ConfigSource(display_path(path), dict(values))
+
+
+def workflow_sources(directive_configfiles, cli_configfiles, cli_config, replace_workflow_config=False):
+    """The sources Snakemake merged into its `config`, lowest priority first: the Snakefile's `configfile:` files
+    (dropped by --replace-workflow-config), each --configfile, then --config (as text to be read as YAML)."""
+    sources = [] if replace_workflow_config else [read_source(path) for path in directive_configfiles]
+    sources += [read_source(path) for path in cli_configfiles]
+    if cli_config:
+        sources.append(ConfigSource("--config", _plain(cli_config), as_text=True))
+    return sources
 
 
 def available_presets(presets_dir=PRESETS_DIR):
@@ -62,25 +129,196 @@ def fill_defaults(schema, instance):
     return instance
 
 
-def _key_path(error):
-    return ".".join(str(part) for part in error.absolute_path) or "<top level>"
+def complete_architectures(config, schema):
+    """An architecture block without `family` is completed from the schema's default network, so that
+    `architecture: {config: {depth: 14}}` changes one key of the default network also where the preset does not
+    spell the block out (where it does, the override merges into the preset's block). A block that names its
+    family is taken as written (the builder's defaults fill the rest)."""
+    for role in ("diffusion", "classifier"):
+        model = config.get("models", {}).get(role) if isinstance(config.get("models"), dict) else None
+        block = model.get("architecture") if isinstance(model, dict) else None
+        if isinstance(block, dict) and "family" not in block:
+            default = schema["properties"]["models"]["properties"][role]["properties"]["architecture"]["default"]
+            config["models"][role]["architecture"] = deep_merge(default, block)
+    return config
 
 
-def _schema_at(schema, path):
-    """The subschema describing the key at `path` (following properties only)."""
-    node = schema
+def resolve_stage_seeds(config):
+    """A stage seed the config leaves unset takes the global seed (what the schema promises)."""
+    for block, key in STAGE_SEEDS:
+        config[block].setdefault(key, config["seed"])
+    return config
+
+
+# --- the schema as a map of keys -----------------------------------------------------------------------------------
+
+
+def _alternatives(node, root):
+    """The concrete schemas `node` stands for: `$ref` followed (its siblings kept), oneOf/anyOf expanded."""
+    if "$ref" in node:
+        target = root
+        for part in node["$ref"].removeprefix("#/").split("/"):
+            target = target[part]
+        return _alternatives({**target, **{k: v for k, v in node.items() if k != "$ref"}}, root)
+    for keyword in ("oneOf", "anyOf"):
+        if keyword in node:
+            return [alternative for option in node[keyword] for alternative in _alternatives(option, root)]
+    return [node]
+
+
+def schemas_at(schema, path):
+    """Every schema that can describe the key at `path` (strings for mapping keys, ints for list items)."""
+    nodes = _alternatives(schema, schema)
     for part in path:
-        node = node.get("properties", {}).get(part, {})
-    return node
+        children = []
+        for node in nodes:
+            child = node.get("items") if isinstance(part, int) else node.get("properties", {}).get(part)
+            if child is not None:
+                children += _alternatives(child, schema)
+        nodes = children
+    return nodes
 
 
-def _origin(path, overrides, preset_file):
-    node = overrides
+def _types_of(nodes):
+    """JSON types the schemas allow (from `type`, else from `enum`); None when unknown (any type)."""
+    if not nodes:
+        return None
+    types = set()
+    for node in nodes:
+        if "type" in node:
+            types |= {node["type"]} if isinstance(node["type"], str) else set(node["type"])
+        elif "enum" in node:
+            types |= {_json_type(value) for value in node["enum"]}
+        else:
+            return None
+    return types
+
+
+def _json_type(value):
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "array" if isinstance(value, list) else "object"
+
+
+def _fits(value, types):
+    """Whether `value` has one of the JSON `types` (a whole float counts as an integer, as jsonschema counts it)."""
+    if types is None:
+        return True
+    kind = _json_type(value)
+    return (kind in types or (kind == "integer" and "number" in types)
+            or (kind == "number" and "integer" in types and value.is_integer()))
+
+
+def _plain(value):
+    """Plain dicts and lists (Snakemake may hand over immutable mappings)."""
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+def read_text_values(values, schema, path=()):
+    """`--config` values read as a YAML document would read them, wherever they sit in the tree.
+
+    Nested values arrive from Snakemake as text ('5', '[0.3]' items, 'null'); each is read with YAML. Where the
+    schema takes a string and YAML's reading does not fit the schema, the text stays as written ('/data/2012',
+    '8' for attention_resolutions, 'no' for a name). A top-level value Snakemake already typed (`seed=3` -> 3) is
+    kept, or turned back into text where the schema takes only a string (`description=2012`)."""
+    if isinstance(values, Mapping):
+        return {key: read_text_values(item, schema, (*path, key)) for key, item in values.items()}
+    if isinstance(values, list):
+        return [read_text_values(item, schema, (*path, index)) for index, item in enumerate(values)]
+    types = _types_of(schemas_at(schema, path))
+    if isinstance(values, str):
+        try:
+            value = yaml.safe_load(values)
+        except yaml.YAMLError:
+            return values
+        if _fits(value, types) or types is None or "string" not in types:
+            return value
+        return values
+    if types == {"string"} and values is not None:
+        return str(values)
+    return values
+
+
+# --- where a value came from ---------------------------------------------------------------------------------------
+
+
+def _holds(values, path):
+    node = values
     for part in path:
-        if not isinstance(node, dict) or part not in node:
-            return f"from {preset_file}"
-        node = node[part]
-    return "from config/config.yaml, --configfile or --config"
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        else:
+            return False
+    return True
+
+
+class Origins:
+    """Which source gave the value at a key: the highest-priority source that holds the key. Lists replace whole,
+    so a list item comes from the source that gave the list."""
+
+    def __init__(self, sources):
+        self.sources = list(sources)  # lowest priority first
+
+    def name(self, path):
+        for source in reversed(self.sources):
+            if _holds(source.values, list(path)):
+                return source.name
+        return "the schema default"
+
+    def of(self, path):
+        return f"from {self.name(path)}"
+
+
+def dotted(path):
+    return ".".join(str(part) for part in path) or "<top level>"
+
+
+# --- numbers -------------------------------------------------------------------------------------------------------
+
+
+def normalise_numbers(config, schema, origins):
+    """Whole floats where the schema says integer become ints (in place); floats must be finite.
+
+    jsonschema counts 60.0 as an integer, but torch and range() do not ('randn() received an invalid combination of
+    arguments'), so the jobs must get 60. Returns (notes on the conversions, problems)."""
+    notes, problems = [], []
+
+    def visit(value, path):
+        if isinstance(value, dict):
+            for key in value:
+                value[key] = visit(value[key], (*path, key))
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                value[index] = visit(item, (*path, index))
+        elif isinstance(value, float):
+            types = _types_of(schemas_at(schema, path))
+            if not math.isfinite(value):
+                problems.append(f"config key '{dotted(path)}' = {value} ({origins.of(path)}) must be a finite number")
+            elif value.is_integer() and types and "integer" in types and "number" not in types:
+                notes.append(f"config key '{dotted(path)}' = {value!r} ({origins.of(path)}) is a whole number: "
+                             f"read as the integer {int(value)}")
+                return int(value)
+        return value
+
+    visit(config, ())
+    return notes, problems
+
+
+# --- schema errors -------------------------------------------------------------------------------------------------
 
 
 def _closest_alternative(error):
@@ -92,24 +330,51 @@ def _closest_alternative(error):
     return by_branch[branch][0]
 
 
-def describe_error(error, schema, overrides, preset_file):
-    """One readable line for a jsonschema error: key, origin, what is allowed, how to fix it."""
+def _description(schema, path):
+    """The schema's description of the key; for a list item without one, the list's."""
+    for node in schemas_at(schema, path):
+        if node.get("description"):
+            return node["description"].strip()
+    return _description(schema, path[:-1]) if path and isinstance(path[-1], int) else ""
+
+
+def _number_as_text_hint(error):
+    """YAML 1.1 reads 1e5 (no dot, no sign in the exponent) as text; say how to write the number."""
+    value = error.instance
+    if not isinstance(value, str) or not set(error.validator_value if isinstance(error.validator_value, list)
+                                             else [error.validator_value]) & {"integer", "number"}:
+        return ""
+    try:
+        number = float(value)
+    except ValueError:
+        return ""
+    written = str(int(number)) if number.is_integer() else repr(number)
+    return f"; YAML reads {value!r} as text: write {written} (a float needs a dot and a signed exponent, 1.0e+5)"
+
+
+def describe_error(error, schema, origins):
+    """Readable lines for a jsonschema error: the full key, its source, what is allowed, how to fix it."""
     path = list(error.absolute_path)
-    key = _key_path(error)
-    where = _origin(path, overrides, preset_file)
+    key = dotted(path)
+    where = origins.of(path)
     if error.validator == "additionalProperties":
         allowed = sorted(error.schema.get("properties", {}))
         parent = key if path else "the top level"
-        unknown = sorted(set(error.instance) - set(allowed))
-        return (
-            f"unknown config key {', '.join(repr(u) for u in unknown)} in {parent} ({where}); "
-            f"allowed keys there: {', '.join(allowed)}. Check the spelling."
-        )
-    description = _schema_at(schema, path).get("description", "")
-    hint = f" ({description.strip()})" if description else ""
+        lines = []
+        for unknown in sorted(set(error.instance) - set(allowed)):
+            close = difflib.get_close_matches(unknown, allowed, n=1)
+            suggestion = f"did you mean '{close[0]}'? " if close else ""
+            lines.append(
+                f"unknown config key '{dotted([*path, unknown])}' in {parent} ({origins.of([*path, unknown])}); "
+                f"{suggestion}allowed keys there: {', '.join(allowed)}. Check the spelling.")
+        return "\n  - ".join(lines)
+    description = _description(schema, path)
+    hint = f" ({description})" if description else ""
     if error.validator == "type":
         expected = error.validator_value
-        return f"config key '{key}' = {error.instance!r} ({where}) must be of type {expected}{hint}"
+        expected = " or ".join(expected) if isinstance(expected, list) else expected
+        return (f"config key '{key}' = {error.instance!r} ({where}) must be of type {expected}"
+                f"{_number_as_text_hint(error)}{hint}")
     if error.validator in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
         bound = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}[error.validator]
         return f"config key '{key}' = {error.instance!r} ({where}) must be {bound} {error.validator_value}{hint}"
@@ -117,93 +382,218 @@ def describe_error(error, schema, overrides, preset_file):
         options = ", ".join(repr(value) for value in error.validator_value)
         return f"config key '{key}' = {error.instance!r} ({where}) must be one of {options}{hint}"
     if error.validator == "required":
-        return f"config is missing the key {error.message.split()[0]} in {key}{hint}"
+        return f"config is missing the key {error.message.split()[0]} in {key} ({where}){hint}"
     if error.validator == "oneOf" and error.context:
         # Report the problem within the alternative that came closest (e.g. a negative 'stop' in a range).
         closest = _closest_alternative(error)
-        return describe_error(closest, schema, overrides, preset_file) + (
+        return describe_error(closest, schema, origins) + (
             " (a subset is either a range {start, stop, step} or seeded subsets {n, seeds})")
     if error.validator == "oneOf":
         return (
             f"config key '{key}' = {error.instance!r} ({where}) must be either a range "
             "{start, stop, step} or seeded subsets {n, seeds}" + hint
         )
-    return f"config key '{key}' ({where}): {error.message}{hint}"
+    return f"config key '{key}' = {error.instance!r} ({where}): {error.message}{hint}"
 
 
-def validate(instance, schema, overrides=None, preset_file="the preset"):
-    """Raise ConfigError listing every schema violation, one line each."""
+def schema_problems(instance, schema, origins):
+    """One readable line per schema violation (sorted by key)."""
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(instance), key=lambda e: list(map(str, e.absolute_path)))
-    if errors:
-        lines = [describe_error(error, schema, overrides or {}, preset_file) for error in errors]
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(lines))
+    return [describe_error(error, schema, origins) for error in errors]
 
 
-def check_paths(config):
+def raise_problems(problems):
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def validate(instance, schema, origins=None):
+    """Raise ConfigError listing every schema violation, one line each."""
+    raise_problems(schema_problems(instance, schema, origins or Origins([])))
+
+
+# --- checks that need more than one key ----------------------------------------------------------------------------
+
+
+def eval_split_size(config):
+    """Images in the evaluation split that the `subsets` index, as the data stage prepares it: MNIST's test split
+    holds MNIST_CLASSES x datasets.mnist.test_per_class images; CIFAR-10's test split and ImageNet's validation set
+    have their official sizes (an ImageNet folder with fewer images is refused when its data job runs)."""
+    from diffrobust.data import EVAL_SPLIT_SIZE
+
+    if config["dataset"] == "mnist":
+        return MNIST_CLASSES * config["datasets"]["mnist"]["test_per_class"]
+    return EVAL_SPLIT_SIZE[config["dataset"]]
+
+
+def _split_size_origin(config, origins):
+    if config["dataset"] == "mnist":
+        per_class = config["datasets"]["mnist"]["test_per_class"]
+        return (f"the mnist test split holds {MNIST_CLASSES} classes x datasets.mnist.test_per_class = {per_class} "
+                f"({origins.of(['datasets', 'mnist', 'test_per_class'])}) = {eval_split_size(config)} images")
+    return f"the {config['dataset']} evaluation split holds {eval_split_size(config)} images"
+
+
+def subset_problems(config, origins):
+    """Every subset must fit the evaluation split (checked now, not in a report job after the models trained)."""
+    from diffrobust.data import DataError, subset_indices
+
+    size, problems = eval_split_size(config), []
+    for name, spec in config["subsets"].items():
+        try:
+            subset_indices(spec, size, name)
+        except DataError as error:
+            culprit = ["subsets", name, "n" if "seeds" in spec else "stop"]
+            problems.append(f"{error} ({origins.of(culprit)}; {_split_size_origin(config, origins)})")
+    return problems
+
+
+def dataset_shape(config):
+    """(image channels, image size, classes) of the prepared dataset, from the config alone."""
+    dataset = config["dataset"]
+    if dataset == "mnist":
+        return 1, config["datasets"]["mnist"]["pad_to"], MNIST_CLASSES
+    if dataset == "cifar10":
+        return 3, 32, 10
+    return 3, config["datasets"]["imagenet"]["image_size"], 1000
+
+
+def architecture_problems(config, origins):
+    """Build every network the DAG trains, with the keys the dataset fills in, on PyTorch's meta device (no memory):
+    what the family's builder refuses (depth 6n+2, an attention resolution that no level has, a patch size that does
+    not divide the image) stops the DAG build instead of the training job."""
+    models = config["models"]
+    roles = [role for role in ("diffusion", "classifier") if models[role]["source"] == "train"]
+    if not roles:
+        return []
+    import torch
+
+    from diffrobust.models import build_architecture
+    from diffrobust.training import conditional_unet_architecture
+
+    channels, size, classes = dataset_shape(config)
+    problems = []
+    for role in roles:
+        architecture = models[role]["architecture"]
+        try:
+            if role == "diffusion":
+                architecture = conditional_unet_architecture(architecture, channels, size, classes)
+            else:  # as train_classifier fills a small_resnet block
+                architecture = {"family": architecture["family"],
+                                "config": {"in_channels": channels, "num_classes": classes,
+                                           **architecture.get("config", {})}}
+            with torch.device("meta"):
+                build_architecture(architecture)
+        except (ValueError, TypeError, KeyError) as error:
+            path = ["models", role, "architecture"]
+            problems.append(f"config key '{dotted(path)}' ({origins.of(path)}): the {architecture.get('family')} "
+                            f"builder refuses it for the {config['dataset']} data ({channels} x {size} x {size}, "
+                            f"{classes} classes): {error}")
+    return problems
+
+
+def check_paths(config, origins=None):
     """Paths the user named explicitly must exist (ImageNet's folder is checked when its data job runs,
     so that `snakemake -n --config preset=imagenet` works on a machine without it)."""
+    origins = origins or Origins([])
     tarball = config["datasets"]["cifar10"]["tarball"]
     if tarball is not None and not Path(tarball).is_file():
         raise ConfigError(
-            f"config key 'datasets.cifar10.tarball' = {tarball!r}: no such file. Point it at a copy of "
+            f"config key 'datasets.cifar10.tarball' = {tarball!r} "
+            f"({origins.of(['datasets', 'cifar10', 'tarball'])}): no such file. Point it at a copy of "
             "cifar-10-python.tar.gz, or set it to null to download the tarball."
         )
 
 
-def check_consistency(config, registry):
+def check_consistency(config, registry, origins=None):
     """Rules that span several keys (the schema checks each key alone)."""
+    origins = origins or Origins([])
     densepure = config["densepure"]
     too_many = [k for k in densepure["vote_ablation"] if k > densepure["votes"]]
     if too_many:
         raise ConfigError(
-            f"config key 'densepure.vote_ablation' has {too_many}, more than 'densepure.votes' = {densepure['votes']} "
+            f"config key 'densepure.vote_ablation' ({origins.of(['densepure', 'vote_ablation'])}) has {too_many}, "
+            f"more than 'densepure.votes' = {densepure['votes']} ({origins.of(['densepure', 'votes'])}) "
             "reverse runs are stored; raise 'votes' or drop those entries"
         )
     models = config["models"]
-    for key, source in (("models.diffusion.source", models["diffusion"]["source"]),
-                        ("models.classifier.source", models["classifier"]["source"]),
-                        ("models.multihead.init", models["multihead"]["init"])):
+    for path in (["models", "diffusion", "source"], ["models", "classifier", "source"],
+                 ["models", "multihead", "init"]):
+        source, key = models[path[1]][path[2]], dotted(path)
         if source not in ("train", "diffusion") and source not in registry:
             raise ConfigError(
-                f"config key '{key}' = {source!r} is neither 'train' nor a checkpoint of config/checkpoints.yaml "
-                f"({', '.join(sorted(registry))})"
+                f"config key '{key}' = {source!r} ({origins.of(path)}) is neither 'train' nor a checkpoint of "
+                f"config/checkpoints.yaml ({', '.join(sorted(registry))})"
             )
         if source in registry and source not in config["checkpoints"]:
-            raise ConfigError(f"config key '{key}' = {source!r}: add it to the preset's 'checkpoints' list too")
-
-
-def load_config(snakemake_config, presets_dir=PRESETS_DIR, schema_path=CONFIG_SCHEMA):
-    """Merge the chosen preset with Snakemake's config, fill defaults, validate; return a plain dict."""
-    overrides = dict(snakemake_config or {})
-    preset = overrides.get("preset")
-    presets = available_presets(presets_dir)
-    if not isinstance(preset, str) or preset not in presets:
-        raise ConfigError(
-            f"unknown preset {preset!r}; available presets: {', '.join(presets)} "
-            f"(files in {Path(presets_dir).relative_to(REPO_ROOT) if Path(presets_dir).is_relative_to(REPO_ROOT) else presets_dir}). "
-            "Choose one with --config preset=NAME or in config/config.yaml."
-        )
-    preset_file = Path(presets_dir) / f"{preset}.yaml"
-    preset_values = read_yaml(preset_file) or {}
-    if not isinstance(preset_values, dict):
-        raise ConfigError(f"{preset_file}: must be a mapping of config keys")
-    merged = deep_merge(preset_values, overrides)
-    merged["preset"] = preset
-    schema = read_yaml(schema_path)
-    validate(merged, schema, overrides, preset_file=f"config/presets/{preset}.yaml")
-    fill_defaults(schema, merged)
-    validate(merged, schema, overrides, preset_file=f"config/presets/{preset}.yaml")
-    check_paths(merged)
-    registry = load_checkpoint_registry()
-    check_consistency(merged, registry)
-    unknown = [name for name in merged["checkpoints"] if name not in registry]
+            raise ConfigError(f"config key '{key}' = {source!r} ({origins.of(path)}): add it to the preset's "
+                              "'checkpoints' list too")
+    unknown = [name for name in config["checkpoints"] if name not in registry]
     if unknown:
         raise ConfigError(
-            f"config key 'checkpoints' names {', '.join(map(repr, unknown))}, which config/checkpoints.yaml does not "
-            f"define; known checkpoints: {', '.join(sorted(registry))}"
+            f"config key 'checkpoints' ({origins.of(['checkpoints'])}) names {', '.join(map(repr, unknown))}, which "
+            f"config/checkpoints.yaml does not define; known checkpoints: {', '.join(sorted(registry))}"
         )
-    return merged
+
+
+# --- putting it together -------------------------------------------------------------------------------------------
+
+
+def _preset_source(sources, presets_dir):
+    """The preset file the sources choose, as the lowest-priority source."""
+    chosen = {}
+    for source in sources:
+        chosen = deep_merge(chosen, source.values)
+    preset = chosen.get("preset")
+    presets = available_presets(presets_dir)
+    if not isinstance(preset, str) or preset not in presets:
+        folder = Path(presets_dir)
+        folder = folder.relative_to(REPO_ROOT) if folder.is_relative_to(REPO_ROOT) else folder
+        where = f" (the value came {Origins(sources).of(['preset'])})" if "preset" in chosen else ""
+        raise ConfigError(
+            f"unknown preset {preset!r}; available presets: {', '.join(presets)} (files in {folder}){where}. "
+            "Choose one with --config preset=NAME or in config/config.yaml."
+        )
+    path = Path(presets_dir) / f"{preset}.yaml"
+    name = str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+    source = read_source(path)
+    return ConfigSource(name, source.values)
+
+
+def resolve_config(sources, presets_dir=PRESETS_DIR, schema_path=CONFIG_SCHEMA):
+    """Merge the chosen preset with the sources (lowest priority first), type, fill, check; a ResolvedConfig."""
+    schema = read_yaml(schema_path)
+    sources = [ConfigSource(s.name, read_text_values(s.values, schema), False) if s.as_text else s for s in sources]
+    sources = [_preset_source(sources, presets_dir), *sources]
+    origins = Origins(sources)
+    merged = {}
+    for source in sources:
+        merged = deep_merge(merged, source.values)
+    complete_architectures(merged, schema)
+    notes, problems = normalise_numbers(merged, schema, origins)
+    raise_problems(problems + schema_problems(merged, schema, origins))
+    fill_defaults(schema, merged)
+    resolve_stage_seeds(merged)
+    # the defaults are checked too (a schema whose default breaks its own rule is a bug worth a clear message)
+    raise_problems(schema_problems(merged, schema, origins))
+    raise_problems(subset_problems(merged, origins))
+    check_paths(merged, origins)
+    registry = load_checkpoint_registry()
+    check_consistency(merged, registry, origins)
+    raise_problems(architecture_problems(merged, origins))
+    return ResolvedConfig(merged, notes)
+
+
+def load_config(overrides=None, presets_dir=PRESETS_DIR, schema_path=CONFIG_SCHEMA, *, sources=None):
+    """The merged, validated config as a plain dict: from `sources` (ConfigSources, lowest priority first), or
+    from one mapping of `overrides` (values as YAML or JSON gave them). Conversion notes go to the log."""
+    if sources is None:
+        sources = [ConfigSource("the overrides", _plain(overrides or {}))]
+    resolved = resolve_config(sources, presets_dir, schema_path)
+    for note in resolved.notes:
+        log.warning("%s", note)
+    return resolved.config
 
 
 def load_checkpoint_registry(path=CHECKPOINTS_REGISTRY, schema_path=CHECKPOINTS_SCHEMA):
@@ -213,7 +603,7 @@ def load_checkpoint_registry(path=CHECKPOINTS_REGISTRY, schema_path=CHECKPOINTS_
     validator = jsonschema.Draft202012Validator(schema)
     errors = list(validator.iter_errors(registry))
     if errors:
-        lines = [f"'{_key_path(error)}': {error.message}" for error in errors]
+        lines = [f"'{dotted(error.absolute_path)}': {error.message}" for error in errors]
         raise ConfigError(f"{path} is invalid:\n  - " + "\n  - ".join(lines))
     return registry
 

@@ -36,7 +36,11 @@ def parameter_names(source):
 
 
 def render_notebook(source, parameters, ipynb_out, html_out, cwd=None, kernel="python3"):
-    """Execute `source` with `parameters` and write the executed notebook and its code-free HTML, atomically."""
+    """Execute `source` with `parameters` and write the executed notebook and its code-free HTML, atomically.
+
+    Both are rendered to temporary files and renamed into place only when the whole render succeeded, so a
+    notebook that fails leaves the previous report (if any) as it was. (The render_report rule flags the HTML
+    update() so that Snakemake does not delete it before the job either.)"""
     import nbformat
     import papermill
     from nbconvert import HTMLExporter

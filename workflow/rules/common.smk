@@ -13,13 +13,29 @@ SRC = str(Path(workflow.basedir) / "src")
 sys.path.insert(0, SRC)
 shell.prefix(f"export PYTHONPATH={shlex.quote(SRC)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
-from diffrobust.config import ConfigError, checkpoint_files, load_checkpoint_registry, load_config
+from snakemake.logging import logger
+
+from diffrobust.config import (ConfigError, checkpoint_files, eval_split_size, load_checkpoint_registry,
+                               resolve_config, workflow_sources)
+
+
+def config_sources():
+    """What Snakemake merged into `config`, source by source (the Snakefile's configfile:, each --configfile,
+    --config), so that the values of --config can be read as YAML and a bad value is blamed on its real source."""
+    settings = workflow.config_settings
+    command_line_files = {Path(path).absolute() for path in settings.configfiles}
+    directive_files = [path for path in workflow.configfiles if Path(path).absolute() not in command_line_files]
+    return workflow_sources(directive_files, settings.configfiles, settings.config, settings.replace_workflow_config)
+
 
 try:
-    CFG = load_config(config)
+    RESOLVED = resolve_config(config_sources())
     REGISTRY = load_checkpoint_registry()
 except ConfigError as error:
     raise WorkflowError(f"Configuration error:\n{error}") from None
+CFG = RESOLVED.config
+for note in RESOLVED.notes:
+    logger.warning(f"Config: {note}")
 
 PRESET = CFG["preset"]
 DATASET = CFG["dataset"]
@@ -130,19 +146,10 @@ DENSEPURE = CFG["densepure"]
 SIGMAS = [str(sigma) for sigma in DENSEPURE["sigmas"]]
 
 
-def densepure_split_size():
-    """Size of the evaluation split the subset indexes (MNIST's test split is configurable)."""
-    if DATASET == "mnist":
-        return 10 * CFG["datasets"]["mnist"]["test_per_class"]
-    from diffrobust.data import EVAL_SPLIT_SIZE
-
-    return EVAL_SPLIT_SIZE[DATASET]
-
-
 def densepure_shards():
     from diffrobust.densepure import num_shards
 
-    return list(range(num_shards(CFG["subsets"]["densepure"], densepure_split_size(), DENSEPURE["shard_size"])))
+    return list(range(num_shards(CFG["subsets"]["densepure"], eval_split_size(CFG), DENSEPURE["shard_size"])))
 
 
 def vote_counts(method):
@@ -225,7 +232,11 @@ def report_parameters(wildcards):
 
 
 def all_targets():
-    return checkpoint_targets() + [f"{RESULTS}/reports/{name}.html" for name in CFG["reports"]]
+    """Checkpoints and every report. The executed .ipynb is requested too: after a failed render Snakemake restores
+    the previous HTML (flagged update, with a fresh modification time), and the missing .ipynb is what makes the
+    next run render again."""
+    return checkpoint_targets() + [f"{RESULTS}/reports/{name}.{suffix}" for name in CFG["reports"]
+                                   for suffix in ("html", "ipynb")]
 
 
 def input_dataset_folder(wildcards, input):

@@ -1,15 +1,22 @@
 # Reports: every paper table is a notebook in notebooks/ (jupytext percent script), executed with papermill with
 # parameters from the config, rendered to HTML without code, and registered for `snakemake --report`.
+# The HTML is flagged update(): Snakemake otherwise deletes a job's outputs before it runs, so a failed render would
+# leave no report at all. With the flag it keeps the previous report (and restores its backup if the job fails), and
+# render-notebook replaces it only once the new one is complete (temporary file, then rename). The executed .ipynb
+# is not flagged: a failed job loses it, and the missing file makes the next run render again (the restored HTML
+# has a fresh modification time and would look up to date on its own).
 
 
 rule render_report:
     input:
         unpack(report_inputs),
     output:
-        html=report(
-            f"{RESULTS}/reports/{{notebook}}.html",
-            category="Reports",
-            labels={"preset": PRESET, "notebook": "{notebook}"},
+        html=update(
+            report(
+                f"{RESULTS}/reports/{{notebook}}.html",
+                category="Reports",
+                labels={"preset": PRESET, "notebook": "{notebook}"},
+            )
         ),
         ipynb=f"{RESULTS}/reports/{{notebook}}.ipynb",
     log:

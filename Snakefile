@@ -12,6 +12,10 @@ configfile: "config/config.yaml"
 include: "workflow/rules/common.smk"
 
 
+onstart:
+    check_local_device()
+
+
 rule all:
     default_target: True
     input:

@@ -100,6 +100,15 @@ def test_bad_config_stops_before_any_job(repo_copy, args, message):
     assert not (repo_copy / "data").exists() and not (repo_copy / "results").exists()
 
 
+def test_a_gpu_that_is_not_there_stops_the_run_before_any_job(repo_copy):
+    result = snakemake(repo_copy, "--config", "preset=smoke", "device=cuda:99", check=False)
+    assert result.returncode != 0
+    assert "config key 'device' = 'cuda:99'" in result.stdout + result.stderr
+    assert not (repo_copy / "data").exists() and not (repo_copy / "results").exists()
+    # a dry run (e.g. on a cluster's login node, where the jobs run elsewhere) still plans the work
+    assert "certify_shard" in snakemake(repo_copy, "-n", "--config", "preset=smoke", "device=cuda:99").stdout
+
+
 def test_missing_imagenet_folder_fails_its_job_cleanly(repo_copy):
     result = snakemake(repo_copy, "data/datasets/imagenet/meta.json", "--config", "preset=imagenet", check=False)
     log = (repo_copy / "logs/prepare_dataset/imagenet.log").read_text()

@@ -37,6 +37,22 @@ CFG = RESOLVED.config
 for note in RESOLVED.notes:
     logger.warning(f"Config: {note}")
 
+
+
+def check_local_device():
+    """Called when a run starts (not in dry runs): if jobs run on this machine, a CUDA device that is not here is an
+    error now, not in the first job. On a cluster the DAG is built on a login node and the jobs run elsewhere; there
+    each job's own check stops it."""
+    if not CFG["device"].startswith("cuda") or not workflow.executor_plugin.common_settings.local_exec:
+        return
+    from diffrobust.device import DeviceError, resolve_device
+
+    try:
+        resolve_device(CFG["device"], key="config key 'device'")
+    except DeviceError as error:
+        raise WorkflowError(f"Configuration error:\n{error}") from None
+
+
 PRESET = CFG["preset"]
 DATASET = CFG["dataset"]
 RESULTS = f"results/{PRESET}"

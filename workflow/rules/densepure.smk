@@ -33,6 +33,9 @@ rule certify_shard:
         diffusion=model_source("diffusion"),
         classifier=model_source("classifier"),
         work_dir=f"{RESULTS}/densepure/{{method}}/sigma{{sigma}}/work/shard{{shard}}",
+        device=CFG["device"],
+        diffusion_precision=CFG["models"]["diffusion"]["precision"],
+        classifier_precision=CFG["models"]["classifier"]["precision"],
     message:
         "Certifying {wildcards.method} shard {wildcards.shard} at sigma {wildcards.sigma}"
     shell:
@@ -40,6 +43,8 @@ rule certify_shard:
         " --shard {wildcards.shard} --settings {params.settings:q} --subset {params.subset:q}"
         " --dataset-dir {params.dataset_dir} --diffusion {params.diffusion} --classifier {params.classifier}"
         " --work-dir {params.work_dir} --out-tsv {output.tsv} --out-labels {output.labels}"
+        " --device {params.device} --diffusion-precision {params.diffusion_precision}"
+        " --classifier-precision {params.classifier_precision}"
         " --run-record {log.record} 2> {log.log}"
 
 

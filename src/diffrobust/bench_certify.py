@@ -13,7 +13,9 @@ import torch
 from diffrobust import diffusion as dp
 from diffrobust.config import load_checkpoint_registry, load_config
 from diffrobust.defenses import SmoothingDenoiser
+from diffrobust.device import OnDevice
 from diffrobust.models import build_architecture
+
 
 def _mini_size():
     """The mini preset's networks as configured (config/presets/mini.yaml), on 1x32x32 MNIST with 10 classes."""
@@ -50,10 +52,18 @@ def _network(spec):
     return build_architecture(spec).eval().requires_grad_(False)
 
 
-def _eps(network, null_class):
-    if null_class is None:
-        return lambda x, t, y=None: network(x, t)
-    return lambda x, t, y=None: network(x, t, y=torch.full((x.shape[0],), null_class, dtype=torch.long))
+class _Eps(torch.nn.Module):
+    """eps(x, t) of a random-weight UNet: unconditional, or the null class of a conditional one."""
+
+    def __init__(self, network, null_class):
+        super().__init__()
+        self.network, self.null_class = network, null_class
+
+    def forward(self, x, t, y=None):
+        if self.null_class is None:
+            return self.network(x, t)
+        return self.network(x, t, y=torch.full((x.shape[0],), self.null_class, dtype=torch.long, device=x.device))
+
 
 
 def _timed(call, repeats):
@@ -65,25 +75,45 @@ def _timed(call, repeats):
     return sorted(times)[len(times) // 2]
 
 
-@torch.no_grad()
-def measure(size, batch_size=32, sigma=0.5, reverse="one_shot", num_steps=None, repeats=3):
-    """Median seconds of one batch through the denoiser, the classifier and both; samples/s and time shares."""
+def build_pipeline(size, sigma=0.5, reverse="one_shot", num_steps=None, device="cpu", precisions=None):
+    """(denoiser, classifier, image shape) of a size's networks (random weights, seeded), run on `device` at
+    `precisions` ({"diffusion": ..., "classifier": ...}); the same seed builds the same weights on every device."""
+    precisions = precisions or {}
     spec = SIZES[size]()
     torch.manual_seed(0)
     unet, classifier = _network(spec["diffusion"]), _network(spec["classifier"])
+    unet = OnDevice(unet, device, precisions.get("diffusion", "fp32"))
+    classifier = OnDevice(classifier, device, precisions.get("classifier", "fp32"))
     name, steps = spec["schedule"]
-    variance = spec["variance"]
     maker = dp.GaussianDiffusion.cosine if name == "cosine" else dp.GaussianDiffusion.linear
-    schedule = maker(steps, variance=variance, rescale_timesteps=name == "cosine")
+    schedule = maker(steps, variance=spec["variance"], rescale_timesteps=name == "cosine")
     rule = "cosine_closed_form" if name == "cosine" else "nearest"
-    denoiser = SmoothingDenoiser(_eps(unet, spec["null_class"]), schedule, sigma, tstar_rule=rule, reverse=reverse,
+    denoiser = SmoothingDenoiser(_Eps(unet, spec["null_class"]), schedule, sigma, tstar_rule=rule, reverse=reverse,
                                  num_steps=num_steps)
-    noisy = torch.rand(batch_size, *spec["image"])
+    return denoiser, classifier, spec["image"]
+
+
+def _synchronized(call, device):
+    def run():
+        out = call()
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+        return out
+    return run
+
+
+@torch.no_grad()
+def measure(size, batch_size=32, sigma=0.5, reverse="one_shot", num_steps=None, repeats=3, device="cpu",
+            precisions=None):
+    """Median seconds of one batch through the denoiser, the classifier and both; samples/s and time shares."""
+    denoiser, classifier, image = build_pipeline(size, sigma, reverse, num_steps, device, precisions)
+    noisy = torch.rand(batch_size, *image).to(device)
     generator = torch.Generator().manual_seed(0)
-    denoise = _timed(lambda: denoiser(noisy, generator), repeats)
+    denoise = _timed(_synchronized(lambda: denoiser(noisy, generator), device), repeats)
     cleaned = denoiser(noisy, generator)
-    classify = _timed(lambda: classifier(cleaned), repeats)
-    total = _timed(lambda: classifier(denoiser(noisy, generator)), repeats)
+    classify = _timed(_synchronized(lambda: classifier(cleaned), device), repeats)
+    total = _timed(_synchronized(lambda: classifier(denoiser(noisy, generator)), device), repeats)
+    unet = denoiser.eps_model.network
     return {"size": size, "reverse": reverse, "steps": denoiser.network_evaluations(), "batch_size": batch_size,
             "samples_per_second": batch_size / total, "diffusion_share": denoise / (denoise + classify),
             "classifier_share": classify / (denoise + classify), "seconds_per_batch": total,

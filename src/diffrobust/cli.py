@@ -192,6 +192,12 @@ def cmd_bench_certify(args):
     bench_certify.run(args)
 
 
+def cmd_gpu_check(args):
+    from diffrobust import gpu_check
+
+    gpu_check.run(args)
+
+
 def cmd_check_config(args):
     from diffrobust.config import load_config
 
@@ -293,6 +299,12 @@ def build_parser():
     certify_bench = commands.add_parser("bench-certify", help="noisy samples/s through denoise + classify, time shares")
     bench_certify.add_arguments(certify_bench)
     certify_bench.set_defaults(func=cmd_bench_certify)
+
+    from diffrobust import gpu_check
+
+    gpu = commands.add_parser("gpu-check", help="GPU against CPU: label agreement, output differences, samples/s")
+    gpu_check.add_arguments(gpu)
+    gpu.set_defaults(func=cmd_gpu_check)
 
     check = commands.add_parser("check-config", help="print the merged, validated config of a preset")
     check.add_argument("--preset", default="mini")

@@ -1,0 +1,109 @@
+"""`diffrobust gpu-check`: does this GPU give the CPU's answers, and how fast? (a few minutes on one GPU)
+
+1. **Certification slice** (mini networks, random weights seeded the same on both devices): the per-draw labels of
+   DDS (one-shot) and DensePure (S = 2, K = 3 votes) for the same noisy images and seeds, on the CPU and on the GPU:
+   the fraction of labels that agree, the largest difference of the networks' outputs, samples/s of each.
+2. **Paper-size networks** (the 52.5M improved-diffusion CIFAR-10 UNet and the 85.8M ViT-B/16 at 224 px): DDS
+   samples/s on the GPU in fp32, TF32, fp16 and bf16 autocast; label agreement and the largest logit difference of
+   each against GPU fp32, and of GPU fp32 against the CPU on one batch.
+
+Randomness comes from CPU generators on both devices (`device` module docstring), so every difference measured here
+is arithmetic: kernel order, TF32 and reduced-precision rounding. On a machine without a CUDA GPU it says so and
+exits with status 1.
+"""
+
+import time
+
+import numpy as np
+import torch
+
+from diffrobust import bench_certify
+from diffrobust.certify import sample_noise_labels
+from diffrobust.defenses import VotingLabeler
+from diffrobust.device import DeviceError, cuda_available
+
+SLICE = {"images": 4, "draws": 32, "sigma": 0.5, "votes": 3, "num_steps": 2}
+VARIANTS = {"fp32": ("fp32", False), "tf32": ("fp32", True), "fp16": ("fp16", False), "bf16": ("bf16", False)}
+
+
+def _labels(size, reverse, num_steps, votes, device, precision, images, draws, sigma, batch_size, tf32=False):
+    """(labels (K, images * draws), logits of the first batch, seconds) of one pipeline on one device."""
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        denoiser, classifier, shape = bench_certify.build_pipeline(
+            size, sigma, reverse, num_steps, device, {"diffusion": precision, "classifier": precision})
+        labeler = VotingLabeler(denoiser, classifier, votes)
+        clean = torch.rand((images, *shape), generator=torch.Generator().manual_seed(1)).to(device)
+        with torch.no_grad():
+            first = clean[:1] + sigma * torch.randn((min(batch_size, draws), *shape),
+                                                    generator=torch.Generator().manual_seed(2)).to(device)
+            logits = classifier(denoiser(first, torch.Generator().manual_seed(3))).cpu()
+            started = time.perf_counter()
+            labels = [sample_noise_labels(labeler, image, draws, sigma, batch_size,
+                                          torch.Generator().manual_seed(10 + i), torch.Generator().manual_seed(20 + i))
+                      for i, image in enumerate(clean)]
+            if torch.device(device).type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - started
+        return np.concatenate(labels, axis=1), logits, seconds
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
+def compare(size, reverse, num_steps, votes, reference, candidate, *, images, draws, sigma, batch_size):
+    """Agreement of a candidate (device, variant) with a reference (device, variant): a result row."""
+    rows = {}
+    for role, (device, variant) in (("reference", reference), ("candidate", candidate)):
+        precision, tf32 = VARIANTS[variant]
+        rows[role] = _labels(size, reverse, num_steps, votes, device, precision, images, draws, sigma, batch_size,
+                             tf32)
+    (ref_labels, ref_logits, ref_seconds), (labels, logits, seconds) = rows["reference"], rows["candidate"]
+    samples = images * draws
+    return {"size": size, "reverse": reverse, "votes": votes, "reference": "/".join(reference),
+            "candidate": "/".join(candidate), "label_agreement": float(np.mean(ref_labels == labels)),
+            "max_logit_difference": float((ref_logits - logits).abs().max()),
+            "reference_samples_per_s": samples / ref_seconds, "candidate_samples_per_s": samples / seconds}
+
+
+def format_rows(rows):
+    header = (f"{'size':8} {'reverse':9} {'K':>2} {'reference':>10} {'candidate':>10} {'agree':>7} "
+              f"{'max |dlogit|':>12} {'ref/s':>8} {'cand/s':>8}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(f"{r['size']:8} {r['reverse']:9} {r['votes']:2d} {r['reference']:>10} {r['candidate']:>10} "
+                     f"{r['label_agreement']:7.2%} {r['max_logit_difference']:12.2e} "
+                     f"{r['reference_samples_per_s']:8.1f} {r['candidate_samples_per_s']:8.1f}")
+    return "\n".join(lines)
+
+
+def run_checks(device="cuda", reference_device="cpu", paper_batch=32, paper_draws=64):
+    """Every comparison of the module docstring, as rows."""
+    s = SLICE
+    common = {"images": s["images"], "draws": s["draws"], "sigma": s["sigma"], "batch_size": s["draws"]}
+    rows = [compare("mini", "one_shot", None, 1, (reference_device, "fp32"), (device, "fp32"), **common),
+            compare("mini", "respaced", s["num_steps"], s["votes"], (reference_device, "fp32"), (device, "fp32"),
+                    **common)]
+    # paper size: one batch on the CPU is enough to see the arithmetic difference; the variants against GPU fp32
+    rows.append(compare("cifar10", "one_shot", None, 1, (reference_device, "fp32"), (device, "fp32"), images=1,
+                        draws=8, sigma=s["sigma"], batch_size=8))
+    for variant in ("tf32", "fp16", "bf16"):
+        rows.append(compare("cifar10", "one_shot", None, 1, (device, "fp32"), (device, variant), images=2,
+                            draws=paper_draws, sigma=s["sigma"], batch_size=paper_batch))
+    return rows
+
+
+def add_arguments(parser):
+    parser.add_argument("--device", default="cuda", help="the GPU to check (cuda or cuda:N)")
+    parser.add_argument("--batch-size", type=int, default=32, help="batch of the paper-size rows")
+    return parser
+
+
+def run(args):
+    if not cuda_available():
+        raise DeviceError(f"no CUDA GPU here: torch {torch.__version__} (CUDA build {torch.version.cuda}) sees none, "
+                          "so there is nothing to check. Run `diffrobust gpu-check` on a machine with an NVIDIA GPU.")
+    print(f"GPU: {torch.cuda.get_device_name(args.device)}; torch {torch.__version__}, CUDA {torch.version.cuda}")
+    rows = run_checks(args.device, paper_batch=args.batch_size)
+    print(format_rows(rows))
+    return rows

@@ -265,15 +265,17 @@ def test_edm_pickle_loads_and_its_eps_adapter_inverts_the_denoiser(tmp_path, fix
     from test_networks_edm import write_edm_like_pickle  # the EDM-format writer of the EDM reader's own tests
 
     small = torch.load(fixtures_dir / "architectures" / "edm_vp_songunet_small.pt", weights_only=True)
-    network = edm.build_edm_vp_songunet(small["config"])
+    config = {**small["config"], "precond": "vp"}  # the VPPrecond fixture
+    network = edm.build_edm_vp_songunet(config)
     network.load_state_dict(small["state_dict"])
     (tmp_path / "edm").mkdir()
     write_edm_like_pickle(tmp_path / "edm" / "net.pkl", network.eval().requires_grad_(False), small["config"])
     loaded = models.load_registry_checkpoint(
-        "edm", root=tmp_path, registry=registry_with("edm", "edm_vp_songunet", small["config"], "net.pkl"))
+        "edm", root=tmp_path, registry=registry_with("edm", "edm_vp_songunet", config, "net.pkl"))
     assert loaded.diffusion_settings["schedule"] == "vpsde"
     chain = loaded.diffusion
     model = models.eps_model(loaded)
+    assert isinstance(model, models.EDMVPEps)
     x_t = small["x"] * 0.5
     labels = torch.tensor([4, 9])
     for time in (20, 300.5):
@@ -289,6 +291,59 @@ def test_edm_pickle_loads_and_its_eps_adapter_inverts_the_denoiser(tmp_path, fix
     with torch.no_grad():
         reference = loaded.network(x_t / math.sqrt(chain.alpha_bar(20)), math.sqrt(1 / chain.alpha_bar(20) - 1),
                                    torch.nn.functional.one_hot(labels, 10))
+    assert (one_shot - reference).abs().max().item() < 1e-4
+
+
+def test_edm_precond_pickle_gets_an_eps_adapter_of_its_own_denoiser(tmp_path, fixtures_dir):
+    # The released edm-cifar10-32x32-*-vp.pkl are EDMPrecond: a denoiser D(x; sigma) for any sigma, queried on the
+    # VP SDE's chain. The adapter must give eps = (x - D(x; sigma)) / sigma of EDMPrecond's D, not VPPrecond's.
+    from test_networks_edm import write_edm_like_pickle
+
+    small = torch.load(fixtures_dir / "architectures" / "edm_precond_songunet_small.pt", weights_only=True)
+    config = {**small["config"], "precond": "edm"}
+    network = edm.build_edm_vp_songunet(config)
+    network.load_state_dict(small["state_dict"])
+    (tmp_path / "edm").mkdir()
+    write_edm_like_pickle(tmp_path / "edm" / "net.pkl", network.eval().requires_grad_(False), small["config"])
+    loaded = models.load_registry_checkpoint(
+        "edm", root=tmp_path, registry=registry_with("edm", "edm_vp_songunet", config, "net.pkl"))
+    assert isinstance(loaded.network, edm.EDMPrecond) and loaded.kind == "diffusion"
+    assert loaded.diffusion_settings == models.diffusion_settings("vpsde", 1000, beta_min=0.1, beta_d=19.9)
+    assert models.num_label_classes(loaded) == 10
+    chain = loaded.diffusion
+    model = models.eps_model(loaded)
+    assert isinstance(model, models.EDMPrecondEps)
+    x_t = small["x"] * 0.5
+    labels = torch.tensor([4, 9, 0])
+    one_hot = torch.nn.functional.one_hot(labels, 10)
+    # What the loader gave before: the same weights read as VPPrecond (the same keys load strictly).
+    as_vp = edm.build_edm_vp_songunet({**config, "precond": "vp"})
+    as_vp.load_state_dict(small["state_dict"], strict=True)
+    vp_view = models.EDMVPEps(as_vp.eval(), 1000)
+    for time in (1, 20, 300.5, 1000):
+        alpha_bar = chain.alpha_bar(time)
+        sigma = math.sqrt(1 / alpha_bar - 1)
+        t_model = torch.full((3,), chain.time_to_model_timestep(time))
+        with torch.no_grad():
+            eps = model(x_t, t_model, labels)
+            denoised = loaded.network(x_t / math.sqrt(alpha_bar), torch.full((3,), sigma), one_hot)
+            wrong = vp_view(x_t, t_model, labels)
+        assert model.sigma(t_model, x_t).tolist() == pytest.approx([sigma] * 3, rel=1e-9)
+        expected = (x_t / math.sqrt(alpha_bar) - denoised) / sigma  # eps = (x - D(x; sigma)) / sigma
+        assert (eps - expected).abs().max().item() < 2e-5 * max(1.0, 1 / sigma)
+        assert (wrong - expected).abs().max().item() > 0.05
+    with torch.no_grad():
+        unlabelled = model(x_t, torch.full((3,), 19.0))
+        zero_labels = loaded.network.noise_prediction(x_t / math.sqrt(chain.alpha_bar(20)),
+                                                      math.sqrt(1 / chain.alpha_bar(20) - 1),
+                                                      torch.zeros(3, 10))
+    torch.testing.assert_close(unlabelled, zero_labels)  # y=None: all-zero labels, EDM's convention
+
+    # a defense's one-shot denoising gets EDMPrecond's D(x; sigma) back
+    one_shot = D.one_shot_denoise(model, chain, x_t, 20, clip_denoised=False, y=labels)
+    with torch.no_grad():
+        reference = loaded.network(x_t / math.sqrt(chain.alpha_bar(20)), math.sqrt(1 / chain.alpha_bar(20) - 1),
+                                   one_hot)
     assert (one_shot - reference).abs().max().item() < 1e-4
 
 

@@ -1,5 +1,6 @@
-"""NVlabs/edm VPPrecond(SongUNet): state-dict layout of the published CIFAR-10 models, numerical agreement with the
-official code on a small network, the preconditioning formulas, and the restricted reader of EDM's pickles."""
+"""NVlabs/edm EDMPrecond(SongUNet) and VPPrecond(SongUNet): state-dict layout of the published CIFAR-10 models (which
+are EDMPrecond), numerical agreement with the official code on small networks of both wrappers, the preconditioning
+formulas, the restricted reader of EDM's pickles and the registry loader's check of the wrapper class they name."""
 
 import builtins
 import json
@@ -17,6 +18,8 @@ from torch.nn import functional as F
 
 from diffrobust.networks import build_network
 from diffrobust import models
+from diffrobust.config import ConfigError, load_checkpoint_registry
+from diffrobust.errors import DiffrobustError
 from diffrobust.networks import edm
 
 
@@ -39,9 +42,30 @@ def small(fixtures_dir):
     return torch.load(fixtures_dir / "architectures" / "edm_vp_songunet_small.pt", weights_only=True)
 
 
+@pytest.fixture(scope="module")
+def small_edm(fixtures_dir):
+    """The fixture's small EDMPrecond(SongUNet) (augment_dim 9): random N(0, 0.05) weights, the official output."""
+    return torch.load(fixtures_dir / "architectures" / "edm_precond_songunet_small.pt", weights_only=True)
+
+
+def vp_config(small):
+    """The VPPrecond fixture's constructor kwargs as a registry config (precond: vp)."""
+    return {**small["config"], "precond": "vp"}
+
+
+def edm_config(small_edm):
+    return {**small_edm["config"], "precond": "edm"}
+
+
 def small_network(small):
-    net = edm.build_edm_vp_songunet(small["config"])
+    net = edm.build_edm_vp_songunet(vp_config(small))
     net.load_state_dict(small["state_dict"], strict=True)
+    return net.eval()
+
+
+def small_edm_network(small_edm):
+    net = edm.build_edm_vp_songunet(edm_config(small_edm))
+    net.load_state_dict(small_edm["state_dict"], strict=True)
     return net.eval()
 
 
@@ -50,10 +74,14 @@ def small_network(small):
 def test_cond_vp_registry_network_has_the_official_state_dict_layout(fixtures_dir, repo_root):
     expected = manifest(fixtures_dir, "edm_cifar10_cond_vp_ddpmpp")
     entry = registry_entry(repo_root, "edm_cifar10_cond_vp")
-    assert entry["architecture"]["config"] == expected["config"]
+    config = dict(entry["architecture"]["config"])
+    # The released file was trained with train.py's default --precond=edm; the manifest was made with VPPrecond,
+    # whose keys and shapes are the same (tests/fixtures/README.md), so everything else must equal its config.
+    assert config.pop("precond") == "edm"
+    assert config == expected["config"]
     with torch.device("meta"):
         net = build_network(entry["architecture"])
-    assert isinstance(net, edm.VPPrecond)
+    assert isinstance(net, edm.EDMPrecond)
     assert layout(net) == expected["state_dict"]  # keys, order, shapes, dtypes
     assert sum(p.numel() for p in net.parameters()) == expected["num_params"] == 55_734_147
 
@@ -61,8 +89,10 @@ def test_cond_vp_registry_network_has_the_official_state_dict_layout(fixtures_di
 def test_uncond_vp_registry_network_is_the_cond_one_without_label_mapping(fixtures_dir, repo_root):
     expected = manifest(fixtures_dir, "edm_cifar10_cond_vp_ddpmpp")
     entry = registry_entry(repo_root, "edm_cifar10_uncond_vp")
+    assert entry["architecture"]["config"]["precond"] == "edm"
     with torch.device("meta"):
         net = build_network(entry["architecture"])
+    assert isinstance(net, edm.EDMPrecond)
     without_labels = [row for row in expected["state_dict"] if not row[0].startswith("model.map_label.")]
     assert layout(net) == without_labels
     # map_label is a 10 -> 128 linear layer: 1280 weights + 128 biases.
@@ -81,6 +111,48 @@ def test_small_network_reproduces_the_official_denoiser_output(small):
     assert (small["out"] - small["x"]).abs().max().item() > 0.1
 
 
+def test_small_edm_precond_network_reproduces_the_official_denoiser_output(small_edm):
+    # The wrapper of the released edm-cifar10-32x32-*-vp.pkl, with the augmentation map train.py adds (augment_dim 9).
+    assert small_edm["precond"] == "EDMPrecond" and small_edm["config"]["augment_dim"] == 9
+    net = edm.build_edm_vp_songunet(edm_config(small_edm))
+    assert isinstance(net, edm.EDMPrecond) and net.precond == "edm" and net.sigma_data == 0.5
+    assert net.model.map_augment is not None
+    net.load_state_dict(small_edm["state_dict"], strict=True)
+    args = (small_edm["x"], small_edm["sigma"], small_edm["class_labels"])
+    with torch.no_grad():
+        out = net.eval()(*args)
+    assert out.shape == small_edm["out"].shape == (3, 3, 16, 16)
+    assert (out - small_edm["out"]).abs().max().item() < 1e-5
+    assert (small_edm["out"] - small_edm["x"]).abs().max().item() > 0.1
+
+    # VPPrecond takes the same weights strictly (identical keys) and is another denoiser: why `precond` exists.
+    vp = edm.build_edm_vp_songunet({**small_edm["config"], "precond": "vp"})
+    vp.load_state_dict(small_edm["state_dict"], strict=True)
+    with torch.no_grad():
+        assert (vp.eval()(*args) - small_edm["out"]).abs().max().item() > 0.1
+
+
+def test_precond_defaults_to_train_py_default_edm(small_edm, small):
+    assert isinstance(edm.build_edm_vp_songunet(small_edm["config"]), edm.EDMPrecond)  # no precond key: --precond=edm
+    assert isinstance(edm.build_edm_vp_songunet(vp_config(small)), edm.VPPrecond)
+    assert edm.precond_of_class("EDMPrecond") == "edm" and edm.precond_of_class("training.networks.VPPrecond") == "vp"
+    assert edm.precond_of_class("VEPrecond") is None and edm.precond_of_class("Unrelated") is None
+
+
+@pytest.mark.parametrize("which", ["edm", "vp"])
+def test_noise_prediction_is_the_noise_of_the_official_denoiser(which, small, small_edm):
+    reference = small_edm if which == "edm" else small
+    net = small_edm_network(small_edm) if which == "edm" else small_network(small)
+    x, sigma, labels = reference["x"], reference["sigma"], reference["class_labels"]
+    with torch.no_grad():
+        eps = net.noise_prediction(x, sigma, labels)
+    s = sigma.reshape(-1, 1, 1, 1).double()
+    expected = (x.double() - reference["out"].double()) / s  # eps = (x - D(x; sigma)) / sigma
+    # `out` matches to 1e-5, which dividing by sigma enlarges; eps itself is O(1)
+    assert ((eps.double() - expected).abs() <= 2e-5 / s).all()
+    assert expected.abs().max().item() > 0.05  # at least 50x that tolerance: the comparison is not vacuous
+
+
 def test_class_labels_change_the_output_and_none_means_zero_labels(small):
     net = small_network(small)
     x, sigma = small["x"], small["sigma"]
@@ -93,7 +165,7 @@ def test_class_labels_change_the_output_and_none_means_zero_labels(small):
 
 
 def test_dropout_acts_only_in_training_mode(small):
-    config = dict(small["config"], dropout=0.5)
+    config = dict(vp_config(small), dropout=0.5)
     net = edm.build_edm_vp_songunet(config)
     net.load_state_dict(small["state_dict"], strict=True)
     args = (small["x"], small["sigma"], small["class_labels"])
@@ -144,6 +216,7 @@ def test_vp_preconditioning_coefficients():
     torch.testing.assert_close(net.model.seen_noise, 999 * t)
     # VP: the network predicts the noise; D = x - sigma * F.
     torch.testing.assert_close(out, x - s * (0.5 * c_in * x + 999 * t.reshape(-1, 1, 1, 1)))
+    torch.testing.assert_close(net.noise_prediction(x, sigma), 0.5 * c_in * x + 999 * t.reshape(-1, 1, 1, 1))
 
 
 def test_edm_preconditioning_coefficients():
@@ -163,6 +236,8 @@ def test_edm_preconditioning_coefficients():
     torch.testing.assert_close(net.model.seen_x, c_in * x)
     torch.testing.assert_close(net.model.seen_noise, c_noise)
     torch.testing.assert_close(out, c_skip * x + c_out * (0.5 * c_in * x + c_noise.reshape(-1, 1, 1, 1)))
+    # The noise estimate, in closed form, is (x - D) / sigma.
+    torch.testing.assert_close(net.noise_prediction(x, sigma), (x - out) / s, rtol=1e-5, atol=1e-5)
 
 
 # --- layers and variants ------------------------------------------------------------------------------------------
@@ -206,12 +281,21 @@ def test_ncsnpp_variant_builds_with_fourier_embedding_and_residual_encoder():
 
 def test_builder_rejects_unknown_keys_and_other_model_types():
     base = dict(img_resolution=32, img_channels=3)
-    with pytest.raises(ValueError, match="unknown edm_vp_songunet config keys: num_res_blocks"):
+    with pytest.raises(ValueError, match="unknown edm_vp_songunet config keys for precond 'edm': num_res_blocks"):
         edm.build_edm_vp_songunet(dict(base, num_res_blocks=2))
     with pytest.raises(ValueError, match="DhariwalUNet"):
         edm.build_edm_vp_songunet(dict(base, model_type="DhariwalUNet"))
     with pytest.raises(ValueError, match="img_channels"):
         edm.build_edm_vp_songunet(dict(img_resolution=32))
+    with pytest.raises(ValueError, match="'precond' must be one of edm, vp.*got 've'"):
+        edm.build_edm_vp_songunet(dict(base, precond="ve"))
+    # each wrapper takes its own keys: the VP schedule is not EDMPrecond's, sigma_data not VPPrecond's
+    with pytest.raises(ValueError, match="for precond 'edm': beta_d"):
+        edm.build_edm_vp_songunet(dict(base, precond="edm", beta_d=19.9))
+    with pytest.raises(ValueError, match="for precond 'vp': sigma_data"):
+        edm.build_edm_vp_songunet(dict(base, precond="vp", sigma_data=0.5))
+    assert edm.build_edm_vp_songunet(dict(base, precond="edm", sigma_data=0.25, model_channels=16,
+                                          channel_mult=[1], num_blocks=1)).sigma_data == 0.25
 
 
 # --- reading EDM's pickles ----------------------------------------------------------------------------------------
@@ -236,10 +320,11 @@ class AugmentPipe:
 
 
 class PersistencePickler(pickle.Pickler):
-    def __init__(self, file, reconstruct, network_init_kwargs, protocol):
+    def __init__(self, file, reconstruct, network_init_kwargs, protocol, wrapper_class_name=None):
         super().__init__(file, protocol=protocol)
         self.reconstruct = reconstruct
         self.network_init_kwargs = network_init_kwargs
+        self.wrapper_class_name = wrapper_class_name
 
     def reducer_override(self, obj):
         persistent = isinstance(obj, (VPLoss, AugmentPipe)) or (
@@ -247,20 +332,24 @@ class PersistencePickler(pickle.Pickler):
         if not persistent:
             return NotImplemented
         state = dict(obj.__dict__)
-        if isinstance(obj, edm.VPPrecond):
+        if isinstance(obj, edm._Preconditioned):
             state["_init_kwargs"] = dict(self.network_init_kwargs)
         elif isinstance(obj, edm.UNetBlock):
             state["_init_kwargs"] = dict(skip_scale=np.sqrt(0.5), eps=1e-6)
         else:
             state["_init_kwargs"] = {}
         state["_init_args"] = ()
-        meta = dict(type="class", version=6, module_src=EMBEDDED_SOURCE, class_name=type(obj).__name__, state=state)
+        class_name = type(obj).__name__
+        if isinstance(obj, edm._Preconditioned) and self.wrapper_class_name:
+            class_name = self.wrapper_class_name
+        meta = dict(type="class", version=6, module_src=EMBEDDED_SOURCE, class_name=class_name, state=state)
         return self.reconstruct, (meta,)
 
 
-def write_edm_like_pickle(path, network, init_kwargs, protocol=4, extra=None):
+def write_edm_like_pickle(path, network, init_kwargs, protocol=4, extra=None, wrapper_class_name=None):
     """Pickle {ema, loss_fn, augment_pipe, dataset_kwargs} as EDM's training loop does, with the function
-    reference torch_utils.persistence._reconstruct_persistent_obj resolvable only while writing."""
+    reference torch_utils.persistence._reconstruct_persistent_obj resolvable only while writing.
+    wrapper_class_name: the class name recorded for the network (default: its own, e.g. EDMPrecond)."""
     persistence = types.ModuleType("torch_utils.persistence")
 
     def _reconstruct_persistent_obj(meta):
@@ -279,7 +368,8 @@ def write_edm_like_pickle(path, network, init_kwargs, protocol=4, extra=None):
         patch.setitem(sys.modules, "torch_utils", package)
         patch.setitem(sys.modules, "torch_utils.persistence", persistence)
         with open(path, "wb") as f:
-            PersistencePickler(f, _reconstruct_persistent_obj, init_kwargs, protocol).dump(data)
+            PersistencePickler(f, _reconstruct_persistent_obj, init_kwargs, protocol,
+                               wrapper_class_name).dump(data)
     assert "torch_utils" not in sys.modules
 
 
@@ -287,21 +377,21 @@ def write_edm_like_pickle(path, network, init_kwargs, protocol=4, extra=None):
 def test_edm_like_pickle_loads_without_running_its_embedded_source(tmp_path, small, protocol):
     network = small_network(small).requires_grad_(False)  # EDM pickles eval(), requires_grad_(False) copies
     path = tmp_path / "network-snapshot.pkl"
-    write_edm_like_pickle(path, network, small["config"], protocol=protocol)
+    write_edm_like_pickle(path, network, vp_config(small), protocol=protocol)
     raw = path.read_bytes()
     assert b"_reconstruct_persistent_obj" in raw and b"EDM_EMBEDDED_SOURCE_WAS_EXECUTED" in raw
 
     contents = edm.read_edm_network_pickle(path)
     assert not hasattr(builtins, "EDM_EMBEDDED_SOURCE_WAS_EXECUTED")
     assert contents.class_name == "VPPrecond"
-    assert contents.init_kwargs == small["config"]
+    assert contents.init_kwargs == vp_config(small)
 
     state_dict = edm.load_edm_pickle_state_dict(path)
     assert list(state_dict) == list(network.state_dict())  # `model.`-prefixed, in VPPrecond's order
     for key, value in network.state_dict().items():
         assert torch.equal(state_dict[key], value), key
 
-    fresh = edm.build_edm_vp_songunet(small["config"])
+    fresh = edm.build_edm_vp_songunet(vp_config(small))
     fresh.load_state_dict(state_dict, strict=True)
     with torch.no_grad():
         out = fresh.eval()(small["x"], small["sigma"], small["class_labels"])
@@ -334,7 +424,7 @@ def test_pickle_reader_explains_files_that_are_not_network_snapshots(tmp_path, s
 
 def test_registry_loader_drops_the_augmentation_map_that_sampling_never_uses(tmp_path, small):
     # EDM's CIFAR-10 pickles were trained with augment_dim = 9; the registry network (as the manifest) has none
-    trained = edm.build_edm_vp_songunet({**small["config"], "augment_dim": 9})
+    trained = edm.build_edm_vp_songunet({**vp_config(small), "augment_dim": 9})
     weights = dict(small["state_dict"])
     weights["model.map_augment.weight"] = torch.randn(trained.model.map_augment.weight.shape) * 0.3
     trained.load_state_dict(weights, strict=True)
@@ -342,7 +432,7 @@ def test_registry_loader_drops_the_augmentation_map_that_sampling_never_uses(tmp
     (tmp_path / "tiny_edm").mkdir()
     write_edm_like_pickle(tmp_path / "tiny_edm" / "net.pkl", trained, {**small["config"], "augment_dim": 9})
     registry = {"tiny_edm": {"files": [{"path": "net.pkl", "urls": []}],
-                             "architecture": {"family": "edm_vp_songunet", "config": small["config"]}}}
+                             "architecture": {"family": "edm_vp_songunet", "config": vp_config(small)}}}
     loaded = models.load_registry_checkpoint("tiny_edm", tmp_path, registry=registry)
     assert "model.map_augment.weight" not in loaded.network.state_dict()
     with torch.no_grad():
@@ -353,3 +443,89 @@ def test_registry_loader_drops_the_augmentation_map_that_sampling_never_uses(tmp
     assert (out - small["out"]).abs().max().item() < 1e-5
     assert torch.equal(out, with_augment_net)
     assert (augmented - out).abs().max().item() > 1e-4  # the map is real (float error is ~1e-6): unused labels make it vanish
+
+
+def registry_for_pickle(tmp_path, network, init_kwargs, config, wrapper_class_name=None):
+    """Write `network` as an EDM-like pickle at tmp_path/tiny_edm/net.pkl and a registry entry with `config`."""
+    (tmp_path / "tiny_edm").mkdir(exist_ok=True)
+    write_edm_like_pickle(tmp_path / "tiny_edm" / "net.pkl", network.eval().requires_grad_(False), init_kwargs,
+                          wrapper_class_name=wrapper_class_name)
+    return {"tiny_edm": {"files": [{"path": "net.pkl", "urls": []}],
+                         "architecture": {"family": "edm_vp_songunet", "config": config}}}
+
+
+def test_registry_loads_an_edm_precond_pickle_with_or_without_its_augmentation_map(tmp_path, small_edm):
+    trained = small_edm_network(small_edm)
+    args = (small_edm["x"], small_edm["sigma"], small_edm["class_labels"])
+
+    # augment_dim 9 in the registry: every weight of the pickle is loaded, strictly
+    registry = registry_for_pickle(tmp_path, trained, small_edm["config"], edm_config(small_edm))
+    loaded = models.load_registry_checkpoint("tiny_edm", tmp_path, registry=registry)
+    assert isinstance(loaded.network, edm.EDMPrecond)
+    assert torch.equal(loaded.network.state_dict()["model.map_augment.weight"],
+                       small_edm["state_dict"]["model.map_augment.weight"])
+    with torch.no_grad():
+        out = loaded.network(*args)
+    assert (out - small_edm["out"]).abs().max().item() < 1e-5
+
+    # no augment_dim (the registry's CIFAR-10 entries): the map is dropped and the denoiser is exactly the same,
+    # because EDM's SongUNet applies it only to augmentation labels, which no defense passes
+    config = {key: value for key, value in edm_config(small_edm).items() if key != "augment_dim"}
+    registry["tiny_edm"]["architecture"]["config"] = config
+    without_map = models.load_registry_checkpoint("tiny_edm", tmp_path, registry=registry)
+    assert "model.map_augment.weight" not in without_map.network.state_dict()
+    with torch.no_grad():
+        assert torch.equal(without_map.network(*args), out)
+        augmented = trained(*args, augment_labels=torch.ones(len(small_edm["x"]), 9))
+    # the map is real (here ~2e-5, 300x the float32 rounding of `out`); only unused labels make it vanish
+    assert (augmented - out).abs().max().item() > 1e-6
+
+    # the pickle may name the class with its module (a plainly pickled training.networks.EDMPrecond)
+    registry = registry_for_pickle(tmp_path, trained, small_edm["config"], edm_config(small_edm),
+                                   wrapper_class_name="training.networks.EDMPrecond")
+    assert isinstance(models.load_registry_checkpoint("tiny_edm", tmp_path, registry=registry).network,
+                      edm.EDMPrecond)
+
+
+@pytest.mark.parametrize("pickled, registered", [("edm", "vp"), ("vp", "edm")])
+def test_registry_refuses_a_pickle_whose_wrapper_class_disagrees(tmp_path, small, small_edm, pickled, registered):
+    # Same keys, same shapes: a strict load would succeed and silently compute the other denoiser.
+    if pickled == "edm":
+        network, init_kwargs, config = small_edm_network(small_edm), small_edm["config"], edm_config(small_edm)
+    else:
+        network, init_kwargs, config = small_network(small), small["config"], vp_config(small)
+    class_name = type(network).__name__
+    registry = registry_for_pickle(tmp_path, network, init_kwargs, {**config, "precond": registered})
+    with pytest.raises(models.ModelFileError) as error:
+        models.load_registry_checkpoint("tiny_edm", tmp_path, registry=registry)
+    assert isinstance(error.value, DiffrobustError)
+    message = str(error.value)
+    assert str(tmp_path / "tiny_edm" / "net.pkl") in message  # the file
+    assert f"holds an NVlabs/edm {class_name} network (precond '{pickled}')" in message  # what the pickle says
+    other = "VPPrecond" if pickled == "edm" else "EDMPrecond"
+    assert f"the registry says precond '{registered}' ({other})" in message  # what the registry says
+    assert f"set `precond: {pickled}`" in message and "config/checkpoints.yaml" in message  # the fix
+
+
+def test_registry_refuses_edm_wrappers_that_are_not_implemented(tmp_path, small_edm):
+    registry = registry_for_pickle(tmp_path, small_edm_network(small_edm), small_edm["config"],
+                                   edm_config(small_edm), wrapper_class_name="VEPrecond")
+    with pytest.raises(models.ModelFileError, match="holds an NVlabs/edm VEPrecond network, which this code does "
+                                                    "not implement .*EDMPrecond, VPPrecond"):
+        models.load_registry_checkpoint("tiny_edm", tmp_path, registry=registry)
+
+
+def test_registry_schema_requires_precond_for_edm_entries(tmp_path, repo_root):
+    registry = yaml.safe_load((repo_root / "config" / "checkpoints.yaml").read_text())
+    assert {name: entry["architecture"]["config"]["precond"] for name, entry in registry.items()
+            if entry.get("architecture", {}).get("family") == "edm_vp_songunet"} == \
+        {"edm_cifar10_cond_vp": "edm", "edm_cifar10_uncond_vp": "edm"}
+    del registry["edm_cifar10_cond_vp"]["architecture"]["config"]["precond"]
+    registry["edm_cifar10_uncond_vp"]["architecture"]["config"]["precond"] = "ve"
+    path = tmp_path / "checkpoints.yaml"
+    path.write_text(yaml.safe_dump(registry))
+    with pytest.raises(ConfigError) as error:
+        load_checkpoint_registry(path)
+    message = str(error.value)
+    assert "edm_cifar10_cond_vp.architecture.config': 'precond' is a required property" in message
+    assert "edm_cifar10_uncond_vp.architecture.config.precond': 've' is not one of ['edm', 'vp']" in message

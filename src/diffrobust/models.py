@@ -12,9 +12,10 @@ same `LoadedModel`.
 Kinds
 -----
 - "classifier": [0, 1] images -> logits.
-- "diffusion": an eps-predicting network ``net(x_t, t_model, y=None)`` in [-1, 1] space (or, for EDM, a VP
-  denoiser that `eps_model` adapts). A class-conditional mini model has one extra *null class* (index
-  ``null_class``) that label dropout trained as "no label": one network gives conditional and unconditional eps.
+- "diffusion": an eps-predicting network ``net(x_t, t_model, y=None)`` in [-1, 1] space (or, for EDM, a denoiser
+  D(x; sigma) behind EDMPrecond or VPPrecond that `eps_model` adapts). A class-conditional mini model has one
+  extra *null class* (index ``null_class``) that label dropout trained as "no label": one network gives
+  conditional and unconditional eps.
 - "multihead_diffusion": RDC's multi-head network, no label input; its output holds one eps head per class
   (``num_classes x C`` channels, head k at channels ``k*C .. (k+1)*C - 1``), so one pass gives every class's eps.
 
@@ -316,9 +317,16 @@ def registry_diffusion_settings(architecture):
         return diffusion_settings(flags["noise_schedule"], flags["diffusion_steps"], learn_sigma=learn_sigma,
                                   rescale_timesteps=flags["rescale_timesteps"], variance=variance)
     if family == "edm_vp_songunet":
-        # EDM's VP defaults (VPPrecond: beta_d=19.9, beta_min=0.1, M=1000) unless the config overrides them.
-        return diffusion_settings("vpsde", int(config.get("M", 1000)), beta_min=config.get("beta_min", 0.1),
-                                  beta_d=config.get("beta_d", 19.9))
+        from diffrobust.networks import edm
+
+        if config.get("precond", edm.DEFAULT_PRECOND) == "vp":
+            # The network's own VP SDE: EDM's VP defaults (VPPrecond: beta_d=19.9, beta_min=0.1, M=1000) unless
+            # the config overrides them.
+            return diffusion_settings("vpsde", int(config.get("M", 1000)), beta_min=config.get("beta_min", 0.1),
+                                      beta_d=config.get("beta_d", 19.9))
+        # EDMPrecond is a denoiser D(x; sigma) for any sigma and has no chain of its own; the defenses query it on
+        # the VP SDE's chain with EDM's VP constants (DiffPure's chain), through EDMPrecondEps.
+        return diffusion_settings("vpsde", 1000, beta_min=0.1, beta_d=19.9)
     return None
 
 
@@ -339,10 +347,6 @@ def _strip_prefix(state_dict, prefix="module."):
 
 
 def _read_state_dict(path, family):
-    if family == "edm_vp_songunet":
-        from diffrobust.networks.edm import load_edm_pickle_state_dict
-
-        return load_edm_pickle_state_dict(path)
     try:
         contents = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
@@ -358,6 +362,37 @@ REGISTRY_KINDS = {"improved_diffusion_unet": "diffusion", "guided_diffusion_unet
                   "timm_beit": "classifier"}
 
 
+def _edm_pickle_state_dict(path, network):
+    """The state dict of an NVlabs/edm pickle for the registry's `network`, after checking that the wrapper class the
+    pickle names is the one the registry's `precond` builds: EDMPrecond and VPPrecond have the same keys, so a
+    strict load would not notice, and the denoiser would silently be the other one."""
+    from diffrobust.networks import edm
+
+    contents = edm.read_edm_network_pickle(path)
+    found = edm.precond_of_class(contents.class_name)
+    if found != network.precond:
+        built = type(network).__name__
+        if found is None:
+            what = (f"an NVlabs/edm {contents.class_name} network, which this code does not implement (it builds "
+                    f"{', '.join(sorted(cls.__name__ for cls, _ in edm.PRECONDITIONINGS.values()))})")
+            fix = "use a checkpoint with one of those wrappers"
+        else:
+            what = f"an NVlabs/edm {contents.class_name} network (precond {found!r})"
+            fix = f"set `precond: {found}` in the architecture config of its entry in config/checkpoints.yaml"
+        raise ModelFileError(
+            f"{path}: the pickle holds {what}, but the registry says precond {network.precond!r} ({built}). The "
+            f"wrappers share their weights' names and shapes but not their denoiser (c_skip, c_out, c_in, c_noise), "
+            f"so loading it as {built} would compute the wrong D(x; sigma). Fix: {fix}.")
+    state_dict = contents.state_dict
+    if getattr(network.model, "map_augment", None) is None:
+        # EDM's CIFAR-10 training sets augment_dim = 9 (its --augment default), so the released pickles carry
+        # model.map_augment.weight, a bias-free map of the augmentation labels that acts only when augmentation
+        # labels are passed (EDM's SongUNet skips it for augment_labels=None). Sampling and every defense pass
+        # none, so that map adds exactly nothing; the registry network (the manifest) has none.
+        state_dict.pop("model.map_augment.weight", None)
+    return state_dict
+
+
 def _registry_network(architecture, path, device):
     """Build the registry network and load the official weights at `path` into it, strictly."""
     family = architecture["family"]
@@ -370,12 +405,10 @@ def _registry_network(architecture, path, device):
             raise ModelFileError(f"{path.parent}: cannot load the Hugging Face ViT ({error})") from error
         return network.to(device).eval().requires_grad_(False)
     network = build_architecture(architecture)
-    state_dict = _read_state_dict(path, family)
-    if family == "edm_vp_songunet" and getattr(network.model, "map_augment", None) is None:
-        # EDM's CIFAR-10 training sets augment_dim = 9 (its --augment default), so the released pickles carry
-        # model.map_augment.weight, a bias-free map of the augmentation labels. Sampling and every defense pass no
-        # augmentation labels, so that map adds exactly nothing; the registry network (the manifest) has none.
-        state_dict.pop("model.map_augment.weight", None)
+    if family == "edm_vp_songunet":
+        state_dict = _edm_pickle_state_dict(path, network)
+    else:
+        state_dict = _read_state_dict(path, family)
     if family == "timm_beit":
         from diffrobust.networks.pretrained import timm_beit_state_dict
 
@@ -541,6 +574,25 @@ class GuidedEps(nn.Module):
         return torch.cat([eps, cond[:, channels:]], dim=1)
 
 
+def _edm_labels(network, x_t, y):
+    """One-hot rows for an EDM network from class indices y; None -> all-zero labels (EDM's convention) for a
+    conditional network, no labels for an unconditional one."""
+    if not network.label_dim:
+        if y is not None:
+            raise ValueError("this EDM model is unconditional; pass no labels")
+        return None
+    labels = torch.zeros(x_t.shape[0], network.label_dim, device=x_t.device)
+    if y is not None:
+        labels[torch.arange(x_t.shape[0]), _labels(y, x_t)] = 1.0
+    return labels
+
+
+def _edm_chain_time(t_model, x_t, num_timesteps, dtype):
+    """SDE time tau = (t_model + 1)/T of the "vpsde" chain (diffusion.py queries level t at t_model = t - 1)."""
+    t_model = torch.as_tensor(t_model, dtype=dtype, device=x_t.device).reshape(-1)
+    return ((t_model + 1) / num_timesteps).expand(x_t.shape[0])
+
+
 class EDMVPEps(nn.Module):
     """eps(x_t, t_model, y) of an NVlabs/edm VPPrecond network on the "vpsde" chain of `build_diffusion`.
 
@@ -557,16 +609,57 @@ class EDMVPEps(nn.Module):
         self.num_timesteps = num_timesteps
 
     def forward(self, x_t, t_model, y=None):
-        tau = (torch.as_tensor(t_model, dtype=torch.float32, device=x_t.device).reshape(-1) + 1) / self.num_timesteps
-        noise_labels = ((self.network.M - 1) * tau).expand(x_t.shape[0])
-        labels = None
-        if self.network.label_dim:
-            labels = torch.zeros(x_t.shape[0], self.network.label_dim, device=x_t.device)
-            if y is not None:
-                labels[torch.arange(x_t.shape[0]), _labels(y, x_t)] = 1.0
-        elif y is not None:
-            raise ValueError("this EDM model is unconditional; pass no labels")
+        tau = _edm_chain_time(t_model, x_t, self.num_timesteps, torch.float32)
+        noise_labels = (self.network.M - 1) * tau
+        labels = _edm_labels(self.network, x_t, y)
         return self.network.model(x_t.to(torch.float32), noise_labels, class_labels=labels)
+
+
+class EDMPrecondEps(nn.Module):
+    """eps(x_t, t_model, y) of an NVlabs/edm EDMPrecond network (a denoiser D(x; sigma) in sigma space) on the
+    "vpsde" chain of `build_diffusion` with beta_min, beta_d.
+
+    At chain time t = T·tau (tau = (t_model + 1)/T, as for EDMVPEps) alpha_bar = exp(-(beta_d·tau²/2 +
+    beta_min·tau)), so the image in EDM's space is x = x_t/sqrt(alpha_bar) = x_t·sqrt(1 + sigma²) with
+    sigma² = 1/alpha_bar - 1 = expm1(beta_d·tau²/2 + beta_min·tau), and eps = (x - D(x; sigma, y))/sigma, which
+    `EDMPrecond.noise_prediction` computes in closed form. The chain is only the grid the defenses query on:
+    EDMPrecond accepts any sigma (trained on log-normal sigma around exp(-1.2); the chain's last level, sigma 152,
+    is beyond EDM's sampling maximum of 80). y as for EDMVPEps.
+    """
+
+    def __init__(self, network, num_timesteps, beta_min, beta_d):
+        super().__init__()
+        self.network = network
+        self.num_timesteps = num_timesteps
+        self.beta_min = float(beta_min)
+        self.beta_d = float(beta_d)
+
+    def sigma(self, t_model, x_t):
+        """EDM noise level sigma (float64, shape [N]) of the chain level that t_model queries."""
+        tau = _edm_chain_time(t_model, x_t, self.num_timesteps, torch.float64)
+        return torch.expm1(0.5 * self.beta_d * tau ** 2 + self.beta_min * tau).sqrt()
+
+    def forward(self, x_t, t_model, y=None):
+        sigma = self.sigma(t_model, x_t)
+        scale = (1 + sigma ** 2).sqrt().to(torch.float32).reshape(-1, 1, 1, 1)
+        x = x_t.to(torch.float32) * scale
+        return self.network.noise_prediction(x, sigma.to(torch.float32), _edm_labels(self.network, x_t, y))
+
+
+# The eps adapter of an EDM network by its wrapper's `precond`: (network, diffusion settings) -> eps model.
+EDM_EPS_ADAPTERS = {
+    "vp": lambda network, settings: EDMVPEps(network, settings["num_timesteps"]),
+    "edm": lambda network, settings: EDMPrecondEps(network, settings["num_timesteps"], settings["beta_min"],
+                                                   settings["beta_d"]),
+}
+
+
+def _edm_eps(loaded):
+    """The eps adapter of an EDM network, chosen by its wrapper class (`precond`), not by the registry's word."""
+    precond = loaded.network.precond
+    if precond not in EDM_EPS_ADAPTERS:
+        raise ValueError(f"no eps adapter for an EDM network with precond {precond!r}")
+    return EDM_EPS_ADAPTERS[precond](loaded.network, loaded.diffusion_settings)
 
 
 def _is_edm(loaded):
@@ -587,7 +680,7 @@ def eps_model(loaded, *, unconditional=False, guidance_scale=0.0):
     if _is_edm(loaded):
         if guidance_scale:
             raise ValueError("guidance needs a model with a null class; EDM models have none")
-        return EDMVPEps(network, loaded.diffusion_settings["num_timesteps"])
+        return _edm_eps(loaded)
     if loaded.kind == "multihead_diffusion":
         if unconditional or guidance_scale:
             raise ValueError("a multi-head model has no unconditional prediction (and hence no guidance)")

@@ -6,13 +6,22 @@ order and tensor shapes of the official code, so `state_dict()` keys match their
 The arithmetic follows theirs operation by operation (same reshapes, same order of additions), so outputs agree with
 the official network to float32 rounding.
 
+Which wrapper: the `-vp` of the released file names is the DDPM++ *architecture* (train.py `--arch=ddpmpp`), not
+the preconditioning. Those files were trained with train.py's default `--precond=edm`, so they are
+`EDMPrecond(SongUNet)`; only `baseline/baseline-cifar10-32x32-uncond-vp.pkl` (converted from score_sde) is
+`VPPrecond`. The two wrappers have identical state-dict keys but different denoisers (c_skip, c_out, c_in,
+c_noise), so the wrapper is a config key of its own, `precond` ('edm' | 'vp', train.py's flag), and the registry
+loader checks it against the class that the pickle names.
+
 Conventions (as in EDM): `x` is an image in the data space [-1, 1] plus Gaussian noise of standard deviation
-`sigma`; `VPPrecond(x, sigma, class_labels)` returns the denoised estimate D(x; sigma, y) in that same space.
+`sigma`; `net(x, sigma, class_labels)` returns the denoised estimate D(x; sigma, y) in that same space, and
+`net.noise_prediction(x, sigma, class_labels)` the noise estimate (x - D(x; sigma, y)) / sigma.
 `class_labels` are one-hot rows of width `label_dim`.
 
 The published networks are pickles made with NVlabs' `torch_utils.persistence`, which embeds the Python source of
 the network classes and executes it on load. `read_edm_network_pickle` reads such a file with a restricted
-unpickler that never runs that source; it only rebuilds tensors and returns the network's state dict.
+unpickler that never runs that source; it only rebuilds tensors and returns the network's class name, constructor
+arguments and state dict.
 """
 
 import _compat_pickle
@@ -389,7 +398,9 @@ class SongUNet(nn.Module):
 
 class _Preconditioned(nn.Module):
     """Common part of the EDM wrappers; subclasses give the four coefficients. The U-Net is `self.model`, hence the
-    `model.` prefix of every checkpoint key."""
+    `model.` prefix of every checkpoint key. `precond` is the subclass's value of the config key of that name."""
+
+    precond = None
 
     def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, model_type="SongUNet",
                  **model_kwargs):
@@ -407,9 +418,12 @@ class _Preconditioned(nn.Module):
         """(c_skip, c_out, c_in, c_noise) for sigma of shape (N, 1, 1, 1)."""
         raise NotImplementedError
 
-    def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
-        """Denoised D(x; sigma, y). `sigma`: scalar or (N,); `class_labels`: (N, label_dim) one-hot, or None, which
-        for a conditional model means all-zero labels (EDM's convention)."""
+    def eps_coefficients(self, sigma):
+        """(a, b) with (x - D(x; sigma)) / sigma = a * x + b * F, written so that nothing cancels at small sigma."""
+        raise NotImplementedError
+
+    def _inputs(self, x, sigma, class_labels, force_fp32):
+        """x, sigma (N, 1, 1, 1), class labels and compute dtype as EDM's forward prepares them."""
         x = x.to(torch.float32)
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
         if sigma.shape[0] == 1 and x.shape[0] != 1:
@@ -422,10 +436,24 @@ class _Preconditioned(nn.Module):
             class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
         # EDM runs fp16 only on CUDA; on CPU the network always computes in float32.
         dtype = torch.float16 if (self.use_fp16 and not force_fp32 and x.device.type == "cuda") else torch.float32
+        return x, sigma, class_labels, dtype
 
+    def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
+        """Denoised D(x; sigma, y). `sigma`: scalar or (N,); `class_labels`: (N, label_dim) one-hot, or None, which
+        for a conditional model means all-zero labels (EDM's convention)."""
+        x, sigma, class_labels, dtype = self._inputs(x, sigma, class_labels, force_fp32)
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
         F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
         return c_skip * x + c_out * F_x.to(torch.float32)
+
+    def noise_prediction(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
+        """The noise estimate eps = (x - D(x; sigma, y)) / sigma of the same network pass as `forward`, in closed
+        form (no subtraction of two O(1) numbers to get an O(sigma) one). Same arguments as `forward`."""
+        x, sigma, class_labels, dtype = self._inputs(x, sigma, class_labels, force_fp32)
+        _, _, c_in, c_noise = self.coefficients(sigma)
+        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
+        a, b = self.eps_coefficients(sigma)
+        return a * x + b * F_x.to(torch.float32)
 
     def round_sigma(self, sigma):
         """Identity: these wrappers accept any continuous sigma (EDM's samplers call this)."""
@@ -433,11 +461,14 @@ class _Preconditioned(nn.Module):
 
 
 class VPPrecond(_Preconditioned):
-    """VP preconditioning (score_sde's variance-preserving SDE in EDM's sigma parametrisation).
+    """VP preconditioning (score_sde's variance-preserving SDE in EDM's sigma parametrisation; `precond: vp`).
 
     The U-Net predicts the noise eps: D = x - sigma * F(x / sqrt(1 + sigma^2); (M - 1) * t(sigma)), where t(sigma)
-    inverts sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1).
+    inverts sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1). Of NVlabs' CIFAR-10 files only
+    `baseline/baseline-cifar10-32x32-uncond-vp.pkl` (converted from score_sde) has this wrapper.
     """
+
+    precond = "vp"
 
     def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, beta_d=19.9, beta_min=0.1,
                  M=1000, epsilon_t=1e-5, model_type="SongUNet", **model_kwargs):
@@ -471,13 +502,21 @@ class VPPrecond(_Preconditioned):
         c_noise = (self.M - 1) * self.sigma_inv(sigma)
         return c_skip, c_out, c_in, c_noise
 
+    def eps_coefficients(self, sigma):
+        # c_skip = 1, c_out = -sigma: (x - D) / sigma = F exactly; the U-Net predicts the noise.
+        return 0, 1
+
 
 class EDMPrecond(_Preconditioned):
-    """EDM's own preconditioning (Karras et al. 2022, Table 1) with data standard deviation `sigma_data`.
+    """EDM's own preconditioning (Karras et al. 2022, Table 1) with data standard deviation `sigma_data`
+    (`precond: edm`): the wrapper of the released `edm-cifar10-32x32-{cond,uncond}-vp.pkl` and of RDC's networks.
 
     c_skip = sd^2 / (sigma^2 + sd^2), c_out = sigma sd / sqrt(sigma^2 + sd^2), c_in = 1 / sqrt(sigma^2 + sd^2),
-    c_noise = ln(sigma) / 4.
+    c_noise = ln(sigma) / 4. The U-Net's output is neither the noise nor the image but a mix of both; the noise
+    estimate is `noise_prediction`.
     """
+
+    precond = "edm"
 
     def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, sigma_min=0,
                  sigma_max=float("inf"), sigma_data=0.5, model_type="SongUNet", **model_kwargs):
@@ -495,13 +534,20 @@ class EDMPrecond(_Preconditioned):
         c_noise = sigma.log() / 4
         return c_skip, c_out, c_in, c_noise
 
+    def eps_coefficients(self, sigma):
+        # (1 - c_skip) / sigma = sigma / (sigma^2 + sd^2) and c_out / sigma = sd / sqrt(sigma^2 + sd^2).
+        sd = self.sigma_data
+        return sigma / (sigma ** 2 + sd ** 2), -sd / (sigma ** 2 + sd ** 2).sqrt()
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Building from a registry config.
 
 # NVlabs/edm train.py with --arch=ddpmpp (and its --dropout default). augment_dim is 0 here although train.py sets
-# it to 9 whenever --augment > 0 (its default 0.12): the registry's CIFAR-10 configs and manifest have no
-# `model.map_augment.weight`; give augment_dim: 9 explicitly for a network trained with augmentation labels.
+# it to 9 whenever --augment > 0 (its default 0.12), as in the released CIFAR-10 pickles: the registry's CIFAR-10
+# configs (like the manifest) leave it out, and the registry loader drops the pickles' `model.map_augment.weight`,
+# which no defense uses (the map only acts when augmentation labels are passed; see models._edm_pickle_state_dict).
+# Give augment_dim: 9 explicitly to keep the map.
 DDPMPP_DEFAULTS = dict(
     label_dim=0, use_fp16=False, model_type="SongUNet", augment_dim=0, model_channels=128, channel_mult=[2, 2, 2],
     channel_mult_emb=4, num_blocks=4, attn_resolutions=[16], dropout=0.13, label_dropout=0,
@@ -509,30 +555,53 @@ DDPMPP_DEFAULTS = dict(
     resample_filter=[1, 1],
 )
 VP_SCHEDULE_KEYS = ("beta_d", "beta_min", "M", "epsilon_t")
+EDM_PRECOND_KEYS = ("sigma_min", "sigma_max", "sigma_data")
 REQUIRED_KEYS = ("img_resolution", "img_channels")
+
+# The `precond` config key: train.py's --precond flag -> the wrapper class it trains and the keys that class adds.
+PRECONDITIONINGS = {"edm": (EDMPrecond, EDM_PRECOND_KEYS), "vp": (VPPrecond, VP_SCHEDULE_KEYS)}
+DEFAULT_PRECOND = "edm"  # train.py's default, which the released edm-cifar10-32x32-*-vp.pkl were trained with
+# NVlabs/edm wrapper class names (as the pickles record them) -> the `precond` value; None: not implemented here.
+PRECOND_OF_CLASS = {"EDMPrecond": "edm", "VPPrecond": "vp", "VEPrecond": None, "iDDPMPrecond": None}
+
+
+def precond_of_class(class_name):
+    """The `precond` value of a wrapper class name as an EDM pickle records it ('EDMPrecond' or a qualified
+    'training.networks.EDMPrecond'); None for EDM wrappers that are not implemented here (VE, iDDPM) and for names
+    that are no EDM wrapper at all."""
+    return PRECOND_OF_CLASS.get(str(class_name).rsplit(".", 1)[-1])
 
 
 def build_edm_vp_songunet(config):
-    """`VPPrecond(SongUNet)` from a config with EDM's own argument names (see config/checkpoints.yaml).
+    """`EDMPrecond(SongUNet)` or `VPPrecond(SongUNet)` from a config with EDM's own argument names (see
+    config/checkpoints.yaml). The family name's `vp` is the DDPM++ configuration of the released files
+    (`*-vp.pkl`), not the preconditioning.
 
-    Keys: img_resolution, img_channels (required); label_dim, use_fp16, model_type ('SongUNet'), embedding_type,
-    encoder_type, decoder_type, channel_mult_noise, resample_filter, model_channels, channel_mult, num_blocks,
-    attn_resolutions, dropout, augment_dim, label_dropout, channel_mult_emb (defaults: DDPMPP_DEFAULTS); and the
-    VP schedule beta_d, beta_min, M, epsilon_t (defaults 19.9, 0.1, 1000, 1e-5).
+    Keys: img_resolution, img_channels (required); `precond`: 'edm' (EDMPrecond, train.py's default and the
+    released CIFAR-10 files') or 'vp' (VPPrecond, score_sde's VP SDE); label_dim, use_fp16, model_type
+    ('SongUNet'), embedding_type, encoder_type, decoder_type, channel_mult_noise, resample_filter, model_channels,
+    channel_mult, num_blocks, attn_resolutions, dropout, augment_dim, label_dropout, channel_mult_emb (defaults:
+    DDPMPP_DEFAULTS); for 'edm' sigma_min, sigma_max, sigma_data (defaults 0, inf, 0.5); for 'vp' the VP schedule
+    beta_d, beta_min, M, epsilon_t (defaults 19.9, 0.1, 1000, 1e-5).
     """
     config = dict(config)
+    precond = config.pop("precond", DEFAULT_PRECOND)
+    if precond not in PRECONDITIONINGS:
+        raise ValueError(f"edm_vp_songunet config key 'precond' must be one of {', '.join(sorted(PRECONDITIONINGS))} "
+                         f"(NVlabs/edm train.py's --precond), got {precond!r}")
+    wrapper, wrapper_keys = PRECONDITIONINGS[precond]
     missing = [key for key in REQUIRED_KEYS if key not in config]
     if missing:
         raise ValueError(f"edm_vp_songunet config lacks {', '.join(missing)}")
-    known = set(REQUIRED_KEYS) | set(DDPMPP_DEFAULTS) | set(VP_SCHEDULE_KEYS)
+    known = set(REQUIRED_KEYS) | set(DDPMPP_DEFAULTS) | set(wrapper_keys)
     unknown = sorted(set(config) - known)
     if unknown:
-        raise ValueError(f"unknown edm_vp_songunet config keys: {', '.join(unknown)}; "
-                         f"known: {', '.join(sorted(known))}")
+        raise ValueError(f"unknown edm_vp_songunet config keys for precond {precond!r}: {', '.join(unknown)}; "
+                         f"known: precond, {', '.join(sorted(known))}")
     kwargs = {**DDPMPP_DEFAULTS, **config}
     for key in ("channel_mult", "attn_resolutions", "resample_filter"):
         kwargs[key] = list(kwargs[key])
-    return VPPrecond(**kwargs)
+    return wrapper(**kwargs)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -729,6 +798,7 @@ def read_edm_network_pickle(path, key="ema"):
 
 
 def load_edm_pickle_state_dict(path, key="ema"):
-    """State dict of network `key` ('ema' by default) of an EDM `.pkl`, keys as in `VPPrecond.state_dict()`
-    (`model.map_label.weight`, ...). Refuses, with EDMPickleError, any pickle that references other globals."""
+    """State dict of network `key` ('ema' by default) of an EDM `.pkl`, keys as in `EDMPrecond.state_dict()`
+    (`model.map_label.weight`, ...; VPPrecond's are the same). Refuses, with EDMPickleError, any pickle that
+    references other globals."""
     return read_edm_network_pickle(path, key=key).state_dict

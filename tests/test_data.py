@@ -114,6 +114,44 @@ def test_imagenet_from_class_folders(tmp_path):
     assert np.array_equal(split.take([4]).images[0], expected)
 
 
+@pytest.mark.parametrize("width, height", [
+    (333, 500), (500, 333),  # portrait and landscape
+    (257, 381), (381, 257),  # 256 * 381 / 257 = 379.52: torchvision truncates to 379 (round() gave 380)
+    (256, 259), (259, 256),  # no resize; crop offset 1.5 rounds to 2 (flooring gave 1)
+    (261, 256),  # offset 2.5: Python's round goes to the even 2
+    (256, 256),  # untouched
+    (200, 300),  # upscaled: 256 * 300 / 200 = 384 exactly
+])
+def test_imagenet_resize_and_crop_match_torchvision_pixel_for_pixel(tmp_path, width, height):
+    # DensePure's ImageNet pipeline: datasets.ImageFolder (PIL, RGB) + Resize(256, BICUBIC) + CenterCrop(256).
+    from torchvision import transforms
+
+    rng = np.random.default_rng(width * 1000 + height)
+    noise = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)  # noise: any one-pixel shift shows
+    path = tmp_path / "image.png"
+    Image.fromarray(noise).save(path)
+    reference = transforms.Compose([transforms.Resize(256, interpolation=transforms.InterpolationMode.BICUBIC),
+                                    transforms.CenterCrop(256)])
+    with Image.open(path) as image:
+        expected = np.asarray(reference(image.convert("RGB")), dtype=np.uint8).transpose(2, 0, 1)
+    ours = data.load_resized_center_crop(path, 256)
+    assert ours.dtype == np.uint8 and ours.shape == expected.shape == (3, 256, 256)
+    assert np.array_equal(ours, expected)
+
+
+def test_imagenet_crop_converts_other_modes_to_rgb_first(tmp_path):
+    from torchvision import transforms
+
+    gray = Image.fromarray(np.random.default_rng(3).integers(0, 256, (301, 277), dtype=np.uint8), mode="L")
+    path = tmp_path / "gray.jpg"
+    gray.save(path, quality=90)
+    reference = transforms.Compose([transforms.Resize(256, interpolation=transforms.InterpolationMode.BICUBIC),
+                                    transforms.CenterCrop(256)])
+    with Image.open(path) as image:
+        expected = np.asarray(reference(image.convert("RGB")), dtype=np.uint8).transpose(2, 0, 1)
+    assert np.array_equal(data.load_resized_center_crop(path, 256), expected)
+
+
 def test_missing_imagenet_folder_is_a_clear_error(tmp_path):
     with pytest.raises(data.DataError, match="datasets.imagenet.val_dir"):
         data.prepare_imagenet(tmp_path / "out", tmp_path / "nope", [0])

@@ -252,16 +252,35 @@ def imagenet_files(val_dir):
     return classes, files
 
 
+def resize_center_crop(image, size):
+    """A PIL image resized and centre-cropped exactly as torchvision's `Resize(size, interpolation=BICUBIC)` then
+    `CenterCrop(size)` do on PIL images (DensePure's ImageNet `datasets.py`), pixel for pixel:
+
+    - the shorter side becomes `size` and the longer one int(size * long / short), truncated, not rounded
+      (torchvision's `_compute_resized_output_size`); an image already of that size is not resampled;
+    - PIL's bicubic resampling (antialiased by PIL's own filter support, as torchvision leaves it for PIL input);
+    - the crop starts at int(round((side - size) / 2)) on each axis: Python's round, halves to even (1.5 -> 2,
+      2.5 -> 2).
+    """
+    from PIL import Image
+
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    new_short, new_long = size, int(size * long / short)
+    new_size = (new_short, new_long) if width <= height else (new_long, new_short)
+    if new_size != image.size:
+        image = image.resize(new_size, Image.BICUBIC)
+    width, height = image.size
+    left, top = int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
+
+
 def load_resized_center_crop(path, size):
-    """Resize the shorter side to `size` (bicubic) and centre-crop size x size; uint8 CHW."""
+    """The image at `path` as RGB (ImageFolder's loader), through `resize_center_crop`; uint8 CHW."""
     from PIL import Image
 
     with Image.open(path) as image:
-        image = image.convert("RGB")
-        scale = size / min(image.size)
-        resized = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))), Image.BICUBIC)
-        left, top = (resized.width - size) // 2, (resized.height - size) // 2
-        crop = resized.crop((left, top, left + size, top + size))
+        crop = resize_center_crop(image.convert("RGB"), size)
         return np.asarray(crop, dtype=np.uint8).transpose(2, 0, 1)
 
 
@@ -279,7 +298,8 @@ def prepare_imagenet(out_dir, val_dir, indices, image_size=256):
         "num_classes": len(classes),
         "class_names": classes,
         "image_shape": [3, image_size, image_size],
-        "preprocessing": f"shorter side resized to {image_size} (bicubic), centre crop {image_size}",
+        "preprocessing": f"shorter side resized to {image_size} (bicubic), centre crop {image_size}, rounded as "
+                         "torchvision's Resize + CenterCrop on PIL images",
         "num_files": len(files),
     }
     arrays = {"val_images": images, "val_labels": labels, "val_indices": indices}

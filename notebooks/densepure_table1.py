@@ -24,7 +24,7 @@ radii = [0.0, 0.25, 0.5, 0.75, 1.0]
 votes = 10
 vote_ablation = [1, 3, 5, 10]
 settings = {"n0": 100, "n": 1000, "alpha": 0.001, "num_steps": 2, "reverse": "respaced", "tstar_rule": "nearest",
-            "dds_tstar_rule": "first_at_least", "batch_size": 100}
+            "dds_tstar_rule": "first_at_least", "batch_size": 100, "classifier_preprocess": "carlini"}
 subset = {"start": 0, "stop": 1000, "step": 20}
 published = "config/published_values.yaml"
 
@@ -55,7 +55,8 @@ display(Markdown(
     f"Preset `{preset}` on `{dataset}`: {images} images (subset {subset}); N0 = {settings['n0']}, "
     f"N = {settings['n']:,}, alpha = {settings['alpha']}; DDS t* rule `{settings['dds_tstar_rule']}`; DensePure "
     f"t* rule `{settings['tstar_rule']}`, {settings['reverse']} reverse with S = {settings['num_steps']} steps, "
-    f"K = {votes} votes. With N = {settings['n']:,} no radius above {ceiling:.2f}·sigma can be certified."))
+    f"K = {votes} votes; classifier preprocessing `{settings['classifier_preprocess']}` for both rows. With "
+    f"N = {settings['n']:,} no radius above {ceiling:.2f}·sigma can be certified."))
 
 # %% [markdown]
 # ## Table 1 (ours)

@@ -10,7 +10,10 @@ from helpers import randomize
 
 from diffrobust import models
 from diffrobust.config import load_checkpoint_registry
-from diffrobust.networks.pretrained import ResizeNormalize
+import numpy as np
+from PIL import Image
+
+from diffrobust.networks.pretrained import PILBilinearUint8, ResizeNormalize, preprocess_for, set_preprocess
 
 INPUT = {"size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic"}
 TINY_VIT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
@@ -137,3 +140,42 @@ def test_timm_beit_loads_a_unilm_checkpoint_with_its_position_index_buffers(tmp_
     torch.save({"model": weights}, tmp_path / "tiny_beit" / "beit.pth")
     with pytest.raises(models.ModelFileError, match="head.weight"):
         models.load_registry_checkpoint("tiny_beit", tmp_path, registry=registry)
+
+
+# --- DensePure's preprocessing (classifier_preprocess: densepure) --------------------------------------------------
+
+@pytest.mark.parametrize("shape, size", [((4, 3, 32, 32), 224), ((2, 3, 17, 23), 40), ((1, 1, 32, 32), 16)])
+def test_densepure_cifar_path_is_pil_bilinear_on_truncated_uint8_to_the_last_bit(shape, size):
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(4))
+    x[0, 0, 0, :3] = torch.tensor([0.0, 1.0, 0.999])  # the ends of the range truncate to 0, 255, 254
+    pixels = (x.numpy() * 255).astype(np.uint8)  # DensePure: (x * 255).astype(np.uint8), then PIL
+    expected = np.stack([np.array(Image.fromarray(image.transpose(1, 2, 0).squeeze(-1) if shape[1] == 1 else
+                                                  image.transpose(1, 2, 0)).resize((size, size), Image.BILINEAR))
+                         .reshape(size, size, shape[1]).transpose(2, 0, 1) for image in pixels])
+    ours = PILBilinearUint8(size, [0.5] * shape[1], [0.5] * shape[1])(x) * 0.5 + 0.5
+    assert torch.equal(torch.round(ours * 255).to(torch.uint8), torch.from_numpy(expected))
+
+
+def test_densepure_imagenet_path_is_bicubic_without_antialias():
+    x = images(2, size=16)
+    spec = {**INPUT, "size": 40}
+    densepure = preprocess_for("timm_beit", spec, "densepure")(x)
+    plain = (torch.nn.functional.interpolate(x, size=(40, 40), mode="bicubic", align_corners=False) - 0.5) / 0.5
+    assert torch.allclose(densepure, plain, atol=1e-6)
+    carlini = preprocess_for("timm_beit", spec, "carlini")(x)
+    assert (carlini - densepure).abs().max() > 1e-3  # the antialiased kernel is another one, even upsampling
+
+
+def test_set_preprocess_switches_a_pretrained_classifier_and_refuses_others():
+    architecture = {"family": "hf_vit", "config": {**TINY_VIT, "input": INPUT}}
+    network = randomize(models.build_architecture(architecture), seed=2).eval()
+    x = images(2, size=16)
+    carlini = network(x)
+    set_preprocess(network, architecture, "densepure")
+    assert isinstance(network.preprocess, PILBilinearUint8)
+    assert (network(x) - carlini).abs().max() > 1e-4
+    resnet = {"family": "small_resnet", "config": {"in_channels": 3, "num_classes": 10, "width": 8, "depth": 8}}
+    small = models.build_architecture(resnet)
+    assert set_preprocess(small, resnet, "carlini") is small
+    with pytest.raises(ValueError, match="takes images as they are"):
+        set_preprocess(small, resnet, "densepure")

@@ -22,6 +22,7 @@ from diffrobust.errors import DiffrobustError
 from diffrobust.io import atomic_path
 from diffrobust.models import classifier as as_classifier
 from diffrobust.models import eps_model, load_source, source_files
+from diffrobust.networks.pretrained import set_preprocess
 
 METHODS = ("dds", "densepure")
 # Version of the labeler's algorithm (denoiser, reverse processes, vote streams): part of the label files'
@@ -61,6 +62,7 @@ def labeler_settings(method, settings, precisions=None):
         chosen = {key: settings[key] for key in ("tstar_rule", "reverse", "num_steps", "votes")}
     else:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    chosen["classifier_preprocess"] = settings.get("classifier_preprocess", "carlini")
     return {"method": method, **chosen, "precisions": precisions or {"diffusion": "fp32", "classifier": "fp32"},
             "labeler_version": LABELER_VERSION}
 
@@ -70,7 +72,9 @@ def build_labeler(method, settings, diffusion_loaded, classifier_loaded, sigma, 
     run on `device` at their `precisions` ({"diffusion": ..., "classifier": ...}, default fp32)."""
     precisions = precisions or {}
     eps = OnDevice(eps_model(diffusion_loaded, unconditional=True), device, precisions.get("diffusion", "fp32"))
-    classify = OnDevice(as_classifier(classifier_loaded), device, precisions.get("classifier", "fp32"))
+    network = set_preprocess(as_classifier(classifier_loaded), classifier_loaded.architecture,
+                             settings.get("classifier_preprocess", "carlini"))
+    classify = OnDevice(network, device, precisions.get("classifier", "fp32"))
     if method == "dds":
         denoiser = SmoothingDenoiser(eps, diffusion_loaded.diffusion, sigma, tstar_rule=settings["dds_tstar_rule"],
                                      reverse="one_shot")

@@ -238,7 +238,7 @@ def report_parameters(wildcards):
             "votes": DENSEPURE["votes"],
             "vote_ablation": vote_counts("densepure"),
             "settings": {key: DENSEPURE[key] for key in ("n0", "n", "alpha", "num_steps", "reverse", "tstar_rule",
-                                                         "dds_tstar_rule", "batch_size")},
+                                                         "dds_tstar_rule", "batch_size", "classifier_preprocess")},
             "subset": CFG["subsets"]["densepure"],
             "published": "config/published_values.yaml",
         }

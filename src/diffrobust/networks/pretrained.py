@@ -2,9 +2,16 @@
 
 DensePure and Carlini et al. classify the denoised image with off-the-shelf transformers: CIFAR-10 with the Hugging
 Face ViT-B/16 `aaraki/vit-base-patch16-224-in21k-finetuned-cifar10` at 224 px, ImageNet with BEiT-L/16 at 512 px
-(timm `beit_large_patch16_512`, weights from microsoft/unilm). Both resize the 32 / 256 px image bicubically (with
-antialiasing) to the classifier's resolution and normalise with mean = std = 0.5. That preprocessing lives here,
-inside the network, so every defense hands the classifier [0, 1] images as it does for the other families.
+(timm `beit_large_patch16_512`, weights from microsoft/unilm). The preprocessing (resize to the classifier's
+resolution, normalise with mean = std = 0.5) lives here, inside the network, so every defense hands the classifier
+[0, 1] images as it does for the other families. Two pipelines, chosen by name (`CLASSIFIER_PREPROCESS`):
+
+- `carlini` (default): bicubic with antialiasing, then (x - 0.5)/0.5 — Carlini et al.'s `DRM.py`, both datasets.
+- `densepure`: what DensePure's `eval_certified_densepure.py` does. CIFAR-10 (hf_vit, the old `ViTFeatureExtractor`
+  path the aaraki ViT was fine-tuned with): x·255 truncated to uint8, PIL bilinear to 224 (PIL's two-pass
+  fixed-point resampling, reproduced exactly by `PILBilinearUint8`), /255, normalise. ImageNet (timm_beit): bicubic
+  256 -> 512 without antialiasing (torch's antialiased bicubic is another kernel), normalise. Today's transformers
+  image processors do something else on float input, so the steps are written out here.
 
 Registry `architecture` blocks:
 - family `hf_vit`: `config` holds the Hugging Face ViTConfig fields (as in the checkpoint's config.json) and
@@ -21,25 +28,98 @@ import torch.nn.functional as F
 from torch import nn
 
 INPUT_KEYS = {"size", "mean", "std", "interpolation"}
+CLASSIFIER_PREPROCESS = ("carlini", "densepure")
 
 
 class ResizeNormalize(nn.Module):
-    """[0, 1] images -> the classifier's input: resize to size x size (antialiased), then (x - mean) / std."""
+    """[0, 1] images -> the classifier's input: resize to size x size, then (x - mean) / std. `antialias` True is
+    Carlini et al.'s resize; DensePure's ImageNet path has none."""
 
-    def __init__(self, size, mean, std, interpolation="bicubic"):
+    def __init__(self, size, mean, std, interpolation="bicubic", antialias=True):
         super().__init__()
         if interpolation not in ("bicubic", "bilinear"):
             raise ValueError(f"input interpolation must be 'bicubic' or 'bilinear', got {interpolation!r}")
-        self.size, self.interpolation = int(size), interpolation
+        self.size, self.interpolation, self.antialias = int(size), interpolation, bool(antialias)
         # not persistent: the official state dicts carry no such buffers
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
+    def resize(self, x01):
+        if x01.shape[-2:] == (self.size, self.size):
+            return x01
+        return F.interpolate(x01, size=(self.size, self.size), mode=self.interpolation, align_corners=False,
+                             antialias=self.antialias)
+
     def forward(self, x01):
-        if x01.shape[-2:] != (self.size, self.size):
-            x01 = F.interpolate(x01, size=(self.size, self.size), mode=self.interpolation, align_corners=False,
-                                antialias=True)
-        return (x01 - self.mean) / self.std
+        return (self.resize(x01) - self.mean) / self.std
+
+
+# PIL's resampling keeps filter coefficients in fixed point with this many fractional bits (Imaging/Resample.c).
+_PIL_PRECISION_BITS = 32 - 8 - 2
+
+
+def pil_bilinear_coefficients(in_size, out_size):
+    """PIL's BILINEAR resampling matrix (out_size x in_size) in its fixed-point integers, as Resample.c computes
+    it: triangle filter of support max(scale, 1), centres at (i + 0.5)·scale, weights normalised, then rounded."""
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = filterscale  # the bilinear (triangle) filter has support 1
+    matrix = torch.zeros(out_size, in_size, dtype=torch.float64)
+    for out in range(out_size):
+        center = (out + 0.5) * scale
+        first = max(int(center - support + 0.5), 0)  # C's (int) cast truncates; both bounds are >= 0 after max/min
+        last = min(int(center + support + 0.5), in_size)
+        weights = torch.tensor([max(0.0, 1.0 - abs((i + first - center + 0.5) / filterscale))
+                                for i in range(last - first)], dtype=torch.float64)
+        if weights.sum() != 0:
+            weights = weights / weights.sum()
+        one = float(1 << _PIL_PRECISION_BITS)
+        matrix[out, first:last] = torch.where(weights < 0, torch.trunc(weights * one - 0.5),
+                                              torch.trunc(weights * one + 0.5))
+    return matrix
+
+
+class PILBilinearUint8(ResizeNormalize):
+    """DensePure's CIFAR-10 input: x·255 truncated to uint8 (numpy astype), PIL bilinear resize (horizontal pass,
+    rounding to uint8, vertical pass, rounding), /255, normalise. Equal to PIL to the last bit (tested), batched
+    and on any device; not differentiable (the truncation), which certification does not need."""
+
+    def __init__(self, size, mean, std):
+        super().__init__(size, mean, std, interpolation="bilinear", antialias=False)
+
+    def resize(self, x01):
+        pixels = torch.floor(x01.double().clamp(0, 1) * 255.0)
+        half, one = float(1 << (_PIL_PRECISION_BITS - 1)), float(1 << _PIL_PRECISION_BITS)
+        rows = pil_bilinear_coefficients(x01.shape[-1], self.size).to(pixels.device)
+        columns = pil_bilinear_coefficients(x01.shape[-2], self.size).to(pixels.device)
+        pixels = torch.floor((pixels @ rows.T + half) / one).clamp(0, 255)  # horizontal pass, to uint8
+        pixels = torch.floor((columns @ pixels + half) / one).clamp(0, 255)  # vertical pass, to uint8
+        return (pixels / 255.0).to(x01.dtype)
+
+
+def preprocess_for(family, spec, mode="carlini"):
+    """The preprocessing module of a pretrained classifier: `spec` is its registry `input` block, `mode` one of
+    CLASSIFIER_PREPROCESS (see the module docstring)."""
+    if mode == "carlini":
+        return ResizeNormalize(**spec)
+    if mode == "densepure":
+        if family == "hf_vit":
+            return PILBilinearUint8(spec["size"], spec["mean"], spec["std"])
+        return ResizeNormalize(spec["size"], spec["mean"], spec["std"], interpolation="bicubic", antialias=False)
+    raise ValueError(f"classifier preprocessing {mode!r}; choose one of {', '.join(CLASSIFIER_PREPROCESS)}")
+
+
+def set_preprocess(network, architecture, mode):
+    """Give a pretrained classifier (`PretrainedClassifier`) the named preprocessing; returns the network. Other
+    classifiers (the mini ResNet, WRN) see images at their own resolution and have none: `carlini` leaves them as
+    they are, `densepure` is refused for them rather than ignored."""
+    if isinstance(network, PretrainedClassifier):
+        network.preprocess = preprocess_for(architecture["family"], architecture["config"]["input"], mode)
+        return network.to(next(network.parameters()).device)
+    if mode != "carlini":
+        raise ValueError(f"classifier preprocessing {mode!r} is for the papers' pretrained transformers; this "
+                         f"classifier ({architecture.get('family')}) takes images as they are: use 'carlini'")
+    return network
 
 
 class PretrainedClassifier(nn.Module):

@@ -14,6 +14,8 @@
 # (DDS, one-shot denoising at t*) and DensePure (a multi-step reverse process from t*, K reverse runs per noise draw
 # and a majority vote). Certified accuracy at radius r = fraction of images certified correctly with radius >= r;
 # brackets are 95% Clopper-Pearson intervals over images. Published values are shown where known, with provenance.
+# Where this code departs from the official code, and by how much: `docs/fidelity.md` in the project
+# ([on disk](../../../docs/fidelity.md) from this report's folder).
 
 # %% tags=["parameters"]
 preset = "mini"

@@ -14,6 +14,8 @@
 # built from: training curves, class-conditional samples, one-shot denoising quality against the noise level, and
 # the classifier's accuracy on clean inputs and on one-shot denoised noisy inputs (Carlini et al.'s DDS base
 # classifier, before any smoothing).
+# Where this code departs from the official code, and by how much: `docs/fidelity.md` in the project
+# ([on disk](../../../docs/fidelity.md) from this report's folder).
 
 # %% tags=["parameters"]
 preset = "mini"

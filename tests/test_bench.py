@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from diffrobust import bench
+from diffrobust.bench import networks as bench
 from diffrobust.config import ConfigError
 from diffrobust.networks import build_network
 from diffrobust.networks.adm import AttentionBlock
@@ -306,7 +306,7 @@ def test_command_line_quick_run_writes_json_and_csv(tmp_path, capsys):
 # --- bench-certify ----------------------------------------------------------------------------------------------------
 
 def test_bench_certify_mini_size_is_the_mini_presets_networks_and_its_shares_add_up():
-    from diffrobust import bench_certify
+    from diffrobust.bench import certify as bench_certify
     from diffrobust.config import load_config
 
     spec = bench_certify.SIZES["mini"]()

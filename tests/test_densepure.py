@@ -2,7 +2,6 @@
 K-vote merge re-certifies from the stored labels exactly."""
 
 import json
-import os
 import re
 import shutil
 import signal
@@ -15,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffrobust import certify, data, densepure, models
+from diffrobust import certify, data, models
+from diffrobust.stages import densepure
 from diffrobust.networks.classifiers import build_small_resnet
 
 SETTINGS = {"n0": 4, "n": 48, "alpha": 0.05, "batch_size": 64, "shard_size": 6, "seed": 0, "tstar_rule": "nearest",

@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from diffrobust import gpu_check
+from diffrobust.bench import gpu_check
 
 SMALL = {"images": 2, "draws": 8, "sigma": 0.5, "batch_size": 8}
 

@@ -150,7 +150,7 @@ def cmd_train_classifier(args):
 
 
 def cmd_certify_shard(args):
-    from diffrobust import densepure
+    from diffrobust.stages import densepure
     from diffrobust.provenance import run_record
 
     settings = args.settings
@@ -169,7 +169,8 @@ def cmd_certify_shard(args):
 
 
 def cmd_merge_votes(args):
-    from diffrobust import certify, densepure
+    from diffrobust import certify
+    from diffrobust.stages import densepure
     from diffrobust.data import read_meta
     from diffrobust.provenance import run_record
 
@@ -181,19 +182,19 @@ def cmd_merge_votes(args):
 
 
 def cmd_bench(args):
-    from diffrobust import bench
+    from diffrobust.bench import networks as bench
 
     bench.run(args)
 
 
 def cmd_bench_certify(args):
-    from diffrobust import bench_certify
+    from diffrobust.bench import certify as bench_certify
 
     bench_certify.run(args)
 
 
 def cmd_gpu_check(args):
-    from diffrobust import gpu_check
+    from diffrobust.bench import gpu_check
 
     gpu_check.run(args)
 
@@ -288,19 +289,19 @@ def build_parser():
     merge.add_argument("--run-record")
     merge.set_defaults(func=cmd_merge_votes)
 
-    from diffrobust import bench
+    from diffrobust.bench import networks as bench
 
     benchmark = commands.add_parser("bench", help="CPU/GPU forward throughput of a diffusion network (prints figures)")
     bench.add_arguments(benchmark)
     benchmark.set_defaults(func=cmd_bench)
 
-    from diffrobust import bench_certify
+    from diffrobust.bench import certify as bench_certify
 
     certify_bench = commands.add_parser("bench-certify", help="noisy samples/s through denoise + classify, time shares")
     bench_certify.add_arguments(certify_bench)
     certify_bench.set_defaults(func=cmd_bench_certify)
 
-    from diffrobust import gpu_check
+    from diffrobust.bench import gpu_check
 
     gpu = commands.add_parser("gpu-check", help="GPU against CPU: label agreement, output differences, samples/s")
     gpu_check.add_arguments(gpu)

@@ -163,7 +163,7 @@ SIGMAS = [str(sigma) for sigma in DENSEPURE["sigmas"]]
 
 
 def densepure_shards():
-    from diffrobust.densepure import num_shards
+    from diffrobust.stages.densepure import num_shards
 
     return list(range(num_shards(CFG["subsets"]["densepure"], eval_split_size(CFG), DENSEPURE["shard_size"])))
 

@@ -17,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from diffrobust import bench_certify
+from diffrobust.bench import certify as bench_certify
 from diffrobust.certify import sample_noise_labels
 from diffrobust.defenses import VotingLabeler
 from diffrobust.device import DeviceError, cuda_available

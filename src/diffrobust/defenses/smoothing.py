@@ -1,18 +1,8 @@
-"""Defenses as compositions of one-interface pieces.
+"""Smoothing denoisers (Carlini et al. DDS, DensePure): the purifier randomized smoothing queries.
 
-- A *purifier* (denoiser) maps images in [0, 1] to images in [0, 1]: ``purifier(x01, generator) -> x01``.
-- A *classifier* maps images in [0, 1] to logits (an ``nn.Module``).
-- A *defense* is a composition: `PurifiedClassifier(purifier, classifier)` is again a classifier (images -> logits),
-  so certification and attacks take any of them.
-- A *labeler* (what randomized smoothing queries) maps a batch of noisy images to labels, (B,) or (K, B) when K
-  reverse runs vote (`VotingLabeler`, DensePure).
-
-Paper-specific choices (the t* rule, the reverse process, its step count, the number of votes) are constructor
-arguments, named as the papers name them, and come from the config.
+A purifier maps images in [0, 1] to images in [0, 1]: ``purifier(x01, generator) -> x01``. The t* rule, the reverse
+process and its step count are constructor arguments, named as the papers name them, and come from the config.
 """
-
-import torch
-from torch import nn
 
 from diffrobust import diffusion as dp
 from diffrobust import imagespace
@@ -78,37 +68,3 @@ class SmoothingDenoiser:
         else:
             x0 = dp.ddim_reverse(self.eps_model, self.schedule, x_t, self.t_star, self.num_steps, generator=generator)
         return imagespace.to_image_space(x0).clamp(0, 1)
-
-
-class PurifiedClassifier(nn.Module):
-    """classifier(purifier(x)): a defense is again a classifier (images in [0, 1] -> logits)."""
-
-    def __init__(self, purifier, classifier):
-        super().__init__()
-        self.purifier = purifier
-        self.classifier = classifier
-
-    def forward(self, x01, generator=None):
-        return self.classifier(self.purifier(x01, generator))
-
-
-class VotingLabeler:
-    """K purify-and-classify runs on the same noisy batch, each with its own reverse RNG stream (DensePure).
-
-    Returns labels of shape (K, B). The K reverse streams are seeded from the caller's generator, so the smoothing
-    noise (drawn by the caller from another stream) is the same whatever K is, and vote k of a K-vote run equals
-    vote k of a larger run.
-    """
-
-    def __init__(self, purifier, classifier, votes):
-        self.purifier, self.classifier, self.votes = purifier, classifier, int(votes)
-
-    def __call__(self, x_noisy01, generator=None):
-        # One draw from the caller's stream per batch; vote k uses seed base + k (mt19937 streams of adjacent seeds
-        # are unrelated), so the first K votes do not depend on how many votes are run.
-        base = int(torch.randint(0, 2**62, (1,), generator=generator))
-        labels = []
-        for k in range(self.votes):
-            reverse_stream = torch.Generator().manual_seed(base + k)
-            labels.append(self.classifier(self.purifier(x_noisy01, reverse_stream)).argmax(dim=1))
-        return torch.stack(labels)

@@ -6,6 +6,7 @@ status 1 and a one-paragraph message instead of a traceback.
 """
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -209,8 +210,16 @@ def cmd_check_config(args):
 
 # --- parser ------------------------------------------------------------------------------------------------------
 
+BENCH_COMMANDS = (
+    ("bench", "diffrobust.bench.networks", cmd_bench, "CPU/GPU forward throughput of a diffusion network (prints figures)"),
+    ("bench-certify", "diffrobust.bench.certify", cmd_bench_certify,
+     "noisy samples/s through denoise + classify, time shares"),
+    ("gpu-check", "diffrobust.bench.gpu_check", cmd_gpu_check,
+     "GPU against CPU: label agreement, output differences, samples/s"),
+)
 
-def build_parser():
+
+def build_parser(argv=None):
     parser = argparse.ArgumentParser(prog="diffrobust", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -289,23 +298,13 @@ def build_parser():
     merge.add_argument("--run-record")
     merge.set_defaults(func=cmd_merge_votes)
 
-    from diffrobust.bench import networks as bench
-
-    benchmark = commands.add_parser("bench", help="CPU/GPU forward throughput of a diffusion network (prints figures)")
-    bench.add_arguments(benchmark)
-    benchmark.set_defaults(func=cmd_bench)
-
-    from diffrobust.bench import certify as bench_certify
-
-    certify_bench = commands.add_parser("bench-certify", help="noisy samples/s through denoise + classify, time shares")
-    bench_certify.add_arguments(certify_bench)
-    certify_bench.set_defaults(func=cmd_bench_certify)
-
-    from diffrobust.bench import gpu_check
-
-    gpu = commands.add_parser("gpu-check", help="GPU against CPU: label agreement, output differences, samples/s")
-    gpu_check.add_arguments(gpu)
-    gpu.set_defaults(func=cmd_gpu_check)
+    # The benchmarks' options live in their modules, which import torch, FLOP counters and scipy: they are added
+    # only when that command is asked for, so that `diffrobust --help` and the light jobs start fast.
+    for name, module, func, text in BENCH_COMMANDS:
+        command = commands.add_parser(name, help=text)
+        if name in (argv if argv is not None else sys.argv[1:]):
+            importlib.import_module(module).add_arguments(command)
+        command.set_defaults(func=func)
 
     check = commands.add_parser("check-config", help="print the merged, validated config of a preset")
     check.add_argument("--preset", default="mini")
@@ -317,7 +316,7 @@ def build_parser():
 def main(argv=None):
     from diffrobust.errors import DiffrobustError
 
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:

@@ -168,6 +168,11 @@ def densepure_shards():
     return list(range(num_shards(CFG["subsets"]["densepure"], eval_split_size(CFG), DENSEPURE["shard_size"])))
 
 
+def certify_threads(wildcards):
+    """Threads of a certification job: densepure.threads, or every core of the run."""
+    return DENSEPURE["threads"] or workflow.cores
+
+
 def vote_counts(method):
     """Vote counts merged for a method: DDS has one; DensePure the ablation's and the full K."""
     return [1] if method == "dds" else sorted(set(DENSEPURE["vote_ablation"]) | {DENSEPURE["votes"]})

@@ -21,7 +21,7 @@ rule certify_shard:
         method="dds|densepure",
         sigma="[0-9.]+",
         shard="[0-9]+",
-    threads: workflow.cores
+    threads: certify_threads
     resources:
         gpu=1,
     conda:

@@ -388,22 +388,34 @@ def _stack_label_files(paths):
             "seconds": sum(entry["seconds"] for entry in stored)}
 
 
-def merge_votes(label_files, k, sigma, alpha, num_classes):
-    """Re-certify every image from its stored labels using the first k vote rows (majority vote per noise draw).
+def merge_records(records, k, sigma, alpha, num_classes):
+    """DensePure's merge: re-certify every image from its stored labels with a majority vote over the first k vote
+    rows per noise draw, without a model; k = 1 is Carlini's DDS (one reverse run). The one K-vote merge of the
+    project (label files and shard bundles both come here).
 
-    DensePure's merge step for any k <= the stored K, without a model; k = 1 is Carlini's DDS (one reverse run).
-    Each entry of `label_files` is one image's .npz, or a list of them (runs with different reverse seeds, stacked in
-    that order). The `time` column is the labeling time of all stored rows, not of the k used."""
+    records: per image, a dict with idx, label, labels_n0 (K, n0), labels_n (K, n) and seconds (the labeling time
+    of all K stored votes). The `time` column is that time scaled to k votes: what a k-vote run would have cost."""
     rows = []
+    for record in records:
+        stored_votes = record["labels_n"].shape[0]
+        votes_n0 = majority_vote(record["labels_n0"], k)
+        votes_n = majority_vote(record["labels_n"], k)
+        predict, radius, _ = certify_from_labels(votes_n0, votes_n, num_classes, sigma, alpha)
+        rows.append(row_for(record["idx"], record["label"], predict, radius,
+                            float(record["seconds"]) * k / stored_votes))
+    return rows
+
+
+def merge_votes(label_files, k, sigma, alpha, num_classes):
+    """`merge_records` over label files: each entry of `label_files` is one image's .npz, or a list of them (runs
+    with different reverse seeds, stacked in that order)."""
+    records = []
     for entry in label_files:
         stored = _stack_label_files([entry] if isinstance(entry, (str, os.PathLike)) else list(entry))
         if not math.isclose(stored["sigma"], sigma):
             raise ValueError(f"image {stored['idx']}: labels drawn at sigma {stored['sigma']}, not {sigma}")
-        votes_n0 = majority_vote(stored["labels_n0"], k)
-        votes_n = majority_vote(stored["labels_n"], k)
-        predict, radius, _ = certify_from_labels(votes_n0, votes_n, num_classes, sigma, alpha)
-        rows.append(row_for(stored["idx"], stored["label"], predict, radius, stored["seconds"]))
-    return rows
+        records.append(stored)
+    return merge_records(records, k, sigma, alpha, num_classes)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

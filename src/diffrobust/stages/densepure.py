@@ -8,7 +8,6 @@ from t*, K votes per noise draw on the same smoothing noise).
 import json
 import logging
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -181,19 +180,17 @@ def check_bundles(bundle_paths, k, sigma, method=None):
             seen[index] = path
 
 
+def read_bundle_records(path):
+    """The per-image records of a shard bundle, as `certify.merge_records` takes them."""
+    with np.load(path) as bundle:
+        return [{"idx": int(bundle["idx"][i]), "label": int(bundle["label"][i]), "labels_n0": bundle["labels_n0"][i],
+                 "labels_n": bundle["labels_n"][i], "seconds": float(bundle["seconds"][i])}
+                for i in range(len(bundle["idx"]))]
+
+
 def merge_bundles(bundle_paths, k, sigma, alpha, num_classes, method=None):
-    """Re-certify every image from its stored labels with a majority vote over the first k votes (after
-    `check_bundles`)."""
+    """Re-certify every image of the bundles with a majority vote over the first k votes (`certify.merge_records`,
+    after `check_bundles`)."""
     check_bundles(bundle_paths, k, sigma, method)
-    rows = []
-    for path in bundle_paths:
-        with np.load(path) as bundle:
-            for i in range(len(bundle["idx"])):
-                start = time.perf_counter()
-                votes_n0 = certify.majority_vote(bundle["labels_n0"][i], k)
-                votes_n = certify.majority_vote(bundle["labels_n"][i], k)
-                predict, radius, _ = certify.certify_from_labels(votes_n0, votes_n, num_classes, sigma, alpha)
-                # seconds: the labeling time of this image scaled to k votes (what a k-vote run would cost)
-                seconds = float(bundle["seconds"][i]) * k / bundle["labels_n"].shape[1] + time.perf_counter() - start
-                rows.append(certify.row_for(int(bundle["idx"][i]), int(bundle["label"][i]), predict, radius, seconds))
-    return rows
+    records = [record for path in bundle_paths for record in read_bundle_records(path)]
+    return certify.merge_records(records, k, sigma, alpha, num_classes)

@@ -47,43 +47,43 @@ def num_shards(subset_spec, split_size, shard_size):
     return -(-len(data.subset_indices(subset_spec, split_size, "densepure")) // shard_size)
 
 
-def labeler_settings(method, settings, precisions=None):
-    """The settings that decide a method's per-draw labels (what a label file's identity records).
+def method_settings(method, settings):
+    """What a method takes from the densepure config block, as `build_labeler`'s keyword arguments, named as the
+    papers name them: DDS is one-shot denoising at Carlini et al.'s t* with one vote; DensePure its reverse process
+    from its t* with K votes. Both rows share the classifier preprocessing."""
+    if method == "dds":
+        chosen = {"tstar_rule": settings["dds_tstar_rule"], "reverse": "one_shot", "num_steps": None, "votes": 1}
+    elif method == "densepure":
+        chosen = {key: settings[key] for key in ("tstar_rule", "reverse", "num_steps", "votes")}
+    else:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    return {**chosen, "classifier_preprocess": settings.get("classifier_preprocess", "carlini")}
+
+
+def labeler_settings(method, chosen, precisions):
+    """The settings that decide a method's per-draw labels (what a label file's identity records): the method's
+    `method_settings`, the networks' precisions and the labeler's code version.
 
     Not included, because labels do not depend on them: alpha (re-certification only), shard_size, radii, the vote
     ablation, the other sigmas (each sigma has its own folders). The models enter the identity as file digests.
     The networks' precisions are included (fp16 changes labels); the device is not (the same seeds give the same
     draws on every device, and a GPU's float rounding changes few labels: `diffrobust gpu-check` measures it), so a
     shard started on one device may be finished on another."""
-    if method == "dds":
-        chosen = {"tstar_rule": settings["dds_tstar_rule"], "reverse": "one_shot", "votes": 1}
-    elif method == "densepure":
-        chosen = {key: settings[key] for key in ("tstar_rule", "reverse", "num_steps", "votes")}
-    else:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    chosen["classifier_preprocess"] = settings.get("classifier_preprocess", "carlini")
-    return {"method": method, **chosen, "precisions": precisions or {"diffusion": "fp32", "classifier": "fp32"},
-            "labeler_version": LABELER_VERSION}
+    return {"method": method, **chosen, "precisions": precisions, "labeler_version": LABELER_VERSION}
 
 
-def build_labeler(method, settings, diffusion_loaded, classifier_loaded, sigma, device="cpu", precisions=None):
-    """The base labeler randomized smoothing queries: denoise x + σε, classify; K votes for DensePure. The networks
-    run on `device` at their `precisions` ({"diffusion": ..., "classifier": ...}, default fp32)."""
+def build_labeler(diffusion_loaded, classifier_loaded, sigma, *, tstar_rule, reverse, num_steps=None, votes=1,
+                  classifier_preprocess="carlini", device="cpu", precisions=None):
+    """The base labeler randomized smoothing queries: denoise x + σε at the t* of `tstar_rule`, with `reverse`
+    (one_shot = DDS; respaced / full / ddim with `num_steps` = DensePure), classify, `votes` runs per draw. The
+    networks run on `device` at their `precisions` ({"diffusion": ..., "classifier": ...}, default fp32).
+    Returns (labeler, denoiser)."""
     precisions = precisions or {}
     eps = OnDevice(eps_model(diffusion_loaded, unconditional=True), device, precisions.get("diffusion", "fp32"))
-    network = set_preprocess(as_classifier(classifier_loaded), classifier_loaded.architecture,
-                             settings.get("classifier_preprocess", "carlini"))
+    network = set_preprocess(as_classifier(classifier_loaded), classifier_loaded.architecture, classifier_preprocess)
     classify = OnDevice(network, device, precisions.get("classifier", "fp32"))
-    if method == "dds":
-        denoiser = SmoothingDenoiser(eps, diffusion_loaded.diffusion, sigma, tstar_rule=settings["dds_tstar_rule"],
-                                     reverse="one_shot")
-        votes = 1
-    elif method == "densepure":
-        denoiser = SmoothingDenoiser(eps, diffusion_loaded.diffusion, sigma, tstar_rule=settings["tstar_rule"],
-                                     reverse=settings["reverse"], num_steps=settings["num_steps"])
-        votes = settings["votes"]
-    else:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    denoiser = SmoothingDenoiser(eps, diffusion_loaded.diffusion, sigma, tstar_rule=tstar_rule, reverse=reverse,
+                                 num_steps=num_steps)
     return VotingLabeler(denoiser, classify, votes), denoiser
 
 
@@ -105,10 +105,11 @@ def run_shard(*, method, settings, sigma, dataset_dir, subset, shard, diffusion,
                                batch_size=settings["batch_size"])
     device = resolve_device(device)
     precisions = {"diffusion": "fp32", "classifier": "fp32", **(precisions or {})}
-    labeler, denoiser = build_labeler(method, settings, load_source(diffusion, device=device),
-                                      load_source(classifier, device=device), sigma, device, precisions)
+    method_kwargs = method_settings(method, settings)
+    labeler, denoiser = build_labeler(load_source(diffusion, device=device), load_source(classifier, device=device),
+                                      sigma, **method_kwargs, device=device, precisions=precisions)
     work_dir = Path(work_dir)
-    label_settings = labeler_settings(method, settings, precisions)
+    label_settings = labeler_settings(method, method_kwargs, precisions)
     inputs = {"diffusion": source_files(diffusion), "classifier": source_files(classifier)}
     with torch.no_grad():  # certification never needs gradients (and must not switch them off for the caller)
         rows = certify.certify_shard(

@@ -37,7 +37,9 @@ import seaborn as sns
 import yaml
 from IPython.display import Markdown, display
 
-from diffrobust.certify import certified_accuracy, max_certifiable_radius, read_certification_tsv
+from diffrobust.certify import (certified_accuracy, max_certifiable_radius, paired_certified_difference,
+                               read_certification_tsv)
+from diffrobust.stages.densepure import calls_per_draw
 
 sns.set_theme(style="whitegrid")
 known = yaml.safe_load(open(published))
@@ -81,14 +83,12 @@ ours
 # %%
 rows = []
 for sigma in sigmas:
-    dds, dense = table("dds", sigma, 1).set_index("idx"), table("densepure", sigma, votes).set_index("idx")
+    dds, dense = table("dds", sigma, 1), table("densepure", sigma, votes)
     for r in radii:
-        a = (dds.correct.astype(bool) & (dds.radius >= r)).astype(float)
-        b = (dense.correct.astype(bool) & (dense.radius >= r)).astype(float)
-        diff = (b - a)
-        half = 1.96 * diff.std(ddof=1) / len(diff) ** 0.5 if len(diff) > 1 else float("nan")
-        rows.append({"sigma": sigma, "radius": r, "DDS": a.mean(), "DensePure": b.mean(), "difference": diff.mean(),
-                     "95% interval": f"[{diff.mean() - half:+.3f}, {diff.mean() + half:+.3f}]"})
+        paired = paired_certified_difference(dds, dense, r)
+        rows.append({"sigma": sigma, "radius": r, "DDS": paired["a"], "DensePure": paired["b"],
+                     "difference": paired["difference"],
+                     "95% interval": f"[{paired['ci_low']:+.3f}, {paired['ci_high']:+.3f}]"})
 comparison = pd.DataFrame(rows)
 display(comparison.round(3))
 worse = comparison[comparison.difference < 0]
@@ -150,9 +150,9 @@ rows = []
 for sigma in sigmas:
     for method, k in [("dds", 1)] + [("densepure", k) for k in vote_ablation]:
         frame = table(method, sigma, k)
-        diffusion_calls = 1 if method == "dds" else settings["num_steps"] * k
+        diffusion_calls, classifier_calls = calls_per_draw(f"{results_dir}/{method}/sigma{sigma}/shard0.labels.npz", k)
         rows.append({"sigma": sigma, "method": method, "votes": k, "diffusion calls per draw": diffusion_calls,
-                     "classifier calls per draw": k,
+                     "classifier calls per draw": classifier_calls,
                      "draws per image": settings["n0"] + settings["n"],
                      "seconds per image": frame.time.mean()})
 display(pd.DataFrame(rows).round(3))

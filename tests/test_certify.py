@@ -550,3 +550,17 @@ def test_same_seed_same_labels_whatever_the_sharding(tmp_path, shard_job):
     shard_job.run(tmp_path / "other", shard_job.Labeler(), seed=8)
     other = stored_labels(tmp_path / "other")
     assert any(not np.array_equal(labels[0][name][1], other[name][1]) for name in other)
+
+
+def test_paired_difference_of_certified_accuracy():
+    a = [{"idx": i, "label": 0, "predict": p, "radius": r} for i, (p, r) in enumerate([(0, 0.5), (0, 0.3), (1, 0.9), (0, 0.1)])]
+    b = [{"idx": i, "label": 0, "predict": p, "radius": r} for i, (p, r) in reversed(list(enumerate([(0, 0.6), (0, 0.1), (0, 0.4), (0, 0.2)])))]
+    # at r = 0.25: a certifies images 0, 1 (image 2 is wrong, image 3 too small); b certifies 0 and 2
+    paired = rs.paired_certified_difference(a, b, 0.25)
+    d = np.array([0.0, -1.0, 1.0, 0.0])
+    half = 1.959963984540054 * d.std(ddof=1) / 2
+    assert paired["a"] == 0.5 and paired["b"] == 0.5 and paired["difference"] == 0.0 and paired["images"] == 4
+    assert paired["ci_low"] == pytest.approx(-half) and paired["ci_high"] == pytest.approx(half)
+    assert rs.paired_certified_difference(a, b, 0.0)["difference"] == pytest.approx(0.25)  # b's image 2 is right
+    with pytest.raises(ValueError, match="different images"):
+        rs.paired_certified_difference(a, b[:3], 0.0)

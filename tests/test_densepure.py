@@ -15,6 +15,9 @@ import pytest
 import torch
 
 from diffrobust import certify, data, models
+from diffrobust import diffusion as dp
+from diffrobust.defenses import SmoothingDenoiser
+from diffrobust.io import atomic_write_npz
 from diffrobust.stages import densepure
 from diffrobust.networks.classifiers import build_small_resnet
 
@@ -259,3 +262,19 @@ def test_networks_run_where_and_how_they_are_told(setup, tmp_path):
     result = _cli(*_command(setup, tmp_path)[3:], "--device", missing)
     assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "fp16.tsv").exists() and not (tmp_path / "shard0.tsv").exists()
+
+
+def test_cost_per_draw_counts_the_reverse_process_the_shard_ran(tmp_path):
+    """The diffusion calls per draw come from the denoiser: S for the respaced chain, every step for the full one
+    (not S, as a formula from the settings alone would say), times the votes."""
+    schedule = dp.GaussianDiffusion.linear(1000)
+    label_file = certify.label_file_path(tmp_path, 0)
+    atomic_write_npz(label_file, {"idx": 0, "label": 1, "labels_n0": np.zeros((1, 2), np.int16),
+                                  "labels_n": np.zeros((1, 4), np.int16), "seconds": 1.0})
+    for reverse, steps, expected in (("full", None, 259), ("respaced", 10, 10), ("one_shot", None, 1)):
+        denoiser = SmoothingDenoiser(lambda x, t, y=None: x, schedule, 0.5, tstar_rule="nearest", reverse=reverse,
+                                     num_steps=steps)
+        bundle = tmp_path / f"{reverse}.npz"
+        densepure.bundle_labels([label_file], bundle, identity={}, t_star=denoiser.t_star,
+                                diffusion_calls_per_run=denoiser.network_evaluations())
+        assert densepure.calls_per_draw(bundle, 5) == (expected * 5, 5), reverse

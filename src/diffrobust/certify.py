@@ -433,6 +433,23 @@ def read_certification_tsv(path):
     return frame
 
 
+def paired_certified_difference(rows_a, rows_b, radius, confidence=0.95):
+    """Certified accuracy of b minus that of a at `radius`, on the same images (paired by idx), with a normal
+    interval over images: mean of the per-image differences d_i = [b certified] - [a certified] +- z * sd(d)/sqrt(m).
+
+    Returns {"a", "b", "difference", "ci_low", "ci_high", "images"}; the interval is nan for a single image."""
+    a, b = (pd.DataFrame(rows).set_index("idx") for rows in (rows_a, rows_b))
+    if sorted(a.index) != sorted(b.index):
+        raise ValueError("the two tables certify different images; pair them on the same subset")
+    b = b.loc[a.index]
+    certified = [((t["predict"] == t["label"]) & (t["radius"] >= radius)).astype(float) for t in (a, b)]
+    diff = certified[1] - certified[0]
+    images = len(diff)
+    half = norm.ppf(0.5 + confidence / 2) * diff.std(ddof=1) / math.sqrt(images) if images > 1 else float("nan")
+    return {"a": float(certified[0].mean()), "b": float(certified[1].mean()), "difference": float(diff.mean()),
+            "ci_low": float(diff.mean() - half), "ci_high": float(diff.mean() + half), "images": images}
+
+
 def certified_accuracy(rows, radii, confidence=0.95):
     """Cohen's ApproximateAccuracy: per radius r, the fraction of images with a correct prediction certified at
     radius >= r, with a two-sided Clopper-Pearson interval over images.

@@ -120,19 +120,22 @@ def run_shard(*, method, settings, sigma, dataset_dir, subset, shard, diffusion,
             out_labels_dir=work_dir / "labels", labeler_settings=label_settings, inputs=inputs, progress=progress)
     identity = resumable.read_identity(work_dir / "labels")["identity"]  # what certify_shard claimed the folder with
     bundle_labels([certify.label_file_path(work_dir / "labels", i) for i in chosen.indices], out_labels,
-                  identity=identity)
+                  identity=identity, diffusion_calls_per_run=denoiser.network_evaluations(), t_star=denoiser.t_star)
     certify.write_certification_tsv(rows, out_tsv)
     return {"images": len(rows), "network_evaluations_per_draw": denoiser.network_evaluations() * labeler.votes,
             "t_star": float(denoiser.t_star), "votes": labeler.votes,
             "labels_identity": resumable.identity_digest(identity), "device": describe_device(device, precisions)}
 
 
-def bundle_labels(label_files, out_path, identity=None):
-    """One .npz with every image's idx, label, per-draw labels and seconds (stacked in shard order), and the
-    identity of the run that made them (sigma, method and every setting that decides the labels; JSON)."""
+def bundle_labels(label_files, out_path, identity=None, diffusion_calls_per_run=None, t_star=None):
+    """One .npz with every image's idx, label, per-draw labels and seconds (stacked in shard order), the identity
+    of the run that made them (sigma, method and every setting that decides the labels; JSON), and its cost: the
+    diffusion-network calls of one reverse run and the t* it started from."""
     records = [certify.read_label_file(path) for path in label_files]
     arrays = {
         "identity": json.dumps(identity, sort_keys=True),
+        "diffusion_calls_per_run": np.int64(-1 if diffusion_calls_per_run is None else diffusion_calls_per_run),
+        "t_star": np.float64(np.nan if t_star is None else t_star),
         "idx": np.array([r["idx"] for r in records], dtype=np.int64),
         "label": np.array([r["label"] for r in records], dtype=np.int64),
         "labels_n0": np.stack([r["labels_n0"] for r in records]),
@@ -195,3 +198,14 @@ def merge_bundles(bundle_paths, k, sigma, alpha, num_classes, method=None):
     check_bundles(bundle_paths, k, sigma, method)
     records = [record for path in bundle_paths for record in read_bundle_records(path)]
     return certify.merge_records(records, k, sigma, alpha, num_classes)
+
+
+def calls_per_draw(bundle_path, k):
+    """Network calls per noise draw of a k-vote certification from a shard bundle: (diffusion, classifier). Each of
+    the k votes is one reverse run (its diffusion calls, as the denoiser counted them for the reverse process and t*
+    the shard used: S for respaced and DDIM, every step for the full chain, 1 for DDS) and one classifier call."""
+    with np.load(bundle_path) as bundle:
+        per_run = int(bundle["diffusion_calls_per_run"])
+    if per_run < 1:
+        raise BundleError(f"{bundle_path} records no network calls (written by an older version): rerun its shard")
+    return per_run * k, k

@@ -61,6 +61,30 @@ BENCHMARKS = f"benchmarks/{PRESET}"
 CHECKPOINT_LOCK = "config/checkpoints.lock.yaml"
 
 
+# Every output path of the DAG, spelled once: the rules take their outputs from here (the {wildcards} stay
+# wildcards) and the input functions fill them in with `path(...)`.
+PATHS = {
+    "checkpoint": "data/checkpoints/{name}/{file}",
+    "dataset_arrays": "data/datasets/{dataset}/splits.npz",
+    "dataset_meta": "data/datasets/{dataset}/meta.json",
+    "dataset_record": "data/datasets/{dataset}/run.json",
+    "model": f"{RESULTS}/models/{{role}}/model.pt",
+    "losses": f"{RESULTS}/models/{{role}}/loss.tsv",
+    "classifier_metrics": f"{RESULTS}/models/classifier/metrics.json",
+    "shard_tsv": f"{RESULTS}/densepure/{{method}}/sigma{{sigma}}/shard{{shard}}.tsv",
+    "shard_labels": f"{RESULTS}/densepure/{{method}}/sigma{{sigma}}/shard{{shard}}.labels.npz",
+    "shard_work": f"{RESULTS}/densepure/{{method}}/sigma{{sigma}}/work/shard{{shard}}",
+    "votes_tsv": f"{RESULTS}/densepure/{{method}}/sigma{{sigma}}/votes{{votes}}.tsv",
+    "report_html": f"{RESULTS}/reports/{{notebook}}.html",
+    "report_ipynb": f"{RESULTS}/reports/{{notebook}}.ipynb",
+}
+
+
+def path(kind, **values):
+    """PATHS[kind] with its wildcards filled in."""
+    return PATHS[kind].format(**values)
+
+
 def as_json(value):
     """Compact JSON for passing a config block to the CLI (quoted in shell with {params.x:q})."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
@@ -71,8 +95,8 @@ def as_json(value):
 
 def dataset_files(dataset=DATASET):
     return {
-        "arrays": f"data/datasets/{dataset}/splits.npz",
-        "meta": f"data/datasets/{dataset}/meta.json",
+        "arrays": path("dataset_arrays", dataset=dataset),
+        "meta": path("dataset_meta", dataset=dataset),
     }
 
 
@@ -102,7 +126,7 @@ def dataset_subsets(wildcards):
 def checkpoint_targets(only_automatic=False):
     """Paths of the preset's checkpoint files (optionally only those a script can fetch)."""
     return [
-        f"data/checkpoints/{name}/{entry['path']}"
+        path("checkpoint", name=name, file=entry["path"])
         for name, entry in checkpoint_files(REGISTRY, CFG["checkpoints"])
         if entry["urls"] or not only_automatic
     ]
@@ -122,8 +146,7 @@ def fetch_arguments(wildcards):
 
 # --- models ------------------------------------------------------------------------------------------------------
 
-MODELS = f"{RESULTS}/models"
-DATASET_DIR = f"data/datasets/{DATASET}"
+DATASET_DIR = str(Path(path("dataset_meta", dataset=DATASET)).parent)
 
 
 def model_source(role):
@@ -131,9 +154,14 @@ def model_source(role):
     name from config/checkpoints.yaml (paper scale)."""
     models = CFG["models"]
     if role == "multihead":
-        return f"{MODELS}/multihead/model.pt"
+        return path("model", role="multihead")
     source = models[role]["source"]
-    return f"{MODELS}/{role}/model.pt" if source == "train" else source
+    return path("model", role=role) if source == "train" else source
+
+
+def registry_files(name):
+    """Where the files of checkpoint `name` of config/checkpoints.yaml are downloaded to."""
+    return [path("checkpoint", name=name, file=entry["path"]) for entry in REGISTRY[name]["files"]]
 
 
 def model_files(role):
@@ -141,7 +169,7 @@ def model_files(role):
     source = model_source(role)
     if source.endswith(".pt"):
         return [source]
-    return [f"data/checkpoints/{source}/{entry['path']}" for entry in REGISTRY[source]["files"]]
+    return registry_files(source)
 
 
 def multihead_init():
@@ -153,7 +181,7 @@ def multihead_init_files(wildcards):
     init = CFG["models"]["multihead"]["init"]
     if init == "diffusion":
         return model_files("diffusion")
-    return [f"data/checkpoints/{init}/{entry['path']}" for entry in REGISTRY[init]["files"]]
+    return registry_files(init)
 
 
 # --- DensePure / DDS certification ---------------------------------------------------------------------------------
@@ -183,12 +211,12 @@ def certify_inputs(wildcards):
 
 
 def shard_bundles(wildcards):
-    return [f"{RESULTS}/densepure/{wildcards.method}/sigma{wildcards.sigma}/shard{shard}.labels.npz"
+    return [path("shard_labels", method=wildcards.method, sigma=wildcards.sigma, shard=shard)
             for shard in densepure_shards()]
 
 
 def densepure_targets():
-    return [f"{RESULTS}/densepure/{method}/sigma{sigma}/votes{k}.tsv"
+    return [path("votes_tsv", method=method, sigma=sigma, votes=k)
             for method in ("dds", "densepure") for sigma in SIGMAS for k in vote_counts(method)]
 
 
@@ -215,7 +243,7 @@ def report_parameters(wildcards):
         parameters = {
             "preset": PRESET,
             "description": CFG["description"],
-            "dataset_dir": f"data/datasets/{DATASET}",
+            "dataset_dir": DATASET_DIR,
             "subsets": CFG["subsets"],
             "checkpoint_names": CFG["checkpoints"],
             "checkpoint_lock": CHECKPOINT_LOCK,
@@ -227,7 +255,7 @@ def report_parameters(wildcards):
             "diffusion": model_source("diffusion"),
             "multihead": model_source("multihead"),
             "classifier": model_source("classifier"),
-            "loss_logs": {role: f"{MODELS}/{role}/loss.tsv" for role in ("diffusion", "multihead", "classifier")
+            "loss_logs": {role: path("losses", role=role) for role in ("diffusion", "multihead", "classifier")
                           if model_source(role).endswith(".pt")},
             "sigmas": [0.25, 0.5, 1.0],
             "seed": CFG["seed"],
@@ -256,8 +284,8 @@ def all_targets():
     """Checkpoints and every report. The executed .ipynb is requested too: after a failed render Snakemake restores
     the previous HTML (flagged update, with a fresh modification time), and the missing .ipynb is what makes the
     next run render again."""
-    return checkpoint_targets() + [f"{RESULTS}/reports/{name}.{suffix}" for name in CFG["reports"]
-                                   for suffix in ("html", "ipynb")]
+    return checkpoint_targets() + [path(kind, notebook=name) for name in CFG["reports"]
+                                   for kind in ("report_html", "report_ipynb")]
 
 
 def input_dataset_folder(wildcards, input):

@@ -29,9 +29,9 @@ rule prepare_dataset:
     input:
         unpack(dataset_inputs),
     output:
-        arrays="data/datasets/{dataset}/splits.npz",
-        meta="data/datasets/{dataset}/meta.json",
-        record="data/datasets/{dataset}/run.json",
+        arrays=PATHS["dataset_arrays"],
+        meta=PATHS["dataset_meta"],
+        record=PATHS["dataset_record"],
     log:
         "logs/prepare_dataset/{dataset}.log",
     benchmark:
@@ -44,9 +44,10 @@ rule prepare_dataset:
         settings=dataset_settings,
         subsets=dataset_subsets,
         source=dataset_source_flag,
+        out_dir=output_folder,
     message:
         "Preparing the {wildcards.dataset} splits"
     shell:
-        "python -m diffrobust prepare-dataset --dataset {wildcards.dataset} --out-dir data/datasets/{wildcards.dataset}"
+        "python -m diffrobust prepare-dataset --dataset {wildcards.dataset} --out-dir {params.out_dir}"
         " --settings {params.settings:q} --subsets {params.subsets:q} {params.source}"
         " --run-record {output.record} 2> {log}"

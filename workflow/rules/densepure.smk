@@ -10,8 +10,8 @@ rule certify_shard:
     input:
         unpack(certify_inputs),
     output:
-        tsv=f"{RESULTS}/densepure/{{method}}/sigma{{sigma}}/shard{{shard}}.tsv",
-        labels=f"{RESULTS}/densepure/{{method}}/sigma{{sigma}}/shard{{shard}}.labels.npz",
+        tsv=PATHS["shard_tsv"],
+        labels=PATHS["shard_labels"],
     log:
         log=f"{LOGS}/certify_shard/{{method}}/sigma{{sigma}}/shard{{shard}}.log",
         record=f"{LOGS}/certify_shard/{{method}}/sigma{{sigma}}/shard{{shard}}.run.json",
@@ -32,7 +32,7 @@ rule certify_shard:
         dataset_dir=input_dataset_folder,
         diffusion=model_source("diffusion"),
         classifier=model_source("classifier"),
-        work_dir=f"{RESULTS}/densepure/{{method}}/sigma{{sigma}}/work/shard{{shard}}",
+        work_dir=PATHS["shard_work"],
         device=CFG["device"],
         diffusion_precision=CFG["models"]["diffusion"]["precision"],
         classifier_precision=CFG["models"]["classifier"]["precision"],
@@ -53,7 +53,7 @@ rule merge_votes:
         bundles=shard_bundles,
         meta=dataset_files()["meta"],
     output:
-        tsv=f"{RESULTS}/densepure/{{method}}/sigma{{sigma}}/votes{{votes}}.tsv",
+        tsv=PATHS["votes_tsv"],
     log:
         log=f"{LOGS}/merge_votes/{{method}}/sigma{{sigma}}/votes{{votes}}.log",
         record=f"{LOGS}/merge_votes/{{method}}/sigma{{sigma}}/votes{{votes}}.run.json",

@@ -4,7 +4,7 @@
 
 rule download_checkpoint:
     output:
-        "data/checkpoints/{name}/{file}",
+        PATHS["checkpoint"],
     log:
         log="logs/download_checkpoint/{name}/{file}.log",
         record="logs/download_checkpoint/{name}/{file}.run.json",

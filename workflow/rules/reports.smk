@@ -13,12 +13,12 @@ rule render_report:
     output:
         html=update(
             report(
-                f"{RESULTS}/reports/{{notebook}}.html",
+                PATHS["report_html"],
                 category="Reports",
                 labels={"preset": PRESET, "notebook": "{notebook}"},
             )
         ),
-        ipynb=f"{RESULTS}/reports/{{notebook}}.ipynb",
+        ipynb=PATHS["report_ipynb"],
     log:
         log=f"{LOGS}/render_report/{{notebook}}.log",
         record=f"{LOGS}/render_report/{{notebook}}.run.json",

@@ -6,8 +6,8 @@ rule train_diffusion:
     input:
         **dataset_files(),
     output:
-        model=f"{MODELS}/diffusion/model.pt",
-        losses=f"{MODELS}/diffusion/loss.tsv",
+        model=path("model", role="diffusion"),
+        losses=path("losses", role="diffusion"),
     log:
         log=f"{LOGS}/train_diffusion.log",
         record=f"{LOGS}/train_diffusion.run.json",
@@ -35,8 +35,8 @@ rule finetune_multihead:
         **dataset_files(),
         init=multihead_init_files,
     output:
-        model=f"{MODELS}/multihead/model.pt",
-        losses=f"{MODELS}/multihead/loss.tsv",
+        model=path("model", role="multihead"),
+        losses=path("losses", role="multihead"),
     log:
         log=f"{LOGS}/finetune_multihead.log",
         record=f"{LOGS}/finetune_multihead.run.json",
@@ -65,9 +65,9 @@ rule train_classifier:
     input:
         **dataset_files(),
     output:
-        model=f"{MODELS}/classifier/model.pt",
-        losses=f"{MODELS}/classifier/loss.tsv",
-        metrics=f"{MODELS}/classifier/metrics.json",
+        model=path("model", role="classifier"),
+        losses=path("losses", role="classifier"),
+        metrics=PATHS["classifier_metrics"],
     log:
         log=f"{LOGS}/train_classifier.log",
         record=f"{LOGS}/train_classifier.run.json",

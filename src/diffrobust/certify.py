@@ -31,7 +31,7 @@ import torch
 from scipy.stats import beta, binomtest, norm
 from tqdm import tqdm
 
-from diffrobust import resumable
+from diffrobust import resumable, seeds
 from diffrobust.io import atomic_write_npz, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -64,12 +64,11 @@ def labeler_from_classifier(model):
 
 def derived_seed(seed, index, stream, reverse_seed=0):
     """A 63-bit torch seed for one stream of one image, derived from (seed, dataset index, stream, reverse seed)."""
-    sequence = np.random.SeedSequence(int(seed), spawn_key=(int(index), int(stream), int(reverse_seed)))
-    return int(sequence.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+    return seeds.derived_seed(seed, index, stream, reverse_seed)
 
 
 def seeded_generator(seed):
-    return torch.Generator().manual_seed(seed)
+    return seeds.generator(seed)
 
 
 def _as_label_rows(labels):

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from diffrobust import imagespace, models, resumable
+from diffrobust import imagespace, models, resumable, seeds
 from diffrobust.data import load_dataset
 from diffrobust.download import file_digest
 from diffrobust.diffusion import ddim_reverse
@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 RESUME_FILE = "resume.pt"
 # Version of the training algorithms: part of every resume file's identity. Bump it when a code change would give
 # other weights for the same config (a resumed run must not continue a state the new code would not have made).
-TRAINING_VERSION = 1
+TRAINING_VERSION = 2  # 2: seeds from diffrobust.seeds (the one derivation)
 MODEL_FILE = "model.pt"
 LOSS_FILE = "loss.tsv"
 METRICS_FILE = "metrics.json"
@@ -67,12 +67,11 @@ STREAMS = {"order": 0, "step": 1, "global": 2, "init": 3}
 
 def derived_seed(seed, index, stream):
     """A 63-bit seed for draw `index` of `stream` ("order", "step", "global", "init") of a job seeded `seed`."""
-    state = np.random.SeedSequence([int(seed), int(index), STREAMS[stream]]).generate_state(2, dtype=np.uint32)
-    return int(state[0]) << 31 ^ int(state[1])
+    return seeds.derived_seed(seed, index, STREAMS[stream])
 
 
 def generator_for(seed, index, stream):
-    return torch.Generator().manual_seed(derived_seed(seed, index, stream))
+    return seeds.generator(seed, index, STREAMS[stream])
 
 
 @contextlib.contextmanager

@@ -4,6 +4,8 @@ runs that vote are DensePure's base labeler."""
 import torch
 from torch import nn
 
+from diffrobust import seeds
+
 
 class PurifiedClassifier(nn.Module):
     """classifier(purifier(x)): a defense is again a classifier (images in [0, 1] -> logits)."""
@@ -29,11 +31,11 @@ class VotingLabeler:
         self.purifier, self.classifier, self.votes = purifier, classifier, int(votes)
 
     def __call__(self, x_noisy01, generator=None):
-        # One draw from the caller's stream per batch; vote k uses seed base + k (mt19937 streams of adjacent seeds
-        # are unrelated), so the first K votes do not depend on how many votes are run.
+        # One draw from the caller's stream per batch; vote k draws from the stream k of that base (diffrobust.seeds),
+        # so the first K votes do not depend on how many votes are run.
         base = int(torch.randint(0, 2**62, (1,), generator=generator))
         labels = []
         for k in range(self.votes):
-            reverse_stream = torch.Generator().manual_seed(base + k)
+            reverse_stream = seeds.generator(base, k)
             labels.append(self.classifier(self.purifier(x_noisy01, reverse_stream)).argmax(dim=1))
         return torch.stack(labels)

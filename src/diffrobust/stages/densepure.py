@@ -26,7 +26,7 @@ from diffrobust.networks.pretrained import set_preprocess
 METHODS = ("dds", "densepure")
 # Version of the labeler's algorithm (denoiser, reverse processes, vote streams): part of the label files'
 # identity. Bump it when a change to defenses/diffusion would give other labels for the same settings and models.
-LABELER_VERSION = 1
+LABELER_VERSION = 2  # 2: vote streams from diffrobust.seeds
 log = logging.getLogger(__name__)
 
 

@@ -301,33 +301,40 @@ def load_model(path, device="cpu"):
 # Official checkpoints (config/checkpoints.yaml)
 # ---------------------------------------------------------------------------------------------------------------
 
+def _adm_diffusion_settings(family, config):
+    """ADM flags -> diffusion settings (improved- or guided-diffusion defaults under the registry's flags)."""
+    from diffrobust.networks import adm
+
+    defaults = adm.IMPROVED_DIFFUSION_DEFAULTS if family == "improved_diffusion_unet" else adm.GUIDED_DIFFUSION_DEFAULTS
+    flags = {**defaults, **config}
+    if flags["timestep_respacing"] not in ("", None):
+        raise ValueError(f"timestep_respacing={flags['timestep_respacing']!r}: respacing is the samplers' job here; "
+                         "register the checkpoint with its full schedule")
+    learn_sigma = flags["learn_sigma"]
+    variance = "learned_range" if learn_sigma else ("fixed_small" if flags["sigma_small"] else "fixed_large")
+    return diffusion_settings(flags["noise_schedule"], flags["diffusion_steps"], learn_sigma=learn_sigma,
+                              rescale_timesteps=flags["rescale_timesteps"], variance=variance)
+
+
+def _edm_diffusion_settings(family, config):
+    """EDM's chain: VPPrecond's own VP SDE; EDMPrecond (a denoiser D(x; sigma) for any sigma, no chain of its own)
+    is queried on the VP SDE's chain with EDM's VP constants (DiffPure's chain), through EDMPrecondEps."""
+    from diffrobust.networks import edm
+
+    if config.get("precond", edm.DEFAULT_PRECOND) == "vp":
+        # EDM's VP defaults (VPPrecond: beta_d=19.9, beta_min=0.1, M=1000) unless the config overrides them
+        return diffusion_settings("vpsde", int(config.get("M", 1000)), beta_min=config.get("beta_min", 0.1),
+                                  beta_d=config.get("beta_d", 19.9))
+    return diffusion_settings("vpsde", 1000, beta_min=0.1, beta_d=19.9)
+
+
 def registry_diffusion_settings(architecture):
-    """Diffusion settings implied by a registry architecture block (ADM flags, or EDM's VP constants)."""
-    family, config = architecture["family"], architecture.get("config", {})
-    if family in ("improved_diffusion_unet", "guided_diffusion_unet"):
-        from diffrobust.networks import adm
-
-        defaults = adm.IMPROVED_DIFFUSION_DEFAULTS if family == "improved_diffusion_unet" else adm.GUIDED_DIFFUSION_DEFAULTS
-        flags = {**defaults, **config}
-        if flags["timestep_respacing"] not in ("", None):
-            raise ValueError(f"timestep_respacing={flags['timestep_respacing']!r}: respacing is the samplers' job here; "
-                             "register the checkpoint with its full schedule")
-        learn_sigma = flags["learn_sigma"]
-        variance = "learned_range" if learn_sigma else ("fixed_small" if flags["sigma_small"] else "fixed_large")
-        return diffusion_settings(flags["noise_schedule"], flags["diffusion_steps"], learn_sigma=learn_sigma,
-                                  rescale_timesteps=flags["rescale_timesteps"], variance=variance)
-    if family == "edm_vp_songunet":
-        from diffrobust.networks import edm
-
-        if config.get("precond", edm.DEFAULT_PRECOND) == "vp":
-            # The network's own VP SDE: EDM's VP defaults (VPPrecond: beta_d=19.9, beta_min=0.1, M=1000) unless
-            # the config overrides them.
-            return diffusion_settings("vpsde", int(config.get("M", 1000)), beta_min=config.get("beta_min", 0.1),
-                                      beta_d=config.get("beta_d", 19.9))
-        # EDMPrecond is a denoiser D(x; sigma) for any sigma and has no chain of its own; the defenses query it on
-        # the VP SDE's chain with EDM's VP constants (DiffPure's chain), through EDMPrecondEps.
-        return diffusion_settings("vpsde", 1000, beta_min=0.1, beta_d=19.9)
-    return None
+    """Diffusion settings implied by a registry architecture block (ADM flags, or EDM's VP constants); None for
+    classifiers."""
+    family = FAMILIES[architecture["family"]]
+    if family.diffusion_settings is None:
+        return None
+    return family.diffusion_settings(architecture["family"], architecture.get("config", {}))
 
 
 def _read_registry(registry):
@@ -346,7 +353,7 @@ def _strip_prefix(state_dict, prefix="module."):
     return state_dict
 
 
-def _read_state_dict(path, family):
+def _read_state_dict(path):
     try:
         contents = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
@@ -355,11 +362,6 @@ def _read_state_dict(path, family):
     if isinstance(contents, dict) and isinstance(contents.get("state_dict"), dict):
         contents = contents["state_dict"]  # RobustBench wraps its weights (and improved-diffusion does not)
     return _strip_prefix(dict(contents))
-
-
-REGISTRY_KINDS = {"improved_diffusion_unet": "diffusion", "guided_diffusion_unet": "diffusion",
-                  "edm_vp_songunet": "diffusion", "robustbench_wrn": "classifier", "hf_vit": "classifier",
-                  "timm_beit": "classifier"}
 
 
 def _edm_pickle_state_dict(path, network):
@@ -393,27 +395,68 @@ def _edm_pickle_state_dict(path, network):
     return state_dict
 
 
+def _hf_vit_network(architecture, path):
+    """A Hugging Face folder: transformers reads it (and renames legacy weight names)."""
+    from diffrobust.networks.pretrained import load_hf_vit
+
+    try:
+        return load_hf_vit(architecture["config"], path.parent)
+    except (OSError, ValueError) as error:
+        raise ModelFileError(f"{path.parent}: cannot load the Hugging Face ViT ({error})") from error
+
+
+def _timm_beit_state_dict(path, network):
+    from diffrobust.networks.pretrained import timm_beit_state_dict
+
+    return timm_beit_state_dict(_read_state_dict(path), network)
+
+
+@dataclass(frozen=True)
+class Family:
+    """What the code needs to know about one network family, in one row of `FAMILIES`, so that no function tests
+    family names: the model kind, how official weights are read (`read_weights(path, network)` -> state dict, or
+    `load(architecture, path)` -> network for formats a library reads itself), the diffusion settings its flags imply
+    (None for classifiers), whether its eps comes from an EDM adapter, and whether this project trains / fine-tunes
+    it."""
+
+    kind: str
+    read_weights: object = None
+    load: object = None
+    diffusion_settings: object = None
+    edm: bool = False
+    trainable: bool = False
+
+
+FAMILIES = {
+    "adm_unet": Family("diffusion", trainable=True),
+    "small_resnet": Family("classifier", trainable=True),
+    "improved_diffusion_unet": Family("diffusion", lambda path, network: _read_state_dict(path),
+                                      diffusion_settings=_adm_diffusion_settings, trainable=True),
+    "guided_diffusion_unet": Family("diffusion", lambda path, network: _read_state_dict(path),
+                                    diffusion_settings=_adm_diffusion_settings, trainable=True),
+    "edm_vp_songunet": Family("diffusion", lambda path, network: _edm_pickle_state_dict(path, network),
+                              diffusion_settings=_edm_diffusion_settings, edm=True),
+    "robustbench_wrn": Family("classifier", lambda path, network: _read_state_dict(path)),
+    "hf_vit": Family("classifier", load=_hf_vit_network),
+    "timm_beit": Family("classifier", _timm_beit_state_dict),
+}
+# Families official checkpoints come in (config/checkpoints.yaml), with the kind of model each one is.
+REGISTRY_KINDS = {name: family.kind for name, family in FAMILIES.items() if family.read_weights or family.load}
+
+
+def family_of(loaded):
+    """The `Family` of a LoadedModel (or of an architecture block)."""
+    architecture = loaded if isinstance(loaded, dict) else loaded.architecture
+    return FAMILIES[architecture.get("family")]
+
+
 def _registry_network(architecture, path, device):
     """Build the registry network and load the official weights at `path` into it, strictly."""
-    family = architecture["family"]
-    if family == "hf_vit":  # a Hugging Face folder: transformers reads it (and renames legacy weight names)
-        from diffrobust.networks.pretrained import load_hf_vit
-
-        try:
-            network = load_hf_vit(architecture["config"], path.parent)
-        except (OSError, ValueError) as error:
-            raise ModelFileError(f"{path.parent}: cannot load the Hugging Face ViT ({error})") from error
-        return network.to(device).eval().requires_grad_(False)
+    family = FAMILIES[architecture["family"]]
+    if family.load is not None:
+        return family.load(architecture, path).to(device).eval().requires_grad_(False)
     network = build_architecture(architecture)
-    if family == "edm_vp_songunet":
-        state_dict = _edm_pickle_state_dict(path, network)
-    else:
-        state_dict = _read_state_dict(path, family)
-    if family == "timm_beit":
-        from diffrobust.networks.pretrained import timm_beit_state_dict
-
-        state_dict = timm_beit_state_dict(state_dict, network)
-    return _finish(network, state_dict, device, path)
+    return _finish(network, family.read_weights(path, network), device, path)
 
 
 def load_registry_checkpoint(name, root="data/checkpoints", *, registry=None, device="cpu"):
@@ -663,7 +706,7 @@ def _edm_eps(loaded):
 
 
 def _is_edm(loaded):
-    return loaded.architecture.get("family") == "edm_vp_songunet"
+    return family_of(loaded).edm
 
 
 def eps_model(loaded, *, unconditional=False, guidance_scale=0.0):

@@ -500,7 +500,7 @@ def finetune_diffusion(init_model, dataset_dir, out_dir, *, variant, steps, batc
         with the init model's diffusion settings (null_class None: it has no unconditional output).
     """
     loaded = _as_loaded(init_model)
-    if loaded.kind != "diffusion" or loaded.architecture.get("family") == "edm_vp_songunet":
+    if loaded.kind != "diffusion" or not models.family_of(loaded).trainable:
         raise ValueError("finetune_diffusion takes an ADM diffusion model (mini model or ADM checkpoint)")
     dataset = load_dataset(dataset_dir)
     _, _, num_classes = _dataset_shape(dataset)
@@ -669,7 +669,7 @@ def train_classifier(dataset_dir, out_dir, *, architecture, epochs, batch_size, 
 def image_shape(loaded):
     """(C, H, W) of the images a diffusion model works on."""
     network = loaded.network
-    if loaded.architecture.get("family") == "edm_vp_songunet":
+    if models.family_of(loaded).edm:
         return network.img_channels, network.img_resolution, network.img_resolution
     return network.in_channels, network.image_size, network.image_size
 

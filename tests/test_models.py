@@ -261,17 +261,25 @@ def test_robustbench_checkpoint_is_unwrapped_and_unprefixed(tmp_path):
         models.eps_model(loaded)
 
 
-def test_edm_pickle_loads_and_its_eps_adapter_inverts_the_denoiser(tmp_path, fixtures_dir):
+
+def _edm_fixture_as_registry_checkpoint(tmp_path, fixtures_dir, fixture, precond):
+    """(fixture, LoadedModel): an EDM fixture's network written as an NVlabs/edm pickle and loaded through a
+    one-entry registry with the given `precond`."""
     from test_networks_edm import write_edm_like_pickle  # the EDM-format writer of the EDM reader's own tests
 
-    small = torch.load(fixtures_dir / "architectures" / "edm_vp_songunet_small.pt", weights_only=True)
-    config = {**small["config"], "precond": "vp"}  # the VPPrecond fixture
+    small = torch.load(fixtures_dir / "architectures" / fixture, weights_only=True)
+    config = {**small["config"], "precond": precond}
     network = edm.build_edm_vp_songunet(config)
     network.load_state_dict(small["state_dict"])
     (tmp_path / "edm").mkdir()
     write_edm_like_pickle(tmp_path / "edm" / "net.pkl", network.eval().requires_grad_(False), small["config"])
     loaded = models.load_registry_checkpoint(
         "edm", root=tmp_path, registry=registry_with("edm", "edm_vp_songunet", config, "net.pkl"))
+    return small, loaded
+
+
+def test_edm_pickle_loads_and_its_eps_adapter_inverts_the_denoiser(tmp_path, fixtures_dir):
+    small, loaded = _edm_fixture_as_registry_checkpoint(tmp_path, fixtures_dir, "edm_vp_songunet_small.pt", "vp")
     assert loaded.diffusion_settings["schedule"] == "vpsde"
     chain = loaded.diffusion
     model = models.eps_model(loaded)
@@ -297,16 +305,7 @@ def test_edm_pickle_loads_and_its_eps_adapter_inverts_the_denoiser(tmp_path, fix
 def test_edm_precond_pickle_gets_an_eps_adapter_of_its_own_denoiser(tmp_path, fixtures_dir):
     # The released edm-cifar10-32x32-*-vp.pkl are EDMPrecond: a denoiser D(x; sigma) for any sigma, queried on the
     # VP SDE's chain. The adapter must give eps = (x - D(x; sigma)) / sigma of EDMPrecond's D, not VPPrecond's.
-    from test_networks_edm import write_edm_like_pickle
-
-    small = torch.load(fixtures_dir / "architectures" / "edm_precond_songunet_small.pt", weights_only=True)
-    config = {**small["config"], "precond": "edm"}
-    network = edm.build_edm_vp_songunet(config)
-    network.load_state_dict(small["state_dict"])
-    (tmp_path / "edm").mkdir()
-    write_edm_like_pickle(tmp_path / "edm" / "net.pkl", network.eval().requires_grad_(False), small["config"])
-    loaded = models.load_registry_checkpoint(
-        "edm", root=tmp_path, registry=registry_with("edm", "edm_vp_songunet", config, "net.pkl"))
+    small, loaded = _edm_fixture_as_registry_checkpoint(tmp_path, fixtures_dir, "edm_precond_songunet_small.pt", "edm")
     assert isinstance(loaded.network, edm.EDMPrecond) and loaded.kind == "diffusion"
     assert loaded.diffusion_settings == models.diffusion_settings("vpsde", 1000, beta_min=0.1, beta_d=19.9)
     assert models.num_label_classes(loaded) == 10
@@ -317,7 +316,7 @@ def test_edm_precond_pickle_gets_an_eps_adapter_of_its_own_denoiser(tmp_path, fi
     labels = torch.tensor([4, 9, 0])
     one_hot = torch.nn.functional.one_hot(labels, 10)
     # What the loader gave before: the same weights read as VPPrecond (the same keys load strictly).
-    as_vp = edm.build_edm_vp_songunet({**config, "precond": "vp"})
+    as_vp = edm.build_edm_vp_songunet({**small["config"], "precond": "vp"})
     as_vp.load_state_dict(small["state_dict"], strict=True)
     vp_view = models.EDMVPEps(as_vp.eval(), 1000)
     for time in (1, 20, 300.5, 1000):

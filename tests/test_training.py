@@ -382,3 +382,31 @@ def test_a_resume_file_of_another_code_version_is_not_continued(dataset_dir, tmp
         training.train_classifier(dataset_dir, out, epochs=1, checkpoint_every=2, on_step=steps.append, **CLASSIFIER)
     assert steps[0] == 1  # started from step 0, not from the stored step 2
     assert f"code_version: {training.TRAINING_VERSION - 1} -> {training.TRAINING_VERSION}" in caplog.text
+
+
+def test_v_prediction_trains_on_v_and_every_method_gets_eps(dataset_dir, tmp_path):
+    # the target: v = sqrt(a)·eps - sqrt(1 - a)·x0, and the adapter turns the true v back into the true eps
+    settings = models.diffusion_settings("linear", 100, null_class=3, prediction="v")
+    table = training.NoiseTable(models.build_diffusion(settings))
+    x0 = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    x_t, noise, t_model = table.noisy(x0, torch.Generator().manual_seed(1))
+    v = training.prediction_target(table, x0, noise, t_model, "v")
+    oracle = models.VPredictionEps(lambda x, t, y=None: v, models.build_diffusion(settings))
+    assert torch.allclose(oracle(x_t, t_model), noise, atol=1e-5)
+    # a trained v model stores the setting; eps_model, guidance and the multi-head heads all return eps
+    loaded = training.train_diffusion(dataset_dir, tmp_path / "v", steps=6, prediction="v", **DIFFUSION)
+    assert loaded.diffusion_settings["prediction"] == "v"
+    assert "prediction" not in models.diffusion_settings("linear", 100)  # eps models' files and identities unchanged
+    t = torch.full((16,), 99.0)  # near T an eps(v) model is the identity up to sqrt(alpha_bar_T)·v
+    raw = loaded.network(x_t, t, y=torch.zeros(16, dtype=torch.long))
+    eps = models.eps_model(loaded)(x_t, t, torch.zeros(16, dtype=torch.long))
+    a = float(table.sqrt_alpha_bar[99]) ** 2
+    assert torch.allclose(eps, a ** 0.5 * raw + (1 - a) ** 0.5 * x_t, atol=1e-5)
+    assert models.eps_model(loaded, guidance_scale=1.0)(x_t, t, torch.zeros(16, dtype=torch.long)).shape == x_t.shape
+    heads = training.finetune_diffusion(loaded, dataset_dir, tmp_path / "mh", variant="multihead", steps=2,
+                                        batch_size=8, lr=1e-3, ema_decay=0.5, seed=0, log_every=1)
+    assert heads.diffusion_settings["prediction"] == "v"
+    per_class = models.all_class_eps(heads, x_t, t)
+    assert per_class.shape == (16, NUM_CLASSES, 1, 8, 8)
+    raw_heads = models.multihead_outputs(heads.network, x_t, t, NUM_CLASSES)
+    assert torch.allclose(per_class, a ** 0.5 * raw_heads + (1 - a) ** 0.5 * x_t[:, None], atol=1e-5)

@@ -123,7 +123,8 @@ def cmd_train_diffusion(args):
     with run_record(args.run_record, config=model, seed=args.seed):
         training.train_diffusion(args.dataset_dir, args.out_dir, architecture=model["architecture"],
                                  schedule=model["schedule"], num_timesteps=model["num_timesteps"],
-                                 variance=model["variance"], seed=args.seed, **model["training"])
+                                 variance=model["variance"], prediction=model.get("prediction", "eps"),
+                                 seed=args.seed, **model["training"])
     log.info("trained the diffusion model -> %s/model.pt", args.out_dir)
 
 

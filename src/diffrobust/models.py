@@ -23,7 +23,9 @@ Diffusion settings
 ------------------
 ``{"schedule": "linear" | "cosine" | "vpsde", "num_timesteps": T, "learn_sigma": bool, "rescale_timesteps": bool,
 "null_class": int | None, "variance": "learned_range" | "fixed_small" | "fixed_large"}`` (+ "beta_min", "beta_d"
-for "vpsde"); `build_diffusion` turns them into a `diffusion.GaussianDiffusion`.
+for "vpsde"; + "prediction": "v" for a network trained to output v = sqrt(a)·eps - sqrt(1 - a)·x0, absent for eps
+networks); `build_diffusion` turns them into a `diffusion.GaussianDiffusion`, and `eps_model` / `all_class_eps`
+convert a v network's output to eps (`VPredictionEps`), so every method sees eps.
 """
 
 import os
@@ -163,8 +165,11 @@ def build_architecture(architecture):
 # Diffusion settings
 # ---------------------------------------------------------------------------------------------------------------
 
+PREDICTIONS = ("eps", "v")
+
+
 def diffusion_settings(schedule, num_timesteps, *, learn_sigma=False, rescale_timesteps=False, null_class=None,
-                       variance=None, **schedule_parameters):
+                       variance=None, prediction="eps", **schedule_parameters):
     """A validated, complete diffusion settings dict (see the module docstring).
 
     variance defaults to "learned_range" with learn_sigma and to "fixed_large" (improved-diffusion's default when
@@ -182,11 +187,14 @@ def diffusion_settings(schedule, num_timesteps, *, learn_sigma=False, rescale_ti
         raise ValueError("variance 'learned_range' needs learn_sigma=True (a network with 2C output channels)")
     if null_class is not None and (isinstance(null_class, bool) or not isinstance(null_class, int)):
         raise ValueError(f"null_class must be an integer class index or None, got {null_class!r}")
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
     expected = {"beta_min", "beta_d"} if schedule == "vpsde" else set()
     if set(schedule_parameters) != expected:
         raise ValueError(f"schedule {schedule!r} takes parameters {sorted(expected)}, got {sorted(schedule_parameters)}")
     return {"schedule": schedule, "num_timesteps": num_timesteps, "learn_sigma": bool(learn_sigma),
             "rescale_timesteps": bool(rescale_timesteps), "null_class": null_class, "variance": variance,
+            **({"prediction": prediction} if prediction != "eps" else {}),
             **{key: float(value) for key, value in schedule_parameters.items()}}
 
 
@@ -574,6 +582,36 @@ class UnlabelledEps(nn.Module):
         return self.network(x_t, t_model)
 
 
+class VPredictionEps(nn.Module):
+    """eps from a v-predicting network (Salimans & Ho): eps = sqrt(a)·v + sqrt(1 - a)·x_t, a = alpha_bar of the level
+    the network timestep stands for (table index t_model / timestep_scale). Every head's first C channels are
+    converted; learned-variance channels pass through. forward(x_t, t_model, y=None) as the network's."""
+
+    def __init__(self, network, diffusion, heads=1):
+        super().__init__()
+        self.network, self.heads = network, heads
+        self.register_buffer("alphas_cumprod", torch.from_numpy(diffusion.alphas_cumprod).float(), persistent=False)
+        self.timestep_scale = diffusion.timestep_scale
+
+    def forward(self, x_t, t_model, y=None):
+        out = self.network(x_t, t_model) if y is None else self.network(x_t, t_model, y=y)
+        index = (t_model / self.timestep_scale).round().long().clamp(0, len(self.alphas_cumprod) - 1)
+        a = self.alphas_cumprod.to(x_t.device)[index].to(x_t.dtype).view(-1, 1, 1, 1, 1)
+        channels = x_t.shape[1]
+        out = out.reshape(out.shape[0], self.heads, out.shape[1] // self.heads, *out.shape[2:])
+        eps = a.sqrt() * out[:, :, :channels] + (1 - a).sqrt() * x_t[:, None]
+        return torch.cat([eps, out[:, :, channels:]], dim=2).reshape(out.shape[0], -1, *out.shape[3:])
+
+
+def eps_network(loaded):
+    """loaded.network, or its eps adapter when the model predicts v: a callable with the network's signature whose
+    output is eps (every head of a multi-head model)."""
+    if (loaded.diffusion_settings or {}).get("prediction", "eps") == "eps":
+        return loaded.network
+    heads = loaded.extra["num_classes"] if loaded.kind == "multihead_diffusion" else 1
+    return VPredictionEps(loaded.network, loaded.diffusion, heads)
+
+
 def multihead_outputs(network, x_t, t_model, num_classes):
     """All heads of a multi-head network: [N, num_classes, C_out, H, W] (C_out = C, or 2C with learned sigma)."""
     out = network(x_t, t_model)
@@ -727,8 +765,9 @@ def eps_model(loaded, *, unconditional=False, guidance_scale=0.0):
     if loaded.kind == "multihead_diffusion":
         if unconditional or guidance_scale:
             raise ValueError("a multi-head model has no unconditional prediction (and hence no guidance)")
-        return MultiheadEps(network, loaded.extra["num_classes"])
+        return MultiheadEps(eps_network(loaded), loaded.extra["num_classes"])
     class_conditional = getattr(network, "num_classes", None) is not None
+    network = eps_network(loaded)
     if not class_conditional:
         if guidance_scale:
             raise ValueError("guidance needs a class-conditional model with a null class")
@@ -763,7 +802,7 @@ def all_class_eps(loaded, x_t, t_model):
     """eps for every real class, [N, K, C_out, H, W]: one pass of a multi-head model, K passes otherwise (RDC's
     cost comparison)."""
     if loaded.kind == "multihead_diffusion":
-        return multihead_outputs(loaded.network, x_t, t_model, loaded.extra["num_classes"])
+        return multihead_outputs(eps_network(loaded), x_t, t_model, loaded.extra["num_classes"])
     model = eps_model(loaded)
     count = num_label_classes(loaded)
     if count is None:

@@ -339,13 +339,23 @@ def drop_labels(labels, label_dropout, null_class, generator):
     return torch.where(dropped, torch.full_like(labels, null_class), labels)
 
 
-def eps_mse_loss(network, table, x0, labels, generator, label_dropout=0.0, null_class=None):
-    """The simple loss of Ho et al.: mean squared error of the eps prediction (first C output channels)."""
+def prediction_target(table, x0, noise, t_model, prediction):
+    """What the network's first C channels are trained to output: eps, or v = sqrt(a)·eps - sqrt(1 - a)·x0."""
+    if prediction == "eps":
+        return noise
+    index = (t_model / table.timestep_scale).round().long()
+    shape = (-1,) + (1,) * (x0.dim() - 1)
+    return table.sqrt_alpha_bar[index].view(shape) * noise - table.sqrt_one_minus_alpha_bar[index].view(shape) * x0
+
+
+def eps_mse_loss(network, table, x0, labels, generator, label_dropout=0.0, null_class=None, prediction="eps"):
+    """The simple loss of Ho et al.: mean squared error of the eps prediction (first C output channels); with
+    prediction "v" the same on v (Salimans & Ho), i.e. the eps error weighted by 1/alpha_bar."""
     x_t, noise, t_model = table.noisy(x0, generator)
     if label_dropout:
         labels = drop_labels(labels, label_dropout, null_class, generator)
-    eps = network(x_t, t_model, y=labels)[:, : x0.shape[1]]
-    return F.mse_loss(eps, noise)
+    out = network(x_t, t_model, y=labels)[:, : x0.shape[1]]
+    return F.mse_loss(out, prediction_target(table, x0, noise, t_model, prediction))
 
 
 def conditional_unet_architecture(architecture, in_channels, image_size, num_classes):
@@ -372,7 +382,7 @@ def _dataset_shape(dataset):
 
 def train_diffusion(dataset_dir, out_dir, *, architecture, schedule="linear", num_timesteps=1000, steps, batch_size,
                     lr, ema_decay, label_dropout, seed, checkpoint_every=200, log_every=20, warmup_steps=100,
-                    variance="fixed_small", on_step=None):
+                    variance="fixed_small", prediction="eps", on_step=None):
     """Train a class-conditional ADM UNet (K classes + null class K) with the eps-MSE loss; writes model.pt (EMA
     weights, kind "diffusion") and loss.tsv under out_dir. Returns the LoadedModel of the EMA network.
 
@@ -387,7 +397,8 @@ def train_diffusion(dataset_dir, out_dir, *, architecture, schedule="linear", nu
     dataset = load_dataset(dataset_dir)
     channels, size, num_classes = _dataset_shape(dataset)
     architecture = conditional_unet_architecture(architecture, channels, size, num_classes)
-    settings = models.diffusion_settings(schedule, num_timesteps, null_class=num_classes, variance=variance)
+    settings = models.diffusion_settings(schedule, num_timesteps, null_class=num_classes, variance=variance,
+                                         prediction=prediction)
     config = {"job": "train_diffusion", "dataset": _dataset_fingerprint(dataset_dir), "architecture": architecture,
               "diffusion": settings, "steps": steps, "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay,
               "label_dropout": label_dropout, "seed": seed, "warmup_steps": warmup_steps, "log_every": log_every}
@@ -399,7 +410,7 @@ def train_diffusion(dataset_dir, out_dir, *, architecture, schedule="linear", nu
     def loss_fn(step, generator):
         x01, labels = stream.batch(step)
         return eps_mse_loss(network, table, imagespace.to_model_space(x01), labels, generator,
-                            label_dropout, num_classes)
+                            label_dropout, num_classes, prediction)
 
     result = run_training(out_dir, config=config, network=network, loss_fn=loss_fn, steps=steps,
                           lr_schedule=warmup_constant(lr, warmup_steps), seed=seed, ema_decay=ema_decay,
@@ -462,7 +473,7 @@ def teacher_all_class_eps(teacher, x_t, t_model, num_classes, channels):
 
 
 def multihead_loss(student, teacher, table, x0, labels, generator, num_classes, true_class_weight=1.0,
-                   distill_classes=None):
+                   distill_classes=None, prediction="eps"):
     """RDC's multi-head fine-tuning loss: heads match the frozen conditional teacher's eps(x_t, t, k) (mean squared
     error over heads), plus `true_class_weight` x the usual eps-MSE of the true class's head.
 
@@ -481,7 +492,9 @@ def multihead_loss(student, teacher, table, x0, labels, generator, num_classes, 
         targets = teacher_class_eps(teacher, x_t, t_model, classes, channels)
     distillation = F.mse_loss(heads[torch.arange(n)[:, None], classes], targets)
     true_head = heads[torch.arange(n), labels]
-    return distillation + true_class_weight * F.mse_loss(true_head, noise)
+    # teacher and student share the parameterisation (eps or v), so the distillation compares raw outputs
+    target = prediction_target(table, x0, noise, t_model, prediction)
+    return distillation + true_class_weight * F.mse_loss(true_head, target)
 
 
 def _as_loaded(init_model):
@@ -506,6 +519,7 @@ def finetune_diffusion(init_model, dataset_dir, out_dir, *, variant, steps, batc
     _, _, num_classes = _dataset_shape(dataset)
     settings = dict(loaded.diffusion_settings)
     null_class = settings.get("null_class")
+    prediction = settings.get("prediction", "eps")
     trained_with = (loaded.extra.get("training") or {}).get("label_dropout", 0.0)
     config = {"job": "finetune_diffusion", "variant": variant, "init": network_digest(loaded.network),
               "dataset": _dataset_fingerprint(dataset_dir), "steps": steps, "batch_size": batch_size, "lr": lr,
@@ -525,7 +539,7 @@ def finetune_diffusion(init_model, dataset_dir, out_dir, *, variant, steps, batc
         def loss_fn(step, generator):
             x01, labels = stream.batch(step)
             return eps_mse_loss(network, table, imagespace.to_model_space(x01), labels, generator,
-                                label_dropout, null_class)
+                                label_dropout, null_class, prediction)
     elif variant == "multihead":
         if num_label := models.num_label_classes(loaded):
             if num_label != num_classes:
@@ -539,7 +553,7 @@ def finetune_diffusion(init_model, dataset_dir, out_dir, *, variant, steps, batc
         def loss_fn(step, generator):
             x01, labels = stream.batch(step)
             return multihead_loss(network, teacher, table, imagespace.to_model_space(x01), labels, generator,
-                                  num_classes, true_class_weight, distill_classes)
+                                  num_classes, true_class_weight, distill_classes, prediction)
     else:
         raise ValueError(f"variant must be 'conditional' or 'multihead', got {variant!r}")
 

@@ -16,6 +16,9 @@
 # brackets are 95% Clopper-Pearson intervals over images. Published values are shown where known, with provenance.
 # Where this code departs from the official code, and by how much: `docs/fidelity.md` in the project
 # ([on disk](../../../docs/fidelity.md) from this report's folder).
+# Figures vary between machines: training is bit-reproducible on one machine and thread count, not across CPUs
+# (float rounding); on another machine one-shot accuracy at sigma 0.5 and Table 1 cells moved by up to 0.1. Read
+# the numbers with their intervals.
 
 # %% tags=["parameters"]
 preset = "mini"

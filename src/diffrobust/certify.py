@@ -62,15 +62,6 @@ def labeler_from_classifier(model):
     return labeler
 
 
-def derived_seed(seed, index, stream, reverse_seed=0):
-    """A 63-bit torch seed for one stream of one image, derived from (seed, dataset index, stream, reverse seed)."""
-    return seeds.derived_seed(seed, index, stream, reverse_seed)
-
-
-def seeded_generator(seed):
-    return seeds.generator(seed)
-
-
 def _as_label_rows(labels):
     """Labeler output as a (K, B) int64 tensor on the CPU."""
     labels = torch.as_tensor(labels).detach().to("cpu", torch.int64)
@@ -92,7 +83,7 @@ def sample_noise_labels(labeler, x, num, sigma, batch_size, generator, labeler_g
     if x.ndim == 4 and x.shape[0] == 1:
         x = x[0]
     if labeler_generator is None:
-        labeler_generator = seeded_generator(derived_seed(generator.initial_seed(), 0, _LABELER_N0))
+        labeler_generator = seeds.generator(generator.initial_seed(), 0, _LABELER_N0, 0)
     batches = []
     remaining = num
     while remaining > 0:
@@ -205,8 +196,8 @@ def certify(labeler, x, n0, n, sigma, alpha, batch_size, seed, index=0, reverse_
 
     The noise streams derive from (seed, index) and the labeler's from (seed, index, reverse_seed): runs with
     different reverse seeds see the same noisy inputs, so their label rows can be stacked into votes afterwards."""
-    noise_n0, noise_n = (seeded_generator(derived_seed(seed, index, stream)) for stream in (_NOISE_N0, _NOISE_N))
-    labeler_n0, labeler_n = (seeded_generator(derived_seed(seed, index, stream, reverse_seed))
+    noise_n0, noise_n = (seeds.generator(seed, index, stream, 0) for stream in (_NOISE_N0, _NOISE_N))
+    labeler_n0, labeler_n = (seeds.generator(seed, index, stream, reverse_seed)
                              for stream in (_LABELER_N0, _LABELER_N))
     labels_n0 = sample_noise_labels(labeler, x, n0, sigma, batch_size, noise_n0, labeler_n0)
     labels_n = sample_noise_labels(labeler, x, n, sigma, batch_size, noise_n, labeler_n)

@@ -22,18 +22,13 @@ def _json(text):
 
 
 def _schema_at(key):
-    """The config schema's rule for `key` ("densepure.alpha"; "densepure.sigmas[]" for an item of a list), with the
-    schema's $defs so that references resolve."""
-    from diffrobust.config import CONFIG_SCHEMA, read_yaml
+    """The config schema's rule for `key` ("densepure.alpha"; "densepure.sigmas[]" for an item of a list), as one
+    schema (its alternatives under anyOf), found by `config.schemas_at`, the walker the config's own checks use."""
+    from diffrobust.config import CONFIG_SCHEMA, read_yaml, schemas_at
 
-    root = read_yaml(CONFIG_SCHEMA)
-    node = root
-    for part in key.split("."):
-        item = part.endswith("[]")
-        node = node["properties"][part.removesuffix("[]")]
-        if item:
-            node = node["items"]
-    return {**node, "$defs": root.get("$defs", {})}
+    path = [part for name in key.split(".") for part in ([name[:-2], 0] if name.endswith("[]") else [name])]
+    nodes = schemas_at(read_yaml(CONFIG_SCHEMA), path)
+    return nodes[0] if len(nodes) == 1 else {"anyOf": nodes}
 
 
 def schema_problems(value, key):

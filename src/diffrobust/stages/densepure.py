@@ -147,57 +147,52 @@ def bundle_labels(label_files, out_path, identity=None, diffusion_calls_per_run=
             np.savez(handle, **arrays)
 
 
-def read_bundle_identity(bundle, path):
-    """The identity stored in an open bundle, as a dict (BundleError for bundles without one)."""
-    if "identity" not in bundle.files:
-        raise BundleError(f"{path} records no identity (written by an older version): rerun its certify_shard job")
-    return json.loads(str(bundle["identity"]))
+def read_bundle(path):
+    """A shard bundle, read once: its identity (a dict; BundleError for bundles without one) and its per-image
+    records, as `certify.merge_records` takes them."""
+    with np.load(path) as bundle:
+        if "identity" not in bundle.files:
+            raise BundleError(f"{path} records no identity (written by an older version): rerun its certify_shard job")
+        records = [{"idx": int(bundle["idx"][i]), "label": int(bundle["label"][i]),
+                    "labels_n0": bundle["labels_n0"][i], "labels_n": bundle["labels_n"][i],
+                    "seconds": float(bundle["seconds"][i])} for i in range(len(bundle["idx"]))]
+        return {"path": path, "identity": json.loads(str(bundle["identity"])), "records": records}
 
 
-def check_bundles(bundle_paths, k, sigma, method=None):
-    """Refuse to merge bundles that do not form one table: other sigmas or methods, mixed settings or models, an
-    image stored twice, or fewer stored votes than k."""
+def check_bundles(bundles, k, sigma, method=None):
+    """Refuse to merge bundles (as `read_bundle` gives them) that do not form one table: other sigmas or methods,
+    mixed settings or models, an image stored twice, or fewer stored votes than k."""
     if not isinstance(k, int) or k < 1:
         raise BundleError(f"votes = {k!r}: the merge needs k >= 1")
-    first, seen = None, {}
-    for path in bundle_paths:
-        with np.load(path) as bundle:
-            identity = read_bundle_identity(bundle, path)
-            stored_votes = bundle["labels_n"].shape[1]
-            indices = bundle["idx"].tolist()
+    first, seen = bundles[0], {}
+    for bundle in bundles:
+        path, identity = bundle["path"], bundle["identity"]
         settings = identity["settings"]
         if not math.isclose(settings["sigma"], sigma):
             raise BundleError(f"{path} holds labels drawn at sigma {settings['sigma']}, not {sigma}")
         if method is not None and settings["labeler"]["method"] != method:
             raise BundleError(f"{path} holds {settings['labeler']['method']} labels, not {method}")
-        if first is None:
-            first = (path, identity)
-        elif identity != first[1]:
-            raise BundleError(f"{path} was made by another run than {first[0]} "
-                              f"({'; '.join(resumable.differences(first[1], identity)[:4])}): rerun the stale shards")
+        if identity != first["identity"]:
+            raise BundleError(f"{path} was made by another run than {first['path']} "
+                              f"({'; '.join(resumable.differences(first['identity'], identity)[:4])}): rerun the "
+                              "stale shards")
+        stored_votes = min(record["labels_n"].shape[0] for record in bundle["records"])
         if k > stored_votes:
             raise BundleError(f"{k} votes asked for, {path} stores {stored_votes}: raise densepure.votes and rerun")
-        for index in indices:
-            if index in seen:
-                raise BundleError(f"image {index} appears in {seen[index]} and in {path}: a bundle is repeated or "
-                                  "two shards overlap")
-            seen[index] = path
-
-
-def read_bundle_records(path):
-    """The per-image records of a shard bundle, as `certify.merge_records` takes them."""
-    with np.load(path) as bundle:
-        return [{"idx": int(bundle["idx"][i]), "label": int(bundle["label"][i]), "labels_n0": bundle["labels_n0"][i],
-                 "labels_n": bundle["labels_n"][i], "seconds": float(bundle["seconds"][i])}
-                for i in range(len(bundle["idx"]))]
+        for record in bundle["records"]:
+            if record["idx"] in seen:
+                raise BundleError(f"image {record['idx']} appears in {seen[record['idx']]} and in {path}: a bundle "
+                                  "is repeated or two shards overlap")
+            seen[record["idx"]] = path
 
 
 def merge_bundles(bundle_paths, k, sigma, alpha, num_classes, method=None):
     """Re-certify every image of the bundles with a majority vote over the first k votes (`certify.merge_records`,
-    after `check_bundles`)."""
-    check_bundles(bundle_paths, k, sigma, method)
-    records = [record for path in bundle_paths for record in read_bundle_records(path)]
-    return certify.merge_records(records, k, sigma, alpha, num_classes)
+    after `check_bundles`); each bundle is read once."""
+    bundles = [read_bundle(path) for path in bundle_paths]
+    check_bundles(bundles, k, sigma, method)
+    return certify.merge_records([record for bundle in bundles for record in bundle["records"]], k, sigma, alpha,
+                                 num_classes)
 
 
 def calls_per_draw(bundle_path, k):

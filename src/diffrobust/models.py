@@ -6,14 +6,16 @@ Files
 same `{"family", "config"}` shape as config/checkpoints.yaml), the model `kind` and, for diffusion models, the
 diffusion settings. `load_model` rebuilds the network from that block, so a file is self-describing and loads with
 `torch.load(weights_only=True)` (no pickled code). `load_registry_checkpoint` reads the official files that
-config/checkpoints.yaml lists (ADM `.pt` state dicts, EDM `.pkl` snapshots, RobustBench `Standard.pt`) into the
-same `LoadedModel`.
+config/checkpoints.yaml lists (ADM `.pt` state dicts, EDM `.pkl` snapshots, RobustBench `Standard.pt`, score_sde's
+`checkpoint_8.pth` with its EMA weights) into the same `LoadedModel`.
 
 Kinds
 -----
 - "classifier": [0, 1] images -> logits.
 - "diffusion": an eps-predicting network ``net(x_t, t_model, y=None)`` in [-1, 1] space (or, for EDM, a denoiser
-  D(x; sigma) behind EDMPrecond or VPPrecond that `eps_model` adapts). A class-conditional mini model has one
+  D(x; sigma) behind EDMPrecond or VPPrecond that `eps_model` adapts; for score_sde's NCSN++, ``net(x_t, label)``
+  with a continuous time label, adapted by `ScoreSDEEps`). How a network reads time is its family's `time_input`
+  (`time_input(loaded)`): "discrete" integer timesteps floor(N·t), or "continuous" labels (N - 1)·t. A class-conditional mini model has one
   extra *null class* (index ``null_class``) that label dropout trained as "no label": one network gives
   conditional and unconditional eps.
 - "multihead_diffusion": RDC's multi-head network, no label input; its output holds one eps head per class
@@ -336,6 +338,16 @@ def _edm_diffusion_settings(family, config):
     return diffusion_settings("vpsde", 1000, beta_min=0.1, beta_d=19.9)
 
 
+def _score_sde_diffusion_settings(family, config):
+    """score_sde's VP SDE (beta_min 0.1, beta_max 20, N = num_scales = 1000 for DiffPure's CIFAR-10 model), which
+    DiffPure's RevVPSDE integrates; the "vpsde" chain samples it at times k/N."""
+    from diffrobust.networks import ncsnpp
+
+    flags = {**ncsnpp.CIFAR10_DDPMPP_DEEP_CONTINUOUS, **config}
+    return diffusion_settings("vpsde", int(flags["num_scales"]), beta_min=flags["beta_min"],
+                              beta_d=flags["beta_max"] - flags["beta_min"])
+
+
 def registry_diffusion_settings(architecture):
     """Diffusion settings implied by a registry architecture block (ADM flags, or EDM's VP constants); None for
     classifiers."""
@@ -361,15 +373,66 @@ def _strip_prefix(state_dict, prefix="module."):
     return state_dict
 
 
-def _read_state_dict(path):
+def _torch_file(path):
+    """The contents of a torch file (tensors and plain containers only), or a ModelFileError saying what to do."""
     try:
-        contents = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise ModelFileError(f"{path}: cannot be read as a torch state dict ({error}); the download may be "
                              "corrupt: delete it and download it again") from error
+
+
+def _unwrapped_state_dict(contents):
     if isinstance(contents, dict) and isinstance(contents.get("state_dict"), dict):
         contents = contents["state_dict"]  # RobustBench wraps its weights (and improved-diffusion does not)
     return _strip_prefix(dict(contents))
+
+
+def _read_state_dict(path):
+    return _unwrapped_state_dict(_torch_file(path))
+
+
+def _score_sde_ema_parameters(path, ema, network):
+    """{name: EMA weight} for `network`'s parameters from score_sde's EMA state ({'decay', 'num_updates',
+    'shadow_params'}): the shadow list follows `parameters()` order and carries no names, so it is matched by
+    position, as DiffPure's `ema.copy_to(model.parameters())` does, after checking its length and every shape
+    (copy_to's zip would silently stop at the shorter list)."""
+    shadow = ema.get("shadow_params") if isinstance(ema, dict) else None
+    if not isinstance(shadow, (list, tuple)):
+        raise ModelFileError(f"{path}: the checkpoint's 'ema' entry has no 'shadow_params' list; it is not a "
+                             "score_sde checkpoint (or it is damaged): download it again")
+    named = list(network.named_parameters())
+    if len(shadow) != len(named):
+        raise ModelFileError(
+            f"{path}: the checkpoint's EMA holds {len(shadow)} shadow parameters, but the network that the registry's "
+            f"architecture builds has {len(named)}: the file is for another NCSN++ configuration (check the "
+            "architecture config of its entry in config/checkpoints.yaml) or it is damaged")
+    for index, ((name, parameter), weight) in enumerate(zip(named, shadow)):
+        if not torch.is_tensor(weight) or weight.shape != parameter.shape:
+            found = tuple(weight.shape) if torch.is_tensor(weight) else type(weight).__name__
+            raise ModelFileError(
+                f"{path}: EMA shadow parameter {index} has shape {found}, but parameter {index} of the network "
+                f"({name}) has shape {tuple(parameter.shape)}: the file is for another NCSN++ configuration (check "
+                "the architecture config of its entry in config/checkpoints.yaml) or it is damaged")
+    return {name: weight for (name, _), weight in zip(named, shadow)}
+
+
+def _score_sde_state_dict(path, network):
+    """The weights DiffPure runs from a score_sde checkpoint (`checkpoint_8.pth`: {'model': DataParallel state dict
+    with 'module.' keys, 'ema': {...}, 'optimizer', 'step'}): every parameter from the EMA shadow params (DiffPure
+    loads 'model' and then overwrites every parameter with the EMA copy), the buffers (`sigmas`) from 'model'.
+    A plain state dict (no 'ema') is taken as it is."""
+    contents = _torch_file(path)
+    if not (isinstance(contents, dict) and "ema" in contents):
+        return _unwrapped_state_dict(contents)
+    parameters = _score_sde_ema_parameters(path, contents["ema"], network)
+    model = _strip_prefix(dict(contents.get("model") or {}))
+    buffers = [name for name in network.state_dict() if name not in parameters]
+    missing = [name for name in buffers if name not in model]
+    if missing:
+        raise ModelFileError(f"{path}: the checkpoint's 'model' state dict lacks the buffers {', '.join(missing)}; it "
+                             "is not a score_sde checkpoint of this network (or it is damaged)")
+    return {name: parameters[name] if name in parameters else model[name] for name in network.state_dict()}
 
 
 def _edm_pickle_state_dict(path, network):
@@ -419,13 +482,19 @@ def _timm_beit_state_dict(path, network):
     return timm_beit_state_dict(_read_state_dict(path), network)
 
 
+TIME_INPUTS = ("discrete", "continuous")
+
+
 @dataclass(frozen=True)
 class Family:
     """What the code needs to know about one network family, in one row of `FAMILIES`, so that no function tests
     family names: the model kind, how official weights are read (`read_weights(path, network)` -> state dict, or
     `load(architecture, path)` -> network for formats a library reads itself), the diffusion settings its flags imply
     (None for classifiers), whether its eps comes from an EDM adapter, and whether this project trains / fine-tunes
-    it."""
+    it. `eps_adapter(loaded)` -> eps model, when the network is not itself ``net(x_t, t_model, y=None)``;
+    `time_input` how the network reads SDE time t in DiffPure's VP-SDE (diffusion.VPSDE_TIME_INPUTS): "discrete"
+    (the integer timestep floor(N·t), as guided-diffusion in DiffPure) or "continuous" (score_sde's label
+    (N - 1)·t = t·999, not floored)."""
 
     kind: str
     read_weights: object = None
@@ -433,6 +502,12 @@ class Family:
     diffusion_settings: object = None
     edm: bool = False
     trainable: bool = False
+    eps_adapter: object = None
+    time_input: str = "discrete"
+
+    def __post_init__(self):
+        if self.time_input not in TIME_INPUTS:
+            raise ValueError(f"Family.time_input must be one of {TIME_INPUTS}, got {self.time_input!r}")
 
 
 FAMILIES = {
@@ -444,6 +519,8 @@ FAMILIES = {
                                     diffusion_settings=_adm_diffusion_settings, trainable=True),
     "edm_vp_songunet": Family("diffusion", lambda path, network: _edm_pickle_state_dict(path, network),
                               diffusion_settings=_edm_diffusion_settings, edm=True),
+    "score_sde_ncsnpp": Family("diffusion", _score_sde_state_dict, diffusion_settings=_score_sde_diffusion_settings,
+                               eps_adapter=lambda loaded: ScoreSDEEps(loaded.network), time_input="continuous"),
     "robustbench_wrn": Family("classifier", lambda path, network: _read_state_dict(path)),
     "hf_vit": Family("classifier", load=_hf_vit_network),
     "timm_beit": Family("classifier", _timm_beit_state_dict),
@@ -456,6 +533,12 @@ def family_of(loaded):
     """The `Family` of a LoadedModel (or of an architecture block)."""
     architecture = loaded if isinstance(loaded, dict) else loaded.architecture
     return FAMILIES[architecture.get("family")]
+
+
+def time_input(loaded):
+    """How the network of a LoadedModel (or an architecture block) reads SDE time: "discrete" or "continuous"
+    (see `Family`); what DiffPure's reverse VP-SDE passes as `time_input`."""
+    return family_of(loaded).time_input
 
 
 def _registry_network(architecture, path, device):
@@ -747,6 +830,26 @@ def _is_edm(loaded):
     return family_of(loaded).edm
 
 
+class ScoreSDEEps(nn.Module):
+    """eps(x_t, t_model) of a score_sde NCSN++ trained on the continuous VP SDE (DiffPure's CIFAR-10 network).
+
+    t_model goes to the network unchanged as its time label: on score_sde's continuous convention the caller passes
+    (N - 1)·t = t·999 (not floored; `time_input` "continuous"). For continuous VP training the network output IS the
+    eps prediction (score_sde's score is -out / std(t)), so nothing is converted. The network is unconditional
+    (labels are refused). t_model: a number or [N] labels.
+    """
+
+    def __init__(self, network):
+        super().__init__()
+        self.network = network
+
+    def forward(self, x_t, t_model, y=None):
+        if y is not None:
+            raise ValueError("score_sde's NCSN++ is unconditional (DiffPure's CIFAR-10 purifier); pass no labels y")
+        labels = torch.as_tensor(t_model, dtype=torch.float32, device=x_t.device).reshape(-1).expand(x_t.shape[0])
+        return self.network(x_t, labels)
+
+
 def eps_model(loaded, *, unconditional=False, guidance_scale=0.0):
     """The eps-predicting callable ``model(x_t, t_model, y=None)`` that diffusion.py expects.
 
@@ -758,6 +861,12 @@ def eps_model(loaded, *, unconditional=False, guidance_scale=0.0):
     if loaded.kind not in ("diffusion", "multihead_diffusion"):
         raise ValueError(f"a {loaded.kind!r} model has no eps prediction")
     network = loaded.network
+    adapter = family_of(loaded).eps_adapter
+    if adapter is not None:
+        if guidance_scale:
+            raise ValueError(f"guidance needs a model with a null class; {loaded.architecture['family']} models have "
+                             "none")
+        return adapter(loaded)  # an unconditional network: the same model for unconditional=True
     if _is_edm(loaded):
         if guidance_scale:
             raise ValueError("guidance needs a model with a null class; EDM models have none")

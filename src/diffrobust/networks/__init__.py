@@ -12,6 +12,7 @@ BUILDERS = {
     "improved_diffusion_unet": "diffrobust.networks.adm:build_improved_diffusion_unet",
     "guided_diffusion_unet": "diffrobust.networks.adm:build_guided_diffusion_unet",
     "edm_vp_songunet": "diffrobust.networks.edm:build_edm_vp_songunet",
+    "score_sde_ncsnpp": "diffrobust.networks.ncsnpp:build_score_sde_ncsnpp",
     "robustbench_wrn": "diffrobust.networks.wrn:build_robustbench_wrn",
     "hf_vit": "diffrobust.networks.pretrained:build_hf_vit",
     "timm_beit": "diffrobust.networks.pretrained:build_timm_beit",

@@ -232,7 +232,7 @@ def test_reverse_noise_comes_from_the_generator_whatever_the_precision():
     """A reduced-precision chain (fp16/bf16 on a GPU) draws the same noise as the float32 one, rounded: the draws are
     made in float32 on the generator's device and then moved, so seeds mean the same on every device."""
     x = _normal(5, torch.float32)
-    draws = {dtype: D._noise_like(x.to(dtype), torch.Generator().manual_seed(3)) for dtype in
+    draws = {dtype: D.noise_like(x.to(dtype), torch.Generator().manual_seed(3)) for dtype in
              (torch.float32, torch.float16, torch.bfloat16)}
     assert draws[torch.float16].dtype == torch.float16 and draws[torch.bfloat16].dtype == torch.bfloat16
     for dtype in (torch.float16, torch.bfloat16):

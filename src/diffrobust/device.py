@@ -9,7 +9,7 @@
   both.
 
 Randomness never depends on the device: every stage draws from CPU generators and moves the draws (see
-`certify.sample_noise_labels` and `diffusion._noise_like`), so a seed means the same draws on a laptop and on a GPU.
+`certify.sample_noise_labels` and `diffusion.noise_like`), so a seed means the same draws on a laptop and on a GPU.
 The labels a GPU computes can still differ from the CPU's where a network output sits at a decision boundary (float
 rounding); `diffrobust gpu-check` measures how often.
 """

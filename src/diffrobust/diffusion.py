@@ -33,6 +33,7 @@ import math
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 
 from diffrobust import imagespace
 
@@ -121,7 +122,7 @@ def _split_output(output, channels):
     raise ValueError(f"network output has {output.shape[1]} channels; expected {channels} or {2 * channels}")
 
 
-def _noise_like(x, generator):
+def noise_like(x, generator):
     """Standard normal noise shaped like x, drawn on the generator's device in float32 (float64 for float64 x), then
     moved to x's device and dtype: a CPU generator gives the same draws whatever device and precision the chain runs
     in (drawing with device=x.device would fail for a CPU generator and CUDA x, and fp16 draws round differently)."""
@@ -275,7 +276,7 @@ class GaussianDiffusion:
         advances by the same amount as in the official loops.
         """
         out = self.p_mean_variance(model, x_t, level, clip_denoised=clip_denoised, y=y)
-        noise = _noise_like(x_t, generator)
+        noise = noise_like(x_t, generator)
         if int(level) == 1:
             sample = out["mean"]
         else:
@@ -398,7 +399,7 @@ def ddim_reverse(model, diffusion, x_t, t, num_steps, eta=0.0, generator=None, c
         sigma = eta * math.sqrt((1.0 - a_prev) / (1.0 - a)) * math.sqrt(1.0 - a / a_prev)
         x = math.sqrt(a_prev) * out["pred_xstart"] + math.sqrt(max(1.0 - a_prev - sigma ** 2, 0.0)) * eps
         if eta > 0 and level > 1:
-            x = x + sigma * _noise_like(x, generator)
+            x = x + sigma * noise_like(x, generator)
     return x
 
 
@@ -432,6 +433,16 @@ def vpsde_model_timestep(t, num_timesteps=VPSDE_N):
     return float(math.floor(num_timesteps * t + 1e-6))
 
 
+def vpsde_continuous_timestep(t, num_timesteps=VPSDE_N):
+    """score_sde's time label for continuous VP models: (N - 1)·t, not floored (DiffPure's ``t * 999``)."""
+    return (num_timesteps - 1) * float(t)
+
+
+# How a network reads SDE time t: the integer timestep of a discrete-time network (guided-diffusion, the project's
+# ADM models) or score_sde's continuous label (NCSN++). The network family says which (models.time_input).
+VPSDE_TIME_INPUTS = {"discrete": vpsde_model_timestep, "continuous": vpsde_continuous_timestep}
+
+
 def vpsde_q_sample(x0, t, noise, num_timesteps=VPSDE_N, beta_min=VPSDE_BETA_MIN, beta_max=VPSDE_BETA_MAX):
     """DiffPure's forward step to t* = t: the discrete table alpha_bar at time N·t (its ``a[t - 1]``).
 
@@ -462,24 +473,43 @@ def vpsde_times(t_start, dt=VPSDE_DT, t_end=VPSDE_T_END):
 
 
 def reverse_vpsde(model, x_t, t_start, generator=None, *, beta_min=VPSDE_BETA_MIN, beta_max=VPSDE_BETA_MAX,
-                  num_timesteps=VPSDE_N, dt=VPSDE_DT, t_end=VPSDE_T_END, y=None):
+                  num_timesteps=VPSDE_N, dt=VPSDE_DT, t_end=VPSDE_T_END, y=None, time_input="discrete",
+                  checkpoint=False):
     """DiffPure: integrate the reverse VP-SDE from t_start to t_end with Euler–Maruyama (torchsde method='euler').
 
     Reverse SDE in forward time: dx = [-beta/2·x - beta·score] dt + sqrt(beta) dw̄. One step from t to t - h:
         x <- x + h·beta(t)·(x/2 + score(x, t)) + sqrt(beta(t)·h)·z,
-    with score = -eps(x, floor(N·t)) / sqrt(1 - alpha_bar_cont(t)) from an eps network (first C channels when the
-    variance is learned), exactly DiffPure's guided-diffusion score. The network timestep is not rescaled.
+    with score = -eps(x, time label) / sqrt(1 - alpha_bar_cont(t)) from an eps network (first C channels when the
+    variance is learned), exactly DiffPure's score for both of its networks. `time_input` says how the network reads
+    t (VPSDE_TIME_INPUTS): "discrete" floor(N·t) (guided-diffusion, ADM), "continuous" (N - 1)·t (score_sde).
+
+    Gradients: the loop is plain autograd, so backpropagating through it gives the exact gradient of this
+    discretised purifier (the `full` gradient mode). `checkpoint=True` recomputes each network call in the backward
+    pass instead of storing its activations (memory of one call instead of one per step, for about one extra
+    forward per step); the noise z is drawn outside the recomputed part, so the recomputation sees the same z.
     """
+    if time_input not in VPSDE_TIME_INPUTS:
+        raise ValueError(f"unknown time_input {time_input!r}; choose one of {sorted(VPSDE_TIME_INPUTS)}")
+    timestep = VPSDE_TIME_INPUTS[time_input]
     x = x_t
     times = vpsde_times(float(t_start), dt, t_end)
     for t_now, t_next in zip(times, times[1:]):
         h = t_now - t_next
         beta = vpsde_beta(t_now, beta_min, beta_max)
-        output = _call_model(model, x, vpsde_model_timestep(t_now, num_timesteps), y)
+        t_model = timestep(t_now, num_timesteps)
+        if checkpoint and torch.is_grad_enabled():
+            output = torch.utils.checkpoint.checkpoint(_call_model, model, x, t_model, y, use_reentrant=False)
+        else:
+            output = _call_model(model, x, t_model, y)
         eps, _ = _split_output(output, x.shape[1])
         score = eps_to_score(eps, vpsde_alpha_bar(t_now, beta_min, beta_max))
-        x = x + h * beta * (0.5 * x + score) + math.sqrt(beta * h) * _noise_like(x, generator)
+        x = x + h * beta * (0.5 * x + score) + math.sqrt(beta * h) * noise_like(x, generator)
     return x
+
+
+def vpsde_num_steps(t_start, dt=VPSDE_DT, t_end=VPSDE_T_END):
+    """Euler–Maruyama steps (= network calls) of `reverse_vpsde` from t_start."""
+    return len(vpsde_times(float(t_start), dt, t_end)) - 1
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -8,7 +8,10 @@ from diffrobust import seeds
 
 
 class PurifiedClassifier(nn.Module):
-    """classifier(purifier(x)): a defense is again a classifier (images in [0, 1] -> logits)."""
+    """classifier(purifier(x)): a defense is again a classifier (images in [0, 1] -> logits). `randomized`: its
+    forward takes the generator of the purifier's draws (attacks pass one; see attacks.gradients.logits)."""
+
+    randomized = True
 
     def __init__(self, purifier, classifier):
         super().__init__()

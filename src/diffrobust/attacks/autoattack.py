@@ -1,0 +1,81 @@
+"""AutoAttack (Croce & Hein) through `pyautoattack` (PyPI), on any project defense.
+
+Versions, as the library (and the papers) name them:
+- ``standard``: APGD-CE, APGD-T (9 targets), FAB-T (9 targets), Square (5000 queries); 1 restart each.
+- ``rand``: APGD-CE + APGD-DLR with EOT 20, 1 restart (DiffPure's protocol for randomized defenses).
+- ``custom``: the `attacks` list with APGD's defaults (5 restarts, 100 iterations, EOT 1) — RDC's APGD-DLR run.
+
+Overrides (None keeps the version's value): n_iter, n_restarts, eot_iter (APGD), n_target_classes (APGD-T and
+FAB-T), n_queries (Square). The mini preset uses them to fit a CPU budget; the paper presets leave them unset.
+
+The library's own resume (`state_path`) is broken (attacks_rdc_pdm.md §3), so jobs checkpoint per batch
+themselves (stages.diffpure). The defense's randomness comes from the generator bound into `BoundDefense`, never from
+torch's global RNG (the library reseeds that on every call).
+"""
+
+import logging
+
+import torch
+
+from diffrobust.attacks.budget import check_threat
+
+VERSIONS = ("standard", "rand", "custom")
+NORMS = {"linf": "Linf", "l2": "L2"}
+OVERRIDES = ("n_iter", "n_restarts", "eot_iter", "n_target_classes", "n_queries")
+
+
+def build(model, *, threat, eps, version, attacks=None, seed=0, device="cpu", n_iter=None, n_restarts=None,
+          eot_iter=None, n_target_classes=None, n_queries=None):
+    """A configured pyautoattack.AutoAttack for ``model(x) -> logits``."""
+    from pyautoattack import AutoAttack
+
+    check_threat(threat)
+    if version not in VERSIONS:
+        raise ValueError(f"unknown AutoAttack version {version!r}; choose one of {VERSIONS}")
+    if (version == "custom") != (attacks is not None):
+        raise ValueError("AutoAttack: `attacks` is given exactly for version 'custom' (e.g. attacks: [apgd-dlr])")
+    adversary = AutoAttack(model, attacks=list(attacks) if attacks else None, device=device, eps=float(eps),
+                           norm=NORMS[threat], seed=int(seed), version=version)
+    for apgd in (adversary.apgd, adversary.apgd_targeted):
+        if n_iter is not None:
+            apgd.n_iter = int(n_iter)
+        if eot_iter is not None:
+            apgd.eot_iter = int(eot_iter)
+    if n_restarts is not None:
+        adversary.apgd.n_restarts = int(n_restarts)
+    if n_iter is not None:
+        adversary.fab.n_iter = int(n_iter)
+    if n_target_classes is not None:
+        adversary.apgd_targeted.n_target_classes = int(n_target_classes)
+        adversary.fab.n_target_classes = int(n_target_classes)
+    if n_queries is not None:
+        adversary.square.n_queries = int(n_queries)
+    return adversary
+
+
+def run(model, x, y, *, threat, eps, version, attacks=None, seed=0, batch_size=None, logger=None, **overrides):
+    """AutoAttack on (x, y): (x_adv, robust), robust = the prediction on x_adv during the attack was y (AutoAttack
+    keeps the clean image where no attack succeeded, as its own evaluation does)."""
+    unknown = set(overrides) - set(OVERRIDES)
+    if unknown:
+        raise ValueError(f"unknown AutoAttack settings {sorted(unknown)}; known: {list(OVERRIDES)}")
+    with torch.no_grad():
+        num_classes = model(x[:1]).shape[1]
+    if num_classes <= adversary_targets(version, overrides):
+        # APGD-T and FAB-T target the 9 runners-up; with fewer classes the library indexes past the end
+        overrides["n_target_classes"] = num_classes - 1
+    adversary = build(model, threat=threat, eps=eps, version=version, attacks=attacks, seed=seed,
+                      device=x.device, **overrides)
+    adversary.logger = logger or logging.getLogger("auto-attack")
+    x_adv, y_adv = adversary.run_standard_evaluation(x, y, batch_size=batch_size or x.shape[0])
+    return x_adv.detach(), (y_adv == y)
+
+
+def adversary_targets(version, overrides):
+    """Target classes APGD-T / FAB-T will use: the override, else the version's (9 for standard)."""
+    return overrides.get("n_target_classes") or 9
+
+
+def seed_from(generator):
+    """An integer seed for the library's own draws (random starts, Square's proposals) from the job's generator."""
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator))

@@ -178,6 +178,37 @@ def cmd_merge_votes(args):
     log.info("merged %d images with %d votes -> %s", len(rows), args.votes, args.out_tsv)
 
 
+def cmd_attack_shard(args):
+    from diffrobust.stages import diffpure
+    from diffrobust.provenance import run_record
+
+    settings = args.settings
+    with run_record(args.run_record, config={"defense": args.defense, "attack": args.attack, "threat": args.threat,
+                                             "shard": args.shard, "settings": settings, "subset": args.subset,
+                                             "models": args.models, "device": args.device},
+                    seed=settings["seed"]) as record:
+        record.update(diffpure.attack_shard(
+            defense=args.defense, attack=args.attack, threat=args.threat, shard=args.shard, settings=settings,
+            subset=args.subset, dataset_dir=args.dataset_dir, models=args.models, out_path=args.out,
+            work_dir=args.work_dir, device=args.device))
+    log.info("attacked shard %d (%s on %s, %s): robust accuracy %.3f", args.shard, args.attack, args.defense,
+             args.threat, record["robust_accuracy"])
+
+
+def cmd_evaluate_set(args):
+    from diffrobust.stages import diffpure
+    from diffrobust.provenance import run_record
+
+    settings = args.settings
+    with run_record(args.run_record, config={"defense": args.defense, "threat": args.threat, "sets": args.sets,
+                                             "settings": settings, "models": args.models, "device": args.device},
+                    seed=settings["seed"]) as record:
+        record.update(diffpure.evaluate_set(defense=args.defense, threat=args.threat, set_paths=args.sets,
+                                            settings=settings, dataset_dir=args.dataset_dir, models=args.models,
+                                            out_path=args.out, device=args.device))
+    log.info("scored %s on %d stored examples: accuracy %.3f", args.defense, record["images"], record["accuracy"])
+
+
 def cmd_bench(args):
     from diffrobust.bench import networks as bench
 
@@ -293,6 +324,28 @@ def build_parser(argv=None):
     merge.add_argument("--out-tsv", required=True)
     merge.add_argument("--run-record")
     merge.set_defaults(func=cmd_merge_votes)
+
+    for name, func, text in (("attack-shard", cmd_attack_shard, "make the adversarial set of one shard (DiffPure)"),
+                             ("evaluate-set", cmd_evaluate_set, "score a defense on a stored adversarial set")):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("--defense", required=True, choices=["undefended", "diffpure"])
+        command.add_argument("--threat", required=True, choices=["linf", "l2"])
+        command.add_argument("--settings", required=True, type=_checked("diffpure"), help="the diffpure block (JSON)")
+        command.add_argument("--models", required=True, type=_json,
+                             help='{"diffusion": ..., "classifier": ...}: model files (.pt) or checkpoint names')
+        command.add_argument("--dataset-dir", required=True)
+        command.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda or cuda:N")
+        command.add_argument("--out", required=True, help="the .npz to write")
+        command.add_argument("--run-record")
+        if name == "attack-shard":
+            command.add_argument("--attack", required=True, help="an attack of diffpure.attacks, or a derived check")
+            command.add_argument("--shard", required=True, type=_non_negative_int, help="0-based shard number")
+            command.add_argument("--subset", required=True, type=_checked("subsets.diffpure"),
+                                 help="the subsets.diffpure config entry (JSON)")
+            command.add_argument("--work-dir", required=True, help="finished batches (kept between attempts)")
+        else:
+            command.add_argument("--sets", nargs="+", required=True, help="the shards of the stored set (.npz)")
+        command.set_defaults(func=func)
 
     # The benchmarks' options live in their modules, which import torch, FLOP counters and scipy: they are added
     # only when that command is asked for, so that `diffrobust --help` and the light jobs start fast.

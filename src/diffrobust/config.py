@@ -32,7 +32,7 @@ CHECKPOINTS_REGISTRY = REPO_ROOT / "config" / "checkpoints.yaml"
 CHECKPOINTS_SCHEMA = REPO_ROOT / "workflow" / "schemas" / "checkpoints.schema.yaml"
 
 # Stage seeds that follow the global `seed` unless the config sets them (the schema gives them no default).
-STAGE_SEEDS = (("densepure", "seed"),)
+STAGE_SEEDS = (("densepure", "seed"), ("diffpure", "seed"))
 MNIST_CLASSES = 10
 
 log = logging.getLogger(__name__)
@@ -517,10 +517,19 @@ def check_consistency(config, registry, origins=None):
             f"more than 'densepure.votes' = {densepure['votes']} ({origins.of(['densepure', 'votes'])}) "
             "reverse runs are stored; raise 'votes' or drop those entries"
         )
-    models = config["models"]
-    for path in (["models", "diffusion", "source"], ["models", "classifier", "source"],
-                 ["models", "multihead", "init"]):
-        source, key = models[path[1]][path[2]], dotted(path)
+    diffpure = config["diffpure"]
+    if diffpure["checks"]["attack"] not in diffpure["attacks"]:
+        raise ConfigError(
+            f"config key 'diffpure.checks.attack' = {diffpure['checks']['attack']!r} "
+            f"({origins.of(['diffpure', 'checks', 'attack'])}) is not an attack of 'diffpure.attacks' "
+            f"({', '.join(diffpure['attacks'])}); name one of them")
+    model_keys = [(["models", "diffusion", "source"], config["models"]["diffusion"]["source"]),
+                  (["models", "classifier", "source"], config["models"]["classifier"]["source"]),
+                  (["models", "multihead", "init"], config["models"]["multihead"]["init"]),
+                  (["diffpure", "models", "diffusion"], diffpure["models"]["diffusion"]),
+                  (["diffpure", "models", "classifier"], diffpure["models"]["classifier"])]
+    for path, source in model_keys:
+        key = dotted(path)
         if source not in ("train", "diffusion") and source not in registry:
             raise ConfigError(
                 f"config key '{key}' = {source!r} ({origins.of(path)}) is neither 'train' nor a checkpoint of "

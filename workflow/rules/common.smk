@@ -75,6 +75,9 @@ PATHS = {
     "shard_labels": f"{RESULTS}/densepure/{{method}}/sigma{{sigma}}/shard{{shard}}.labels.npz",
     "shard_work": f"{RESULTS}/densepure/{{method}}/sigma{{sigma}}/work/shard{{shard}}",
     "votes_tsv": f"{RESULTS}/densepure/{{method}}/sigma{{sigma}}/votes{{votes}}.tsv",
+    "attack_set": f"{RESULTS}/attacks/{{defense}}/{{attack}}/{{threat}}/shard{{shard}}.npz",
+    "attack_work": f"{RESULTS}/attacks/{{defense}}/{{attack}}/{{threat}}/work/shard{{shard}}",
+    "transfer_eval": f"{RESULTS}/evaluations/{{defense}}/from-{{source}}/{{attack}}/{{threat}}.npz",
     "report_html": f"{RESULTS}/reports/{{notebook}}.html",
     "report_ipynb": f"{RESULTS}/reports/{{notebook}}.ipynb",
 }
@@ -220,6 +223,63 @@ def densepure_targets():
             for method in ("dds", "densepure") for sigma in SIGMAS for k in vote_counts(method)]
 
 
+# --- DiffPure under adaptive attack ----------------------------------------------------------------------------------
+
+DIFFPURE = CFG["diffpure"]
+THREATS = list(DIFFPURE["threats"])
+# The transfer check replays the set made against the undefended classifier by this attack on DiffPure.
+TRANSFER_ATTACK = "standard" if "standard" in DIFFPURE["attacks"] else next(iter(DIFFPURE["attacks"]))
+
+
+def diffpure_models():
+    """The DiffPure stage's model sources: `train` means the DAG's own model of that role."""
+    return {role: path("model", role=role) if source == "train" else source
+            for role, source in DIFFPURE["models"].items()}
+
+
+def diffpure_model_files(role):
+    source = diffpure_models()[role]
+    return [source] if source.endswith(".pt") else registry_files(source)
+
+
+def diffpure_shards():
+    from diffrobust.stages.diffpure import num_shards
+
+    return list(range(num_shards(CFG["subsets"]["diffpure"], eval_split_size(CFG), DIFFPURE["shard_size"])))
+
+
+def diffpure_attacks(defense):
+    from diffrobust.stages.diffpure import defense_attacks
+
+    return defense_attacks(DIFFPURE, defense)
+
+
+def attack_inputs(wildcards):
+    roles = ["classifier"] if wildcards.defense == "undefended" else ["classifier", "diffusion"]
+    return {**dataset_files(), **{role: diffpure_model_files(role) for role in roles}}
+
+
+def set_shards(defense, attack, threat):
+    return [path("attack_set", defense=defense, attack=attack, threat=threat, shard=shard)
+            for shard in diffpure_shards()]
+
+
+def transfer_inputs(wildcards):
+    return {**attack_inputs(wildcards), "sets": set_shards(wildcards.source, wildcards.attack, wildcards.threat)}
+
+
+def diffpure_threads(wildcards):
+    return DIFFPURE["threads"] or workflow.cores
+
+
+def diffpure_targets():
+    sets = [shard for defense in ("undefended", "diffpure") for attack in diffpure_attacks(defense)
+            for threat in THREATS for shard in set_shards(defense, attack, threat)]
+    transfers = [path("transfer_eval", defense="diffpure", source="undefended", attack=TRANSFER_ATTACK, threat=threat)
+                 for threat in THREATS]
+    return sets + transfers
+
+
 # --- reports -----------------------------------------------------------------------------------------------------
 
 
@@ -233,6 +293,10 @@ def report_inputs(wildcards):
         inputs["models"] = model_files("diffusion") + model_files("classifier") + [model_source("multihead")]
     elif wildcards.notebook == "densepure_table1":
         inputs["tables"] = densepure_targets()
+        inputs["published"] = "config/published_values.yaml"
+    elif wildcards.notebook == "diffpure_table":
+        inputs.update(dataset_files())
+        inputs["sets"] = diffpure_targets()
         inputs["published"] = "config/published_values.yaml"
     return inputs
 
@@ -273,6 +337,19 @@ def report_parameters(wildcards):
             "settings": {key: DENSEPURE[key] for key in ("n0", "n", "alpha", "num_steps", "reverse", "tstar_rule",
                                                          "dds_tstar_rule", "batch_size", "classifier_preprocess")},
             "subset": CFG["subsets"]["densepure"],
+            "published": "config/published_values.yaml",
+        }
+    elif wildcards.notebook == "diffpure_table":
+        parameters = {
+            "preset": PRESET,
+            "dataset": DATASET,
+            "dataset_dir": DATASET_DIR,
+            "results_dir": RESULTS,
+            "settings": DIFFPURE,
+            "subset": CFG["subsets"]["diffpure"],
+            "shards": diffpure_shards(),
+            "transfer_attack": TRANSFER_ATTACK,
+            "models": diffpure_models(),
             "published": "config/published_values.yaml",
         }
     else:

@@ -12,6 +12,7 @@ back-propagated through the defense and seconds, and the identity of the setting
 """
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from diffrobust import data, imagespace, resumable, seeds
+from diffrobust import diffusion as dp
 from diffrobust.attacks import check_inside_budget, run_attack
 from diffrobust.attacks import masking
 from diffrobust.attacks.pgd import predict_averaged
@@ -37,6 +39,9 @@ ATTACK_VERSION = 1
 # Seed streams of the stage (diffrobust.seeds keys under diffpure.seed).
 STREAM_ATTACK, STREAM_EVALUATE, STREAM_FLIP = 1, 2, 3
 MORE, LARGE = "-more", "-large"
+
+
+log = logging.getLogger(__name__)
 
 
 class SetError(DiffrobustError, ValueError):
@@ -152,6 +157,9 @@ def attack_shard(*, defense, attack, threat, shard, settings, subset, dataset_di
     y_all = torch.from_numpy(chosen.labels).long()
     parts = []
     batches = _chunks(len(indices), int(settings["batch_size"]))
+    finished = sum((work_dir / f"batch{start:06d}.npz").is_file() for start, _ in batches)
+    if finished:
+        log.info("resuming: %d of %d batches already attacked in %s, skipping them", finished, len(batches), work_dir)
     for start, stop in tqdm(batches, desc=f"{attack} on {defense} ({threat})", disable=not progress):
         chunk_path = work_dir / f"batch{start:06d}.npz"
         if chunk_path.is_file():
@@ -262,6 +270,22 @@ def evaluate_set(*, defense, threat, set_paths, settings, dataset_dir, models, o
 # ---------------------------------------------------------------------------------------------------------------
 # The table
 # ---------------------------------------------------------------------------------------------------------------
+
+def purifier_network_calls(settings, threat):
+    """Diffusion-network calls of one DiffPure purification at `threat` (its t* and the purifier settings)."""
+    t_star = settings["threats"][threat]["t_star"]
+    purifier = settings["purifier"]
+    if purifier["variant"] == "sde":
+        return dp.vpsde_num_steps(t_star, purifier["dt"])
+    return int(round(t_star * dp.VPSDE_N))
+
+
+def load_table_sets(results_dir, settings, shards, threat):
+    """{(defense, attack): arrays} of every stored set at `threat` under `results_dir` (results/<preset>)."""
+    return {(defense, attack): read_set([Path(results_dir) / "attacks" / defense / attack / threat / f"shard{k}.npz"
+                                         for k in shards])
+            for defense in DEFENSES for attack in defense_attacks(settings, defense)}
+
 
 def cost_per_image(arrays, purifier_calls):
     """Mean cost per image of making a set: gradient evaluations and forwards through the defense, network passes

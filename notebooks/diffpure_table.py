@@ -77,9 +77,10 @@ for threat in threats:
 for name, plan in settings["attacks"].items():
     protocol.append({"what": f"attack `{name}`", "ours": describe(plan), "DiffPure (CIFAR-10)": PAPER.get(name, "")})
 checks = settings["checks"]
+large = ", ".join(f"{t} {settings['threats'][t]['large_eps']:g}" for t in threats)
 protocol.append({"what": "masking checks", "ours": f"`{checks['attack']}` with {checks['iterations_factor']}x the "
-                 f"iterations, and at the large budgets {', '.join(f'{t} {settings['threats'][t]['large_eps']:g}' for t in threats)}; "
-                 f"transfer of the undefended classifier's `{transfer_attack}` set", "DiffPure (CIFAR-10)": "none reported"})
+                 f"iterations, and at the large budgets {large}; transfer of the undefended classifier's "
+                 f"`{transfer_attack}` set", "DiffPure (CIFAR-10)": "none reported"})
 pd.DataFrame(protocol).set_index("what")
 
 # %% [markdown]

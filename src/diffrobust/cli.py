@@ -221,6 +221,12 @@ def cmd_bench_certify(args):
     bench_certify.run(args)
 
 
+def cmd_bench_attack(args):
+    from diffrobust.bench import attacks as bench_attacks
+
+    bench_attacks.run(args)
+
+
 def cmd_gpu_check(args):
     from diffrobust.bench import gpu_check
 
@@ -241,6 +247,8 @@ BENCH_COMMANDS = (
     ("bench", "diffrobust.bench.networks", cmd_bench, "CPU/GPU forward throughput of a diffusion network (prints figures)"),
     ("bench-certify", "diffrobust.bench.certify", cmd_bench_certify,
      "noisy samples/s through denoise + classify, time shares"),
+    ("bench-attack", "diffrobust.bench.attacks", cmd_bench_attack,
+     "adaptive-attack cost per image on DiffPure (full and bpda gradients), mini and CIFAR-10 sizes"),
     ("gpu-check", "diffrobust.bench.gpu_check", cmd_gpu_check,
      "GPU against CPU: label agreement, output differences, samples/s"),
 )

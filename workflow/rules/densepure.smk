@@ -23,7 +23,7 @@ rule certify_shard:
         shard="[0-9]+",
     threads: certify_threads
     resources:
-        gpu=1,
+        gpu=GPU_PER_JOB,
     conda:
         "../envs/diffrobust.yaml"
     params:

@@ -20,7 +20,7 @@ rule attack:
         shard="[0-9]+",
     threads: diffpure_threads
     resources:
-        gpu=1,
+        gpu=GPU_PER_JOB,
     conda:
         "../envs/diffrobust.yaml"
     params:
@@ -56,7 +56,7 @@ rule evaluate:
         threat="linf|l2",
     threads: diffpure_threads
     resources:
-        gpu=1,
+        gpu=GPU_PER_JOB,
     conda:
         "../envs/diffrobust.yaml"
     params:

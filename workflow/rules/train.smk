@@ -15,7 +15,7 @@ rule train_diffusion:
         f"{BENCHMARKS}/train_diffusion.tsv"
     threads: workflow.cores
     resources:
-        gpu=1,
+        gpu=GPU_PER_JOB,
     conda:
         "../envs/diffrobust.yaml"
     params:
@@ -44,7 +44,7 @@ rule finetune_multihead:
         f"{BENCHMARKS}/finetune_multihead.tsv"
     threads: workflow.cores
     resources:
-        gpu=1,
+        gpu=GPU_PER_JOB,
     conda:
         "../envs/diffrobust.yaml"
     params:
@@ -75,7 +75,7 @@ rule train_classifier:
         f"{BENCHMARKS}/train_classifier.tsv"
     threads: workflow.cores
     resources:
-        gpu=1,
+        gpu=GPU_PER_JOB,
     conda:
         "../envs/diffrobust.yaml"
     params:

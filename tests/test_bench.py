@@ -192,6 +192,15 @@ def test_every_family_gets_inputs_and_a_flop_count(architecture, output_shape, t
         assert per_image * 2 == layer_by_layer_flops(network, args)
 
 
+def test_example_inputs_come_from_one_table_of_known_families():
+    from diffrobust.models import FAMILIES
+
+    assert set(bench.EXAMPLE_INPUTS) <= set(FAMILIES)
+    assert bench.EXAMPLE_INPUTS["guided_diffusion_unet"] is bench.EXAMPLE_INPUTS["improved_diffusion_unet"]
+    with pytest.raises(ConfigError, match="no example inputs for network family 'small_resnet'.*robustbench_wrn"):
+        bench.example_inputs(None, {"family": "small_resnet"}, 1)
+
+
 def test_resolve_network_reads_registry_names_and_json_blocks():
     label, architecture = bench.resolve_network(bench.DEFAULT_NETWORK)
     assert label == bench.DEFAULT_NETWORK and architecture["config"]["num_res_blocks"] == 3

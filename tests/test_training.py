@@ -410,3 +410,107 @@ def test_v_prediction_trains_on_v_and_every_method_gets_eps(dataset_dir, tmp_pat
     assert per_class.shape == (16, NUM_CLASSES, 1, 8, 8)
     raw_heads = models.multihead_outputs(heads.network, x_t, t, NUM_CLASSES)
     assert torch.allclose(per_class, a ** 0.5 * raw_heads + (1 - a) ** 0.5 * x_t[:, None], atol=1e-5)
+
+
+# --- devices --------------------------------------------------------------------------------------------------------
+
+# Weights of a tiny run of every job (model files' state dicts, `training.network_digest`), one thread, as the code
+# before device support made them (commit ecee343, 2026-12-01). The device-aware code must give the same bits on
+# the CPU: the draws still come from CPU generators and every move to the device is a no-op there. Float rounding
+# differs between CPUs and torch builds (README, "Variance across machines"), so the digests are checked only on
+# the machine type they were computed on.
+REFERENCE_MACHINE = {"torch": "2.15.0+cu132", "cpu_capability": "AVX512", "cpu": "Intel(R) Xeon(R) Processor"}
+REFERENCE_DIGESTS = {
+    "diffusion": "6b046c8514b0488dd9682127f2bec9e9a9946d498bff6c22403aa9a9b29a18ef",
+    "diffusion_v": "5770813c831c6dce11118cef26d948320c5622ca4afb1aef45b1bab81b5c0a50",
+    "finetune_conditional": "34840d6fddabae5b7c7e56209052b231db58efa5027f6971b3d06d5d3360eb5c",
+    "finetune_multihead": "6eee5118a73d10269d81d1aee69551e98045409cb95be8c0f1d1db0913207dc1",
+    "classifier_shift": "f8c01df151e5700980cf12e326c18e383bda3c6247cbab8cef4543febccce36c",
+    "classifier_affine": "95bdc6cb3e465d56b7ce6e099f9e000199f87b4d39601b8fc1ce6a413b7dd33c",
+}
+
+
+def this_machine():
+    import platform
+
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                 platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu": model}
+
+
+def tiny_runs(dataset_dir, root, **device):
+    """Models of every job (both diffusion objectives, both fine-tunes, both augmentations), a few steps each."""
+    runs = {"diffusion": training.train_diffusion(dataset_dir, root / "diffusion", steps=4, **DIFFUSION, **device),
+            "diffusion_v": training.train_diffusion(dataset_dir, root / "v", steps=3,
+                                                    **{**DIFFUSION, "prediction": "v"}, **device)}
+    for variant, extra in (("conditional", {}), ("multihead", {"distill_classes": 2})):
+        runs[f"finetune_{variant}"] = training.finetune_diffusion(
+            root / "diffusion" / "model.pt", dataset_dir, root / variant, variant=variant, steps=3, batch_size=8,
+            lr=1e-3, ema_decay=0.5, seed=0, log_every=1, **extra, **device)
+    for augment in ("shift", "affine"):
+        runs[f"classifier_{augment}"] = training.train_classifier(dataset_dir, root / augment, epochs=1,
+                                                                  **{**CLASSIFIER, "augment": augment}, **device)
+    return runs
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_training_on_the_cpu_gives_the_weights_of_the_code_before_device_support(dataset_dir, tmp_path, one_thread):
+    if this_machine() != REFERENCE_MACHINE:
+        pytest.skip(f"reference digests are of {REFERENCE_MACHINE}; this machine is {this_machine()}")
+    runs = tiny_runs(dataset_dir, tmp_path, device="cpu")
+    assert {name: training.network_digest(loaded.network) for name, loaded in runs.items()} == REFERENCE_DIGESTS
+    for loaded in runs.values():
+        assert loaded.extra["device"]["device"] == "cpu" and loaded.extra["device"]["precision"] == "fp32"
+
+
+def test_model_files_hold_cpu_tensors_and_say_where_they_were_trained(dataset_dir, tmp_path):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    loaded = training.train_classifier(dataset_dir, tmp_path, epochs=0.5, device=device, **CLASSIFIER)
+    record = torch.load(tmp_path / training.MODEL_FILE, weights_only=True)  # no map_location: as stored
+    assert {value.device.type for value in record["state_dict"].values()} == {"cpu"}
+    assert record["extra"]["device"]["device"].startswith(device) and record["extra"]["device"]["torch"]
+    assert training.module_device(loaded.network).type == "cpu"  # the returned model is on the CPU too
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_training_on_cuda_is_deterministic_and_uses_the_cpu_draws(dataset_dir, tmp_path):
+    first = tiny_runs(dataset_dir, tmp_path / "first", device="cuda")
+    again = tiny_runs(dataset_dir, tmp_path / "again", device="cuda")
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    for name in first:
+        assert_same_weights(first[name].network, again[name].network)
+        assert first[name].extra["device"]["device"] == "cuda:0" and "gpu" in first[name].extra["device"]
+    # the draws are the CPU's: a training pair made on the GPU from a CPU generator equals the CPU's up to rounding
+    table = training.NoiseTable(models.build_diffusion(models.diffusion_settings("linear", 100)))
+    x0 = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    on_cpu = table.noisy(x0, torch.Generator().manual_seed(1))
+    on_gpu = table.noisy(x0.cuda(), torch.Generator().manual_seed(1))
+    for cpu_value, gpu_value in zip(on_cpu, on_gpu):
+        assert gpu_value.device.type == "cuda" and torch.allclose(cpu_value, gpu_value.cpu(), atol=1e-6)
+
+
+def test_training_commands_take_the_device_and_record_it(dataset_dir, tmp_path, capsys):
+    import json
+
+    from diffrobust import cli
+
+    settings = json.dumps({"architecture": CLASSIFIER["architecture"], "training": {
+        key: value for key, value in CLASSIFIER.items() if key not in ("architecture", "seed")} | {"epochs": 0.5}})
+    command = ["train-classifier", "--dataset-dir", str(dataset_dir), "--out-dir", str(tmp_path / "model"),
+               "--settings", settings, "--run-record", str(tmp_path / "run.json")]
+    assert cli.main([*command, "--device", "cpu"]) == 0
+    record = json.loads((tmp_path / "run.json").read_text())
+    assert record["device"]["device"] == "cpu" and record["device"]["torch"] == torch.__version__
+    missing = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+    (tmp_path / "run.json").unlink()
+    assert cli.main([*command[:4], str(tmp_path / "none"), *command[5:], "--device", missing]) == 1
+    error = capsys.readouterr().err
+    assert "train-classifier: error: device = " in error and "Traceback" not in error
+    assert not (tmp_path / "none").exists() and not (tmp_path / "run.json").exists()

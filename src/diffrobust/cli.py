@@ -115,11 +115,12 @@ def cmd_train_diffusion(args):
     from diffrobust.provenance import run_record
 
     model = args.settings
-    with run_record(args.run_record, config=model, seed=args.seed):
-        training.train_diffusion(args.dataset_dir, args.out_dir, architecture=model["architecture"],
-                                 schedule=model["schedule"], num_timesteps=model["num_timesteps"],
-                                 variance=model["variance"], prediction=model.get("prediction", "eps"),
-                                 seed=args.seed, **model["training"])
+    with run_record(args.run_record, config=model, seed=args.seed) as record:
+        loaded = training.train_diffusion(args.dataset_dir, args.out_dir, architecture=model["architecture"],
+                                          schedule=model["schedule"], num_timesteps=model["num_timesteps"],
+                                          variance=model["variance"], prediction=model.get("prediction", "eps"),
+                                          seed=args.seed, device=args.device, **model["training"])
+        record["device"] = loaded.extra["device"]
     log.info("trained the diffusion model -> %s/model.pt", args.out_dir)
 
 
@@ -129,9 +130,10 @@ def cmd_finetune_diffusion(args):
     from diffrobust.provenance import run_record
 
     with run_record(args.run_record, config={"init": args.init, "variant": args.variant, **args.settings},
-                    seed=args.seed):
-        training.finetune_diffusion(load_source(args.init), args.dataset_dir, args.out_dir, variant=args.variant,
-                                    seed=args.seed, **args.settings)
+                    seed=args.seed) as record:
+        loaded = training.finetune_diffusion(load_source(args.init), args.dataset_dir, args.out_dir,
+                                             variant=args.variant, seed=args.seed, device=args.device, **args.settings)
+        record["device"] = loaded.extra["device"]
     log.info("fine-tuned (%s) %s -> %s/model.pt", args.variant, args.init, args.out_dir)
 
 
@@ -140,9 +142,10 @@ def cmd_train_classifier(args):
     from diffrobust.provenance import run_record
 
     model = args.settings
-    with run_record(args.run_record, config=model, seed=args.seed):
-        training.train_classifier(args.dataset_dir, args.out_dir, architecture=model["architecture"], seed=args.seed,
-                                  **model["training"])
+    with run_record(args.run_record, config=model, seed=args.seed) as record:
+        loaded = training.train_classifier(args.dataset_dir, args.out_dir, architecture=model["architecture"],
+                                           seed=args.seed, device=args.device, **model["training"])
+        record["device"] = loaded.extra["device"]
     log.info("trained the classifier -> %s/model.pt", args.out_dir)
 
 
@@ -254,6 +257,9 @@ BENCH_COMMANDS = (
 )
 
 
+DEVICE_HELP = "auto (GPU when present), cpu, cuda or cuda:N"
+
+
 def build_parser(argv=None):
     parser = argparse.ArgumentParser(prog="diffrobust", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -296,6 +302,7 @@ def build_parser(argv=None):
         train.add_argument("--out-dir", required=True)
         train.add_argument("--settings", required=True, type=_json, help="the models.<name> config block (JSON)")
         train.add_argument("--seed", type=int, default=0)
+        train.add_argument("--device", default="auto", help=DEVICE_HELP)
         train.add_argument("--run-record")
         if name == "finetune-diffusion":
             train.add_argument("--init", required=True, help="model file (.pt) or checkpoint name to start from")
@@ -313,7 +320,7 @@ def build_parser(argv=None):
     shard.add_argument("--diffusion", required=True, help="model file (.pt) or checkpoint name")
     shard.add_argument("--classifier", required=True, help="model file (.pt) or checkpoint name")
     shard.add_argument("--work-dir", required=True, help="resumable per-image results (kept between attempts)")
-    shard.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda or cuda:N")
+    shard.add_argument("--device", default="auto", help=DEVICE_HELP)
     for role in ("diffusion", "classifier"):
         shard.add_argument(f"--{role}-precision", default="fp32", choices=["fp32", "fp16", "bf16"],
                            help=f"autocast precision of the {role} network")

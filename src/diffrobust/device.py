@@ -94,7 +94,8 @@ class OnDevice(nn.Module):
 def describe(device, precisions=None):
     """What a run record says about where it ran."""
     device = torch.device(device)
-    record = {"device": str(device), "precision": precisions, "torch": torch.__version__,
+    # str(): torch.__version__ is a TorchVersion, which a weights-only torch.load (model files) refuses
+    record = {"device": str(device), "precision": precisions, "torch": str(torch.__version__),
               "cuda": torch.version.cuda, "cuda_available": cuda_available()}
     if device.type == "cuda":
         record["gpu"] = torch.cuda.get_device_name(device)

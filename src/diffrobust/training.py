@@ -11,6 +11,17 @@ number of steps, never on when the job was interrupted. Deterministic algorithms
 (`torch.use_deterministic_algorithms`); on the CPU the result is then bit-identical across runs with the same
 thread count (a different thread count may change float rounding in matrix products).
 
+Device
+------
+Every job takes `device` ("cpu", the default here; "auto", "cuda", "cuda:N" as `device.resolve_device` reads
+them): the network, its EMA, the optimizer state and each batch live there, while every random draw (batch order,
+timesteps, noise, label dropout, augmentation, the initial weights) still comes from CPU generators and is moved,
+so on the CPU the weights are bit-identical to those of the code before device support (tests/test_training.py
+holds their digests). Dropout draws from the device's global generator, which the per-step seed also seeds. On
+CUDA the job sets CUBLAS_WORKSPACE_CONFIG (`prepare_device`) and deterministic algorithms, so a rerun on the same
+GPU model gives the same weights; they are not bit-equal to a CPU run (other kernels, other float rounding). Model
+files always hold CPU tensors, and the returned LoadedModel is on the CPU; `extra["device"]` says where it ran.
+
 Resuming
 --------
 Every `checkpoint_every` steps the job writes `resume.pt` (network, EMA, optimizer, step, loss log, RNG and data
@@ -31,6 +42,7 @@ import copy
 import hashlib
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -43,6 +55,8 @@ from tqdm import tqdm
 
 from diffrobust import imagespace, models, resumable, seeds
 from diffrobust.data import load_dataset
+from diffrobust.device import describe as describe_device
+from diffrobust.device import resolve_device
 from diffrobust.download import file_digest
 from diffrobust.diffusion import ddim_reverse
 from diffrobust.io import atomic_path, atomic_write_json, atomic_write_text
@@ -86,13 +100,28 @@ def deterministic_algorithms():
         torch.use_deterministic_algorithms(previous, warn_only=previous_warn)
 
 
+def prepare_device(device):
+    """The torch.device a training job runs on (`device.resolve_device`), made ready for deterministic training.
+
+    cuBLAS matrix products are bit-reproducible only with a fixed workspace configuration (NVIDIA's cuBLAS docs,
+    "Results reproducibility"; with the default one the workspace, and so the algorithm, can change between calls),
+    and `torch.use_deterministic_algorithms(True)` refuses cuBLAS calls without one. CUBLAS_WORKSPACE_CONFIG=:4096:8
+    is that setting. cuBLAS and PyTorch read it once, at the first cuBLAS use in the process, so it must be in the
+    environment before CUDA work starts: hence here, at the top of every job, before any network is moved. A value
+    the user set is kept (a non-deterministic one makes torch's deterministic mode raise, loudly). On the CPU the
+    variable does nothing."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    return resolve_device(device)
+
+
 def network_digest(network):
     """sha256 of a network's state dict (keys, dtypes, shapes, values): identifies an init model in a config."""
     digest = hashlib.sha256()
     for key, value in network.state_dict().items():
         value = value.detach().cpu().contiguous()
         digest.update(f"{key}:{value.dtype}:{tuple(value.shape)}".encode())
-        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+        # reshape(-1): a 0-dim buffer (batch norm's num_batches_tracked) cannot be viewed as bytes directly
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
     return digest.hexdigest()
 
 
@@ -108,11 +137,12 @@ class BatchStream:
     known without replaying steps 0..s-1.
     """
 
-    def __init__(self, images, labels, batch_size, seed):
+    def __init__(self, images, labels, batch_size, seed, device="cpu"):
         self.images = torch.from_numpy(np.ascontiguousarray(images))
         self.labels = torch.from_numpy(np.ascontiguousarray(labels)).long()
         self.batch_size = int(batch_size)
         self.seed = seed
+        self.device = torch.device(device)
         self._permutations = {}
 
     def __len__(self):
@@ -134,9 +164,10 @@ class BatchStream:
         return torch.stack([self._permutation(p // len(self))[p % len(self)] for p in positions])
 
     def batch(self, step):
-        """(images in [0, 1], labels) of step `step`."""
+        """(images in [0, 1], labels) of step `step`, on the stream's device (the order is drawn on the CPU)."""
         rows = self.rows(step)
-        return imagespace.uint8_to_float(self.images[rows]), self.labels[rows]
+        images = self.images[rows].to(self.device)  # uint8 moves: a quarter of the bytes of float32
+        return imagespace.uint8_to_float(images), self.labels[rows].to(self.device)
 
 
 def _dataset_fingerprint(dataset_dir):
@@ -313,8 +344,14 @@ def _remove_resume(out_dir):
 # Diffusion models
 # ---------------------------------------------------------------------------------------------------------------
 
+def generator_device(generator):
+    """Where `generator` draws (the CPU for None, torch's default generator): draws are made there and moved."""
+    return torch.device("cpu") if generator is None else generator.device
+
+
 class NoiseTable:
-    """sqrt(alpha_bar) and sqrt(1 - alpha_bar) of every level as float32 tensors, for drawing training pairs."""
+    """sqrt(alpha_bar) and sqrt(1 - alpha_bar) of every level as float32 CPU tensors, for drawing training pairs;
+    `at` looks them up and moves them to the device of the batch."""
 
     def __init__(self, gaussian_diffusion):
         alphas_cumprod = torch.from_numpy(gaussian_diffusion.alphas_cumprod)
@@ -323,19 +360,30 @@ class NoiseTable:
         self.num_levels = gaussian_diffusion.num_levels
         self.timestep_scale = gaussian_diffusion.timestep_scale
 
+    def at(self, index, like):
+        """(sqrt(alpha_bar), sqrt(1 - alpha_bar)) at table indices `index`, shaped to broadcast against `like`
+        (one value per sample) and on its device."""
+        index = index.to(self.sqrt_alpha_bar.device)
+        shape = (-1,) + (1,) * (like.dim() - 1)
+        return (self.sqrt_alpha_bar[index].view(shape).to(like.device),
+                self.sqrt_one_minus_alpha_bar[index].view(shape).to(like.device))
+
     def noisy(self, x0, generator):
         """(x_t, noise, t_model): table index i ~ U{0..T-1} per sample, x_t ~ q at that level, and the network
-        timestep i·scale (diffusion.py queries level i + 1 at timestep i, so training uses the same)."""
-        index = torch.randint(0, self.num_levels, (x0.shape[0],), generator=generator)
-        noise = torch.randn(x0.shape, generator=generator)
-        shape = (-1,) + (1,) * (x0.dim() - 1)
-        x_t = self.sqrt_alpha_bar[index].view(shape) * x0 + self.sqrt_one_minus_alpha_bar[index].view(shape) * noise
-        return x_t, noise, index.float() * self.timestep_scale
+        timestep i·scale (diffusion.py queries level i + 1 at timestep i, so training uses the same). Index and
+        noise are drawn on the generator's device and moved to x0's."""
+        where = generator_device(generator)
+        index = torch.randint(0, self.num_levels, (x0.shape[0],), generator=generator, device=where)
+        noise = torch.randn(x0.shape, generator=generator, device=where).to(x0.device)
+        signal, spread = self.at(index, x0)
+        x_t = signal * x0 + spread * noise
+        return x_t, noise, index.to(x0.device).float() * self.timestep_scale
 
 
 def drop_labels(labels, label_dropout, null_class, generator):
     """Replace each label by the null class with probability `label_dropout` (classifier-free guidance training)."""
-    dropped = torch.rand(labels.shape, generator=generator) < label_dropout
+    dropped = torch.rand(labels.shape, generator=generator, device=generator_device(generator)) < label_dropout
+    dropped = dropped.to(labels.device)
     return torch.where(dropped, torch.full_like(labels, null_class), labels)
 
 
@@ -343,9 +391,8 @@ def prediction_target(table, x0, noise, t_model, prediction):
     """What the network's first C channels are trained to output: eps, or v = sqrt(a)·eps - sqrt(1 - a)·x0."""
     if prediction == "eps":
         return noise
-    index = (t_model / table.timestep_scale).round().long()
-    shape = (-1,) + (1,) * (x0.dim() - 1)
-    return table.sqrt_alpha_bar[index].view(shape) * noise - table.sqrt_one_minus_alpha_bar[index].view(shape) * x0
+    signal, spread = table.at((t_model / table.timestep_scale).round().long(), x0)
+    return signal * noise - spread * x0
 
 
 def eps_mse_loss(network, table, x0, labels, generator, label_dropout=0.0, null_class=None, prediction="eps"):
@@ -382,7 +429,7 @@ def _dataset_shape(dataset):
 
 def train_diffusion(dataset_dir, out_dir, *, architecture, schedule="linear", num_timesteps=1000, steps, batch_size,
                     lr, ema_decay, label_dropout, seed, checkpoint_every=200, log_every=20, warmup_steps=100,
-                    variance="fixed_small", prediction="eps", on_step=None):
+                    variance="fixed_small", prediction="eps", device="cpu", on_step=None):
     """Train a class-conditional ADM UNet (K classes + null class K) with the eps-MSE loss; writes model.pt (EMA
     weights, kind "diffusion") and loss.tsv under out_dir. Returns the LoadedModel of the EMA network.
 
@@ -393,7 +440,9 @@ def train_diffusion(dataset_dir, out_dir, *, architecture, schedule="linear", nu
     with "fixed_large" (beta of the respaced step) adds about twice the posterior's noise at the intermediate
     step: on the mini model that cut the accuracy of the 2-step reverse at sigma 0.25 from 98% to 47%.
     label_dropout: probability of training a sample with the null class, which makes the unconditional eps.
+    device: where the network and batches go (module docstring, "Device").
     """
+    device = prepare_device(device)
     dataset = load_dataset(dataset_dir)
     channels, size, num_classes = _dataset_shape(dataset)
     architecture = conditional_unet_architecture(architecture, channels, size, num_classes)
@@ -403,9 +452,9 @@ def train_diffusion(dataset_dir, out_dir, *, architecture, schedule="linear", nu
               "diffusion": settings, "steps": steps, "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay,
               "label_dropout": label_dropout, "seed": seed, "warmup_steps": warmup_steps, "log_every": log_every}
     torch.manual_seed(derived_seed(seed, 0, "init"))
-    network = models.build_architecture(architecture)
+    network = models.build_architecture(architecture).to(device)  # initialised on the CPU: the same on every device
     table = NoiseTable(models.build_diffusion(settings))
-    stream = BatchStream(dataset["train"].images, dataset["train"].labels, batch_size, seed)
+    stream = BatchStream(dataset["train"].images, dataset["train"].labels, batch_size, seed, device)
 
     def loss_fn(step, generator):
         x01, labels = stream.batch(step)
@@ -417,7 +466,7 @@ def train_diffusion(dataset_dir, out_dir, *, architecture, schedule="linear", nu
                           checkpoint_every=checkpoint_every, log_every=log_every, data_stream=stream,
                           description="diffusion", on_step=on_step)
     extra = {"num_classes": num_classes, "class_names": dataset.meta.get("class_names"), "training": config,
-             "seconds": round(result.seconds, 2)}
+             "seconds": round(result.seconds, 2), "device": describe_device(device, "fp32")}
     path = models.save_model(Path(out_dir) / MODEL_FILE, result.ema, kind="diffusion", architecture=architecture,
                              diffusion=settings, extra=extra)
     _finish_outputs(out_dir, result.loss_log)
@@ -468,7 +517,7 @@ def teacher_class_eps(teacher, x_t, t_model, classes, channels):
 
 def teacher_all_class_eps(teacher, x_t, t_model, num_classes, channels):
     """eps(x_t, t, k) of a class-conditional network for k = 0..K-1 in one batched pass: [N, K, C, H, W]."""
-    classes = torch.arange(num_classes).repeat(x_t.shape[0], 1)
+    classes = torch.arange(num_classes, device=x_t.device).repeat(x_t.shape[0], 1)
     return teacher_class_eps(teacher, x_t, t_model, classes, channels)
 
 
@@ -487,11 +536,14 @@ def multihead_loss(student, teacher, table, x0, labels, generator, num_classes, 
     if distill_classes is None or distill_classes >= num_classes:
         classes = torch.arange(num_classes).repeat(n, 1)
     else:
-        classes = torch.rand(n, num_classes, generator=generator).argsort(dim=1)[:, :distill_classes]
+        draws = torch.rand(n, num_classes, generator=generator, device=generator_device(generator))
+        classes = draws.argsort(dim=1)[:, :distill_classes]
+    classes = classes.to(x0.device)
     with torch.no_grad():
         targets = teacher_class_eps(teacher, x_t, t_model, classes, channels)
-    distillation = F.mse_loss(heads[torch.arange(n)[:, None], classes], targets)
-    true_head = heads[torch.arange(n), labels]
+    rows = torch.arange(n, device=x0.device)
+    distillation = F.mse_loss(heads[rows[:, None], classes], targets)
+    true_head = heads[rows, labels]
     # teacher and student share the parameterisation (eps or v), so the distillation compares raw outputs
     target = prediction_target(table, x0, noise, t_model, prediction)
     return distillation + true_class_weight * F.mse_loss(true_head, target)
@@ -503,7 +555,7 @@ def _as_loaded(init_model):
 
 def finetune_diffusion(init_model, dataset_dir, out_dir, *, variant, steps, batch_size, lr, ema_decay, seed,
                        label_dropout=None, true_class_weight=1.0, distill_classes=None, checkpoint_every=200,
-                       log_every=20, warmup_steps=0, on_step=None):
+                       log_every=20, warmup_steps=0, device="cpu", on_step=None):
     """Continue training a diffusion model (a model file path or a LoadedModel); writes model.pt and loss.tsv.
 
     variant="conditional": the same network, more steps of the eps-MSE loss with label dropout (default: the
@@ -511,7 +563,9 @@ def finetune_diffusion(init_model, dataset_dir, out_dir, *, variant, steps, batc
     variant="multihead": RDC's multi-head network (`multihead_from_conditional`, null class folded in when there
         is one), trained with `multihead_loss` against the frozen init model; saved as kind "multihead_diffusion"
         with the init model's diffusion settings (null_class None: it has no unconditional output).
+    device: where the networks (trained and frozen teacher) and batches go (module docstring, "Device").
     """
+    device = prepare_device(device)
     loaded = _as_loaded(init_model)
     if loaded.kind != "diffusion" or not models.family_of(loaded).trainable:
         raise ValueError("finetune_diffusion takes an ADM diffusion model (mini model or ADM checkpoint)")
@@ -525,8 +579,8 @@ def finetune_diffusion(init_model, dataset_dir, out_dir, *, variant, steps, batc
               "dataset": _dataset_fingerprint(dataset_dir), "steps": steps, "batch_size": batch_size, "lr": lr,
               "ema_decay": ema_decay, "seed": seed, "warmup_steps": warmup_steps, "log_every": log_every}
     table = NoiseTable(loaded.diffusion)
-    stream = BatchStream(dataset["train"].images, dataset["train"].labels, batch_size, seed)
-    teacher = loaded.network.eval().requires_grad_(False)
+    stream = BatchStream(dataset["train"].images, dataset["train"].labels, batch_size, seed, device)
+    teacher = loaded.network.eval().requires_grad_(False).to(device)
 
     if variant == "conditional":
         label_dropout = trained_with if label_dropout is None else label_dropout
@@ -546,7 +600,7 @@ def finetune_diffusion(init_model, dataset_dir, out_dir, *, variant, steps, batc
                 raise ValueError(f"the init model knows {num_label} classes, the dataset has {num_classes}")
         config.update({"true_class_weight": true_class_weight, "distill_classes": distill_classes})
         network, architecture = multihead_from_conditional(teacher, num_classes, fold_label=null_class)
-        network.requires_grad_(True)
+        network.requires_grad_(True).to(device)
         kind = "multihead_diffusion"
         settings["null_class"] = None
 
@@ -562,7 +616,8 @@ def finetune_diffusion(init_model, dataset_dir, out_dir, *, variant, steps, batc
                           checkpoint_every=checkpoint_every, log_every=log_every, data_stream=stream,
                           description=f"finetune ({variant})", on_step=on_step)
     extra = {"num_classes": num_classes, "class_names": dataset.meta.get("class_names"), "training": config,
-             "init_training": loaded.extra.get("training"), "seconds": round(result.seconds, 2)}
+             "init_training": loaded.extra.get("training"), "seconds": round(result.seconds, 2),
+             "device": describe_device(device, "fp32")}
     path = models.save_model(Path(out_dir) / MODEL_FILE, result.ema, kind=kind, architecture=architecture,
                              diffusion=settings, extra=extra)
     _finish_outputs(out_dir, result.loss_log)
@@ -580,7 +635,8 @@ def random_shift(x, max_shift, generator):
     if max_shift == 0:
         return x
     padded = F.pad(x, (max_shift,) * 4)
-    offsets = torch.randint(0, 2 * max_shift + 1, (x.shape[0], 2), generator=generator)
+    offsets = torch.randint(0, 2 * max_shift + 1, (x.shape[0], 2), generator=generator,
+                            device=generator_device(generator))
     height, width = x.shape[-2:]
     return torch.stack([padded[i, :, top:top + height, left:left + width]
                         for i, (top, left) in enumerate(offsets.tolist())])
@@ -590,7 +646,8 @@ def random_affine(x, max_shift, max_rotation_degrees, max_scale_change, generato
     """Random rotation (uniform in +-max_rotation_degrees), scaling (factor in 1 +- max_scale_change) and translation
     (uniform in +-max_shift pixels) per image, bilinear, zero fill: the usual MNIST augmentation."""
     n, _, height, width = x.shape
-    draws = torch.rand(n, 4, generator=generator) * 2 - 1  # rotation, scale, shift x, shift y in [-1, 1]
+    draws = torch.rand(n, 4, generator=generator, device=generator_device(generator)).to(x.device)
+    draws = draws * 2 - 1  # rotation, scale, shift x, shift y in [-1, 1]
     angle = draws[:, 0] * math.radians(max_rotation_degrees)
     scale = 1 + draws[:, 1] * max_scale_change
     # affine_grid maps output coordinates (in [-1, 1]) to input coordinates: the inverse of the image transform.
@@ -605,32 +662,43 @@ def random_affine(x, max_shift, max_rotation_degrees, max_scale_change, generato
 AUGMENTATIONS = ("none", "shift", "affine")
 
 
+def module_device(module):
+    """The device of a module's first parameter or buffer (the CPU for a module without either)."""
+    tensor = next(module.parameters(), None)
+    if tensor is None:
+        tensor = next(module.buffers(), None)
+    return torch.device("cpu") if tensor is None else tensor.device
+
+
 @torch.no_grad()
 def accuracy(network, images_uint8, labels, batch_size=500):
-    """Top-1 accuracy of a [0, 1] -> logits classifier on uint8 images."""
+    """Top-1 accuracy of a [0, 1] -> logits classifier on uint8 images (batches go to the network's device)."""
     network.eval()
+    device = module_device(network)
     correct = 0
     for start in range(0, len(labels), batch_size):
-        x = imagespace.uint8_to_float(images_uint8[start:start + batch_size])
-        predictions = network(x).argmax(dim=1)
+        x = imagespace.uint8_to_float(torch.as_tensor(images_uint8[start:start + batch_size]).to(device))
+        predictions = network(x).argmax(dim=1).cpu()
         correct += int((predictions == torch.as_tensor(labels[start:start + batch_size])).sum())
     return correct / len(labels)
 
 
 def train_classifier(dataset_dir, out_dir, *, architecture, epochs, batch_size, lr, seed, augment="shift",
                      max_shift=2, max_rotation_degrees=10.0, max_scale_change=0.1, weight_decay=5e-4,
-                     warmup_fraction=0.05, checkpoint_every=200, log_every=20, on_step=None):
+                     warmup_fraction=0.05, checkpoint_every=200, log_every=20, device="cpu", on_step=None):
     """Train a classifier ([0, 1] images -> logits) on the train split with cross-entropy, SGD with Nesterov
     momentum, linear warmup and cosine decay; writes model.pt (kind "classifier"), metrics.json (train and test
     accuracy) and loss.tsv. epochs may be fractional (steps = ceil(epochs·N/B)). Returns the LoadedModel.
 
     architecture: a `small_resnet` block (or any classifier family); in_channels and num_classes are filled from
     the dataset. augment: "none", "shift" (random shifts of up to `max_shift` pixels; True means this) or
-    "affine" (`random_affine`: rotation, scaling and shift).
+    "affine" (`random_affine`: rotation, scaling and shift). device: where the network and batches go (module
+    docstring, "Device"); the accuracies in metrics.json are measured there too.
     """
     augment = {True: "shift", False: "none", None: "none"}.get(augment, augment)
     if augment not in AUGMENTATIONS:
         raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
+    device = prepare_device(device)
     dataset = load_dataset(dataset_dir)
     channels, _, num_classes = _dataset_shape(dataset)
     config_block = dict(architecture.get("config", {}))
@@ -648,8 +716,8 @@ def train_classifier(dataset_dir, out_dir, *, architecture, epochs, batch_size, 
               "augment": augment, "max_shift": max_shift, "weight_decay": weight_decay,
               "warmup_fraction": warmup_fraction, "log_every": log_every, **config_extra}
     torch.manual_seed(derived_seed(seed, 0, "init"))
-    network = models.build_architecture(architecture)
-    stream = BatchStream(train.images, train.labels, batch_size, seed)
+    network = models.build_architecture(architecture).to(device)  # initialised on the CPU: the same on every device
+    stream = BatchStream(train.images, train.labels, batch_size, seed, device)
 
     def loss_fn(step, generator):
         x01, labels = stream.batch(step)
@@ -669,7 +737,8 @@ def train_classifier(dataset_dir, out_dir, *, architecture, epochs, batch_size, 
                "steps": steps, "seconds": round(result.seconds, 2)}
     path = models.save_model(Path(out_dir) / MODEL_FILE, network, kind="classifier", architecture=architecture,
                              extra={"num_classes": num_classes, "class_names": dataset.meta.get("class_names"),
-                                    "training": config, "metrics": metrics})
+                                    "training": config, "metrics": metrics,
+                                    "device": describe_device(device, "fp32")})
     atomic_write_json(Path(out_dir) / METRICS_FILE, metrics)
     _finish_outputs(out_dir, result.loss_log)
     _remove_resume(out_dir)
@@ -693,11 +762,14 @@ def sample_class_conditional(loaded, classes, num_steps, guidance_scale=0.0, gen
     """Deterministic DDIM samples (eta = 0, `num_steps` steps from time T) of the given classes -> [0, 1] images.
 
     guidance_scale w > 0 uses classifier-free guidance with the null class (w = 0: the plain conditional model).
-    The starting noise comes from `generator`.
+    The starting noise comes from `generator` (drawn on its device, then moved); the samples are computed, and
+    returned, on the device of the model's network.
     """
     model = models.eps_model(loaded, guidance_scale=guidance_scale)
-    labels = torch.as_tensor(classes, dtype=torch.long).reshape(-1)
-    noise = torch.randn((len(labels), *image_shape(loaded)), generator=generator)
+    device = module_device(loaded.network)
+    labels = torch.as_tensor(classes, dtype=torch.long).reshape(-1).to(device)
+    noise = torch.randn((len(labels), *image_shape(loaded)), generator=generator,
+                        device=generator_device(generator)).to(device)
     chain = loaded.diffusion
     x0 = ddim_reverse(model, chain, noise, chain.num_levels, num_steps, eta=0.0, y=labels)
     return imagespace.to_image_space(x0).clamp(0, 1)

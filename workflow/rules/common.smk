@@ -345,6 +345,7 @@ def report_parameters(wildcards):
                           if model_source(role).endswith(".pt")},
             "sigmas": [0.25, 0.5, 1.0],
             "seed": CFG["seed"],
+            "device": CFG["device"],
             **CFG["models_report"],
         }
     elif wildcards.notebook == "densepure_table1":

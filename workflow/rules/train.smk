@@ -23,11 +23,12 @@ rule train_diffusion:
         out_dir=output_folder,
         settings=json_settings(CFG["models"]["diffusion"]),
         seed=CFG["seed"],
+        device=CFG["device"],
     message:
         "Training the class-conditional pixel diffusion model (label dropout, EMA)"
     shell:
         "OMP_NUM_THREADS={threads} python -m diffrobust train-diffusion --dataset-dir {params.dataset_dir} --out-dir {params.out_dir}"
-        " --settings {params.settings:q} --seed {params.seed} --run-record {log.record} 2> {log.log}"
+        " --settings {params.settings:q} --seed {params.seed} --device {params.device} --run-record {log.record} 2> {log.log}"
 
 
 rule finetune_multihead:
@@ -53,12 +54,13 @@ rule finetune_multihead:
         init=multihead_init(),
         settings=json_settings(CFG["models"]["multihead"]["finetune"]),
         seed=CFG["seed"],
+        device=CFG["device"],
     message:
         "Fine-tuning RDC's multi-head diffusion model from {params.init}"
     shell:
         "OMP_NUM_THREADS={threads} python -m diffrobust finetune-diffusion --variant multihead --init {params.init}"
         " --dataset-dir {params.dataset_dir} --out-dir {params.out_dir} --settings {params.settings:q}"
-        " --seed {params.seed} --run-record {log.record} 2> {log.log}"
+        " --seed {params.seed} --device {params.device} --run-record {log.record} 2> {log.log}"
 
 
 rule train_classifier:
@@ -83,8 +85,9 @@ rule train_classifier:
         out_dir=output_folder,
         settings=json_settings(CFG["models"]["classifier"]),
         seed=CFG["seed"],
+        device=CFG["device"],
     message:
         "Training the base classifier"
     shell:
         "OMP_NUM_THREADS={threads} python -m diffrobust train-classifier --dataset-dir {params.dataset_dir} --out-dir {params.out_dir}"
-        " --settings {params.settings:q} --seed {params.seed} --run-record {log.record} 2> {log.log}"
+        " --settings {params.settings:q} --seed {params.seed} --device {params.device} --run-record {log.record} 2> {log.log}"

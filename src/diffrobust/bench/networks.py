@@ -177,29 +177,50 @@ def resolve_network(spec, registry=None):
     return spec, registry[spec]["architecture"]
 
 
+def _adm_inputs(network, batch_size):
+    """improved-/guided-diffusion UNets: images, timestep 500 and, when class-conditional, class 0."""
+    size = network.image_size
+    args = [torch.randn(batch_size, network.in_channels, size, size), torch.full((batch_size,), 500.0)]
+    if network.num_classes is not None:
+        args.append(torch.zeros(batch_size, dtype=torch.long))
+    return tuple(args)
+
+
+def _edm_inputs(network, batch_size):
+    """EDM's SongUNet: images, noise level 0.5 and, when class-conditional, a one-hot class 0."""
+    size, channels = network.img_resolution, network.img_channels
+    args = [torch.randn(batch_size, channels, size, size), torch.full((batch_size,), 0.5)]
+    if network.label_dim:
+        args.append(torch.nn.functional.one_hot(torch.zeros(batch_size, dtype=torch.long),
+                                                network.label_dim).float())
+    return tuple(args)
+
+
+def _cifar10_classifier_inputs(network, batch_size):
+    """CIFAR-10 classifiers: 32x32 RGB images (RobustBench's WideResNet pooling assumes that size)."""
+    return (torch.randn(batch_size, 3, 32, 32),)
+
+
+# Positional arguments of one forward pass, by network family: family -> inputs(network, batch_size).
+EXAMPLE_INPUTS = {
+    "improved_diffusion_unet": _adm_inputs,
+    "guided_diffusion_unet": _adm_inputs,
+    "edm_vp_songunet": _edm_inputs,
+    "robustbench_wrn": _cifar10_classifier_inputs,
+}
+
+
 def example_inputs(network, architecture, batch_size):
-    """Positional arguments for one forward pass of a batch, by network family.
+    """Positional arguments for one forward pass of a batch, from the family's entry of `EXAMPLE_INPUTS`.
 
     Diffusion networks get a mid-trajectory noise level (the cost does not depend on it) and, when
-    class-conditional, class 0 for every image.
+    class-conditional, class 0 for every image. Images are drawn from torch's global generator.
     """
     family = architecture["family"]
-    if family in ("improved_diffusion_unet", "guided_diffusion_unet"):
-        size = network.image_size
-        args = [torch.randn(batch_size, network.in_channels, size, size), torch.full((batch_size,), 500.0)]
-        if network.num_classes is not None:
-            args.append(torch.zeros(batch_size, dtype=torch.long))
-        return tuple(args)
-    if family == "edm_vp_songunet":
-        size, channels = network.img_resolution, network.img_channels
-        args = [torch.randn(batch_size, channels, size, size), torch.full((batch_size,), 0.5)]
-        if network.label_dim:
-            args.append(torch.nn.functional.one_hot(torch.zeros(batch_size, dtype=torch.long),
-                                                    network.label_dim).float())
-        return tuple(args)
-    if family == "robustbench_wrn":
-        return (torch.randn(batch_size, 3, 32, 32),)  # CIFAR-10 classifiers: the pooling assumes 32x32
-    raise ConfigError(f"no example inputs for network family {family!r}")
+    if family not in EXAMPLE_INPUTS:
+        raise ConfigError(f"no example inputs for network family {family!r} (families with inputs: "
+                          f"{', '.join(sorted(EXAMPLE_INPUTS))})")
+    return EXAMPLE_INPUTS[family](network, batch_size)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -330,3 +330,22 @@ def test_bench_certify_mini_size_is_the_mini_presets_networks_and_its_shares_add
     from diffrobust.models import build_architecture
 
     assert row["diffusion_parameters"] == sum(p.numel() for p in build_architecture(spec["diffusion"]).parameters())
+
+
+@pytest.mark.parametrize("plan", [
+    {"method": "autoattack", "version": "rand", "n_iter": 3, "eot_iter": 2},
+    {"method": "autoattack", "version": "standard", "n_iter": 3, "n_target_classes": 2, "n_queries": 5},
+    {"method": "autoattack", "version": "custom", "attacks": ["apgd-dlr"], "n_iter": 3},
+    {"method": "eot_pgd", "steps": 3, "step_size": 1e-6, "eot_attack_reps": 2, "eot_defense_reps": 3},
+])
+def test_the_attack_bench_counts_the_gradients_an_attack_takes_when_nothing_breaks(plan):
+    from torch import nn
+
+    from diffrobust.attacks import run_attack
+    from diffrobust.bench.attacks import gradient_evaluations
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(25, 10))
+    x = torch.rand(6, 1, 5, 5)
+    result = run_attack(model, x, model(x).argmax(1), threat="linf", eps=1e-6, settings=plan)
+    assert result.gradient_images == 6 * gradient_evaluations(plan)

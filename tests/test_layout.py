@@ -34,3 +34,15 @@ def test_library_modules_never_import_stages_or_cli():
 def test_every_concept_has_its_package():
     for package in ("networks", "defenses", "attacks", "stages", "bench"):
         assert (PACKAGE / package / "__init__.py").is_file(), package
+
+
+def test_the_gpu_count_of_the_dag_build_respects_cuda_visible_devices(monkeypatch):
+    from diffrobust.gpus import visible_nvidia_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert visible_nvidia_gpus() == 0
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    assert visible_nvidia_gpus() == 0
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    import glob
+    assert visible_nvidia_gpus() == len(glob.glob("/dev/nvidia[0-9]*"))

@@ -53,23 +53,14 @@ def check_local_device():
         raise WorkflowError(f"Configuration error:\n{error}") from None
 
 
-def local_gpus():
-    """NVIDIA GPUs this machine shows (device files; no torch import at DAG build), honouring CUDA_VISIBLE_DEVICES."""
-    import glob
-    import os
-
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and visible.strip() in ("", "-1"):
-        return 0
-    return len(glob.glob("/dev/nvidia[0-9]*"))
-
-
 def gpus_per_job():
     """What a job that runs networks claims of the `gpu` resource. One GPU, so that the default profile's cap runs
     them one at a time on a one-GPU machine and SLURM gets a GPU request; but 0 where they will run on this
     machine's CPU (device cpu, or device auto without a GPU here), so that CPU jobs run side by side."""
+    from diffrobust.gpus import visible_nvidia_gpus
+
     local = workflow.executor_plugin is None or workflow.executor_plugin.common_settings.local_exec
-    if CFG["device"] == "cpu" or (local and CFG["device"] == "auto" and local_gpus() == 0):
+    if CFG["device"] == "cpu" or (local and CFG["device"] == "auto" and visible_nvidia_gpus() == 0):
         return 0
     return 1
 

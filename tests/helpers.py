@@ -11,3 +11,24 @@ def randomize(network, seed, scale=0.05):
         for parameter in network.parameters():
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
     return network
+
+
+def tiny_mnist_project(root, attention_resolutions="16"):
+    """A 20-image MNIST test split (`root/mnist`) and random-weight mini models (`root/diffusion.pt`, a
+    class-conditional ADM UNet with a null class; `root/classifier.pt`, a small ResNet): what the stage tests run
+    their jobs on (the jobs do not care how good the models are)."""
+    from diffrobust import data, models
+    from diffrobust.networks.classifiers import build_small_resnet
+
+    data.prepare_mnist(root / "mnist", test_per_class=2)
+    torch.manual_seed(0)
+    unet = {"family": "adm_unet", "config": {"in_channels": 1, "image_size": 32, "num_channels": 32,
+                                             "num_res_blocks": 1, "channel_mult": "1,1",
+                                             "attention_resolutions": attention_resolutions, "num_head_channels": 32,
+                                             "class_cond": True, "num_classes": 11}}
+    models.save_model(root / "diffusion.pt", models.build_architecture(unet), kind="diffusion", architecture=unet,
+                      diffusion=models.diffusion_settings("linear", 1000, null_class=10))
+    resnet = {"family": "small_resnet", "config": {"in_channels": 1, "num_classes": 10, "width": 8, "depth": 8}}
+    models.save_model(root / "classifier.pt", build_small_resnet(resnet["config"]), kind="classifier",
+                      architecture=resnet)
+    return root

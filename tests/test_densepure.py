@@ -20,6 +20,7 @@ from diffrobust.defenses import SmoothingDenoiser
 from diffrobust.io import atomic_write_npz
 from diffrobust.stages import densepure
 from diffrobust.networks.classifiers import build_small_resnet
+from helpers import tiny_mnist_project
 
 SETTINGS = {"n0": 4, "n": 48, "alpha": 0.05, "batch_size": 64, "shard_size": 6, "seed": 0, "tstar_rule": "nearest",
             "dds_tstar_rule": "first_at_least", "reverse": "respaced", "num_steps": 2, "votes": 2,
@@ -30,18 +31,7 @@ SUBSET = {"start": 0, "stop": 12, "step": 1}
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A 20-image MNIST test split and random-weight models (certification does not care how good they are)."""
-    root = tmp_path_factory.mktemp("densepure")
-    data.prepare_mnist(root / "mnist", test_per_class=2)
-    torch.manual_seed(0)
-    unet = {"family": "adm_unet", "config": {"in_channels": 1, "image_size": 32, "num_channels": 32,
-                                             "num_res_blocks": 1, "channel_mult": "1,1", "attention_resolutions": "16",
-                                             "num_head_channels": 32, "class_cond": True, "num_classes": 11}}
-    models.save_model(root / "diffusion.pt", models.build_architecture(unet), kind="diffusion", architecture=unet,
-                      diffusion=models.diffusion_settings("linear", 1000, null_class=10))
-    resnet = {"family": "small_resnet", "config": {"in_channels": 1, "num_classes": 10, "width": 8, "depth": 8}}
-    models.save_model(root / "classifier.pt", build_small_resnet(resnet["config"]), kind="classifier",
-                      architecture=resnet)
-    return root
+    return tiny_mnist_project(tmp_path_factory.mktemp("densepure"), attention_resolutions="16")
 
 
 def _command(root, out):

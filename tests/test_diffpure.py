@@ -8,12 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from diffrobust import data, models
 from diffrobust import diffusion as dp
 from diffrobust.attacks import BudgetError
 from diffrobust.defenses.diffpure import DiffPurePurifier
-from diffrobust.networks.classifiers import build_small_resnet
 from diffrobust.stages import diffpure
+from helpers import tiny_mnist_project
 
 
 class TinyEps(nn.Module):
@@ -139,18 +138,7 @@ SUBSET = {"n": 10, "seeds": [0]}
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A 20-image MNIST test split and random-weight models."""
-    root = tmp_path_factory.mktemp("diffpure")
-    data.prepare_mnist(root / "mnist", test_per_class=2)
-    torch.manual_seed(0)
-    unet = {"family": "adm_unet", "config": {"in_channels": 1, "image_size": 32, "num_channels": 32,
-                                             "num_res_blocks": 1, "channel_mult": "1,1", "attention_resolutions": "",
-                                             "num_head_channels": 32, "class_cond": True, "num_classes": 11}}
-    models.save_model(root / "diffusion.pt", models.build_architecture(unet), kind="diffusion", architecture=unet,
-                      diffusion=models.diffusion_settings("linear", 1000, null_class=10))
-    resnet = {"family": "small_resnet", "config": {"in_channels": 1, "num_classes": 10, "width": 8, "depth": 8}}
-    models.save_model(root / "classifier.pt", build_small_resnet(resnet["config"]), kind="classifier",
-                      architecture=resnet)
-    return root
+    return tiny_mnist_project(tmp_path_factory.mktemp("diffpure"), attention_resolutions="")
 
 
 def _run(setup, out, defense="diffpure", attack="bpda_eot", shard=0, settings=SETTINGS):

@@ -2,5 +2,18 @@
 
 - `networks`: forward throughput of a diffusion network against the matmul peak (`diffrobust bench`).
 - `certify`: noisy samples/s through denoise + classify, with time shares (`diffrobust bench-certify`).
+- `attacks`: adaptive-attack cost per image on DiffPure, `full` and `bpda` gradients (`diffrobust bench-attack`).
 - `gpu_check`: GPU against CPU, label agreement and samples/s (`diffrobust gpu-check`).
 """
+
+import time
+
+
+def median_seconds(call, repeats):
+    """Median wall time of `repeats` calls of `call()` (the median resists one slow call on a shared machine)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]

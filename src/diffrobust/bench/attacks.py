@@ -11,13 +11,12 @@ ADM UNet and small ResNet, its DiffPure settings) and `cifar10` (score_sde NCSN+
 106.6M parameters, with RobustBench's WRN-28-10, DiffPure's CIFAR-10 protocol).
 """
 
-import time
-
 import torch
 
+from diffrobust import diffusion as dp
+from diffrobust.bench import median_seconds
 from diffrobust.config import load_checkpoint_registry, load_config
 from diffrobust.models import build_architecture
-from diffrobust import diffusion as dp
 
 
 def _mini_networks():
@@ -67,15 +66,6 @@ def forward_evaluations(plan):
     return 0
 
 
-def _median_seconds(call, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
 def measure_calls(unet_spec, classifier_spec, image, batch_size, repeats):
     """Seconds per image: diffusion network forward, forward + backward (input gradient), classifier forward +
     backward."""
@@ -94,9 +84,9 @@ def measure_calls(unet_spec, classifier_spec, image, batch_size, repeats):
         network(x_var, *inputs).sum().backward()
 
     forward()
-    return {"unet_forward": _median_seconds(forward, repeats) / batch_size,
-            "unet_forward_backward": _median_seconds(lambda: forward_backward(unet, t), repeats) / batch_size,
-            "classifier_forward_backward": _median_seconds(lambda: forward_backward(classifier), repeats) / batch_size,
+    return {"unet_forward": median_seconds(forward, repeats) / batch_size,
+            "unet_forward_backward": median_seconds(lambda: forward_backward(unet, t), repeats) / batch_size,
+            "classifier_forward_backward": median_seconds(lambda: forward_backward(classifier), repeats) / batch_size,
             "unet_parameters": sum(p.numel() for p in unet.parameters())}
 
 

@@ -6,11 +6,10 @@ small ResNet on 1x32x32 images) and `cifar10` (the 52.5M-parameter improved-diff
 papers' 85.8M-parameter ViT-B/16, which classifies the image resized to 224 px).
 """
 
-import time
-
 import torch
 
 from diffrobust import diffusion as dp
+from diffrobust.bench import median_seconds
 from diffrobust.config import load_checkpoint_registry, load_config
 from diffrobust.defenses import SmoothingDenoiser
 from diffrobust.device import OnDevice
@@ -66,15 +65,6 @@ class _Eps(torch.nn.Module):
 
 
 
-def _timed(call, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
 def build_pipeline(size, sigma=0.5, reverse="one_shot", num_steps=None, device="cpu", precisions=None):
     """(denoiser, classifier, image shape) of a size's networks (random weights, seeded), run on `device` at
     `precisions` ({"diffusion": ..., "classifier": ...}); the same seed builds the same weights on every device."""
@@ -109,10 +99,10 @@ def measure(size, batch_size=32, sigma=0.5, reverse="one_shot", num_steps=None, 
     denoiser, classifier, image = build_pipeline(size, sigma, reverse, num_steps, device, precisions)
     noisy = torch.rand(batch_size, *image).to(device)
     generator = torch.Generator().manual_seed(0)
-    denoise = _timed(_synchronized(lambda: denoiser(noisy, generator), device), repeats)
+    denoise = median_seconds(_synchronized(lambda: denoiser(noisy, generator), device), repeats)
     cleaned = denoiser(noisy, generator)
-    classify = _timed(_synchronized(lambda: classifier(cleaned), device), repeats)
-    total = _timed(_synchronized(lambda: classifier(denoiser(noisy, generator)), device), repeats)
+    classify = median_seconds(_synchronized(lambda: classifier(cleaned), device), repeats)
+    total = median_seconds(_synchronized(lambda: classifier(denoiser(noisy, generator)), device), repeats)
     unet = denoiser.eps_model.network
     return {"size": size, "reverse": reverse, "steps": denoiser.network_evaluations(), "batch_size": batch_size,
             "samples_per_second": batch_size / total, "diffusion_share": denoise / (denoise + classify),

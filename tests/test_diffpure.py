@@ -11,7 +11,7 @@ from torch import nn
 from diffrobust import diffusion as dp
 from diffrobust.attacks import BudgetError
 from diffrobust.defenses.diffpure import DiffPurePurifier
-from diffrobust.stages import diffpure
+from diffrobust.stages import diffpure, robustness
 from helpers import tiny_mnist_project
 
 
@@ -150,7 +150,7 @@ def _run(setup, out, defense="diffpure", attack="bpda_eot", shard=0, settings=SE
 
 
 def test_a_killed_attack_job_resumes_without_redoing_finished_batches(setup, tmp_path, monkeypatch):
-    real = diffpure._attack_batch
+    real = robustness._attack_batch
     calls = []
 
     def dies_on_the_second_batch(*args, **kwargs):
@@ -159,7 +159,7 @@ def test_a_killed_attack_job_resumes_without_redoing_finished_batches(setup, tmp
             raise KeyboardInterrupt("killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(diffpure, "_attack_batch", dies_on_the_second_batch)
+    monkeypatch.setattr(robustness, "_attack_batch", dies_on_the_second_batch)
     with pytest.raises(KeyboardInterrupt):
         _run(setup, tmp_path / "killed")
     assert not (tmp_path / "killed/shard.npz").exists()
@@ -167,12 +167,12 @@ def test_a_killed_attack_job_resumes_without_redoing_finished_batches(setup, tmp
     stamps = [path.stat().st_mtime_ns for path in finished]
     assert len(finished) == 1
     calls.clear()
-    monkeypatch.setattr(diffpure, "_attack_batch", lambda *a, **k: calls.append(int(a[3][0])) or real(*a, **k))
+    monkeypatch.setattr(robustness, "_attack_batch", lambda *a, **k: calls.append(int(a[3][0])) or real(*a, **k))
     _run(setup, tmp_path / "killed")
     assert len(calls) == 2  # 7 images in batches of 3: only the two unfinished batches ran
     assert [path.stat().st_mtime_ns for path in finished] == stamps
     resumed = diffpure.read_set([tmp_path / "killed/shard.npz"])
-    monkeypatch.setattr(diffpure, "_attack_batch", real)
+    monkeypatch.setattr(robustness, "_attack_batch", real)
     _run(setup, tmp_path / "clean")
     clean = diffpure.read_set([tmp_path / "clean/shard.npz"])
     for key in ("idx", "label", "x_adv", "attack_robust", "adv_correct", "clean_correct"):

@@ -68,13 +68,16 @@ def test_lint(repo_copy):
 @pytest.mark.parametrize("preset, jobs", [
     # smoke: 1 sigma x 2 methods x 2 shards; merges: DDS 1 vote, DensePure the 1- and 3-vote ablation
     ("smoke", {"prepare_dataset": 1, "train_diffusion": 1, "finetune_multihead": 1, "train_classifier": 1,
-               "certify_shard": 4, "merge_votes": 3, "attack": 16, "evaluate": 2, "render_report": 4}),
-    # DiffPure: 2 threats x (3 attacks on the undefended classifier + 5 on DiffPure) x 1 shard, 2 transfer scores
-    ("mini", {"prepare_dataset": 1, "train_diffusion": 1, "train_classifier": 1, "attack": 16, "evaluate": 2,
-              "render_report": 4}),
+               "certify_shard": 4, "merge_votes": 3, "attack": 34, "evaluate": 4, "sigma_sweep": 1,
+               "render_report": 5}),
+    # DiffPure: 2 threats x (3 attacks on the undefended classifier + 5 on DiffPure); RDC: 2 threats x (2 on the
+    # undefended classifier + 4 on RDC + 1 on each of DC and the two multi-head variants); 1 shard each; 2 + 2
+    # transfer scores
+    ("mini", {"prepare_dataset": 1, "train_diffusion": 1, "train_classifier": 1, "attack": 34, "evaluate": 4,
+              "sigma_sweep": 1, "render_report": 5}),
     # paper scale: downloads instead of training; 500 images in shards of 10, 3 sigmas, 2 methods
     ("cifar10", {"download_cifar10": 1, "download_checkpoint": 8, "prepare_dataset": 1, "certify_shard": 300,
-                 "merge_votes": 27, "attack": 128, "evaluate": 2, "render_report": 4}),
+                 "merge_votes": 27, "attack": 384, "evaluate": 4, "render_report": 5}),
     ("imagenet", {"download_checkpoint": 9, "prepare_dataset": 1, "certify_shard": 120, "render_report": 3}),
 ])
 def test_dry_run_builds_the_full_dag(repo_copy, preset, jobs):
@@ -159,7 +162,7 @@ def test_smoke_run_then_dvc_push_pull_into_a_fresh_clone(repo_copy, tmp_path):
     run(["dvc", "repro"], repo_copy)
     report = repo_copy / "results/smoke/reports/data_report.html"
     assert "Splits: images per class" in report.read_text()
-    for name in ("models_report", "densepure_table1", "diffpure_table"):
+    for name in ("models_report", "densepure_table1", "diffpure_table", "rdc_table"):
         assert (repo_copy / f"results/smoke/reports/{name}.html").stat().st_size > 10000
     table = (repo_copy / "results/smoke/densepure/densepure/sigma0.5/votes3.tsv").read_text().splitlines()
     assert table[0].split("\t") == ["idx", "label", "predict", "radius", "correct", "time"] and len(table) == 3

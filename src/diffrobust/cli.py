@@ -181,16 +181,35 @@ def cmd_merge_votes(args):
     log.info("merged %d images with %d votes -> %s", len(rows), args.votes, args.out_tsv)
 
 
+# Stages whose defenses the attack jobs build, with the defenses each knows (checked here, before torch loads).
+ATTACK_STAGES = {"diffpure": ("undefended", "diffpure"),
+                 "rdc": ("undefended", "adversarial", "dc", "rdc", "dc_multihead", "rdc_multihead")}
+
+
+def _attack_stage(args):
+    """The stage module of an attack job, after holding its settings to the config schema's `<stage>` block."""
+    from diffrobust.errors import DiffrobustError
+
+    if args.defense not in ATTACK_STAGES[args.stage]:
+        raise DiffrobustError(f"--defense {args.defense!r}: stage {args.stage} has {', '.join(ATTACK_STAGES[args.stage])}")
+    problems = schema_problems(args.settings, args.stage)
+    if getattr(args, "subset", None) is not None:
+        problems += schema_problems(args.subset, f"subsets.{args.stage}")
+    if problems:
+        raise DiffrobustError("--settings: out of range (as config key " + "; ".join(problems) + ")")
+    return importlib.import_module(f"diffrobust.stages.{args.stage}")
+
+
 def cmd_attack_shard(args):
-    from diffrobust.stages import diffpure
     from diffrobust.provenance import run_record
 
+    stage = _attack_stage(args)
     settings = args.settings
-    with run_record(args.run_record, config={"defense": args.defense, "attack": args.attack, "threat": args.threat,
-                                             "shard": args.shard, "settings": settings, "subset": args.subset,
-                                             "models": args.models, "device": args.device},
+    with run_record(args.run_record, config={"stage": args.stage, "defense": args.defense, "attack": args.attack,
+                                             "threat": args.threat, "shard": args.shard, "settings": settings,
+                                             "subset": args.subset, "models": args.models, "device": args.device},
                     seed=settings["seed"]) as record:
-        record.update(diffpure.attack_shard(
+        record.update(stage.attack_shard(
             defense=args.defense, attack=args.attack, threat=args.threat, shard=args.shard, settings=settings,
             subset=args.subset, dataset_dir=args.dataset_dir, models=args.models, out_path=args.out,
             work_dir=args.work_dir, device=args.device))
@@ -199,17 +218,35 @@ def cmd_attack_shard(args):
 
 
 def cmd_evaluate_set(args):
-    from diffrobust.stages import diffpure
     from diffrobust.provenance import run_record
 
+    stage = _attack_stage(args)
     settings = args.settings
-    with run_record(args.run_record, config={"defense": args.defense, "threat": args.threat, "sets": args.sets,
-                                             "settings": settings, "models": args.models, "device": args.device},
+    with run_record(args.run_record, config={"stage": args.stage, "defense": args.defense, "threat": args.threat,
+                                             "sets": args.sets, "settings": settings, "models": args.models,
+                                             "device": args.device},
                     seed=settings["seed"]) as record:
-        record.update(diffpure.evaluate_set(defense=args.defense, threat=args.threat, set_paths=args.sets,
-                                            settings=settings, dataset_dir=args.dataset_dir, models=args.models,
-                                            out_path=args.out, device=args.device))
+        record.update(stage.evaluate_set(defense=args.defense, threat=args.threat, set_paths=args.sets,
+                                         settings=settings, dataset_dir=args.dataset_dir, models=args.models,
+                                         out_path=args.out, device=args.device))
     log.info("scored %s on %d stored examples: accuracy %.3f", args.defense, record["images"], record["accuracy"])
+
+
+def cmd_sigma_sweep(args):
+    from diffrobust.errors import DiffrobustError
+    from diffrobust.provenance import run_record
+    from diffrobust.stages import rdc
+
+    problems = schema_problems(args.settings, "rdc") + schema_problems(args.subset, "subsets.rdc")
+    if problems:
+        raise DiffrobustError("out of range (as config key " + "; ".join(problems) + ")")
+    with run_record(args.run_record, config={"threat": args.threat, "settings": args.settings, "sets": args.sets,
+                                             "models": args.models, "device": args.device},
+                    seed=args.settings["seed"]) as record:
+        record.update(rdc.sigma_sweep(threat=args.threat, settings=args.settings, subset=args.subset,
+                                      dataset_dir=args.dataset_dir, models=args.models, set_paths=args.sets,
+                                      out_path=args.out, device=args.device))
+    log.info("sigma sweep (%s): %d rows -> %s", args.threat, record["rows"], args.out)
 
 
 def cmd_bench(args):
@@ -340,27 +377,40 @@ def build_parser(argv=None):
     merge.add_argument("--run-record")
     merge.set_defaults(func=cmd_merge_votes)
 
-    for name, func, text in (("attack-shard", cmd_attack_shard, "make the adversarial set of one shard (DiffPure)"),
+    for name, func, text in (("attack-shard", cmd_attack_shard, "make the adversarial set of one shard"),
                              ("evaluate-set", cmd_evaluate_set, "score a defense on a stored adversarial set")):
         command = commands.add_parser(name, help=text)
-        command.add_argument("--defense", required=True, choices=["undefended", "diffpure"])
+        command.add_argument("--stage", default="diffpure", choices=sorted(ATTACK_STAGES),
+                             help="the paper whose defenses and config block the job uses")
+        command.add_argument("--defense", required=True)
         command.add_argument("--threat", required=True, choices=["linf", "l2"])
-        command.add_argument("--settings", required=True, type=_checked("diffpure"), help="the diffpure block (JSON)")
+        command.add_argument("--settings", required=True, type=_json, help="the stage's config block (JSON)")
         command.add_argument("--models", required=True, type=_json,
-                             help='{"diffusion": ..., "classifier": ...}: model files (.pt) or checkpoint names')
+                             help='{"classifier": ..., "diffusion": ..., ...}: model files (.pt) or checkpoint names')
         command.add_argument("--dataset-dir", required=True)
         command.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda or cuda:N")
         command.add_argument("--out", required=True, help="the .npz to write")
         command.add_argument("--run-record")
         if name == "attack-shard":
-            command.add_argument("--attack", required=True, help="an attack of diffpure.attacks, or a derived check")
+            command.add_argument("--attack", required=True, help="an attack of <stage>.attacks, or a derived check")
             command.add_argument("--shard", required=True, type=_non_negative_int, help="0-based shard number")
-            command.add_argument("--subset", required=True, type=_checked("subsets.diffpure"),
-                                 help="the subsets.diffpure config entry (JSON)")
+            command.add_argument("--subset", required=True, type=_json, help="the stage's subsets entry (JSON)")
             command.add_argument("--work-dir", required=True, help="finished batches (kept between attempts)")
         else:
             command.add_argument("--sets", nargs="+", required=True, help="the shards of the stored set (.npz)")
         command.set_defaults(func=func)
+
+    sweep = commands.add_parser("sigma-sweep", help="RDC: DC accuracy against the number of sigma points")
+    sweep.add_argument("--threat", required=True, choices=["linf", "l2"])
+    sweep.add_argument("--settings", required=True, type=_json, help="the rdc config block (JSON)")
+    sweep.add_argument("--subset", required=True, type=_json, help="the subsets.rdc entry (JSON)")
+    sweep.add_argument("--models", required=True, type=_json, help="the rdc stage's model sources (JSON)")
+    sweep.add_argument("--sets", nargs="+", required=True, help="the shards of the set made against dc (.npz)")
+    sweep.add_argument("--dataset-dir", required=True)
+    sweep.add_argument("--device", default="auto")
+    sweep.add_argument("--out", required=True)
+    sweep.add_argument("--run-record")
+    sweep.set_defaults(func=cmd_sigma_sweep)
 
     # The benchmarks' options live in their modules, which import torch, FLOP counters and scipy: they are added
     # only when that command is asked for, so that `diffrobust --help` and the light jobs start fast.

@@ -32,7 +32,7 @@ CHECKPOINTS_REGISTRY = REPO_ROOT / "config" / "checkpoints.yaml"
 CHECKPOINTS_SCHEMA = REPO_ROOT / "workflow" / "schemas" / "checkpoints.schema.yaml"
 
 # Stage seeds that follow the global `seed` unless the config sets them (the schema gives them no default).
-STAGE_SEEDS = (("densepure", "seed"), ("diffpure", "seed"))
+STAGE_SEEDS = (("densepure", "seed"), ("diffpure", "seed"), ("rdc", "seed"))
 MNIST_CLASSES = 10
 
 log = logging.getLogger(__name__)
@@ -523,11 +523,26 @@ def check_consistency(config, registry, origins=None):
             f"config key 'diffpure.checks.attack' = {diffpure['checks']['attack']!r} "
             f"({origins.of(['diffpure', 'checks', 'attack'])}) is not an attack of 'diffpure.attacks' "
             f"({', '.join(diffpure['attacks'])}); name one of them")
+    rdc = config["rdc"]
+    if rdc["checks"]["attack"] not in rdc["attacks"]:
+        raise ConfigError(
+            f"config key 'rdc.checks.attack' = {rdc['checks']['attack']!r} ({origins.of(['rdc', 'checks', 'attack'])}) "
+            f"is not an attack of 'rdc.attacks' ({', '.join(rdc['attacks'])}); name one of them")
+    shared = sorted(set(rdc["attacks"]) & set(diffpure["attacks"]))
+    if shared:
+        raise ConfigError(
+            f"config keys 'rdc.attacks' and 'diffpure.attacks' both name {', '.join(shared)} "
+            f"({origins.of(['rdc', 'attacks'])}): an attack's sets live under its name, so each stage needs its own "
+            "names; rename one of them")
+    if "rdc" not in rdc["defenses"]:
+        raise ConfigError(f"config key 'rdc.defenses' ({origins.of(['rdc', 'defenses'])}) must include rdc "
+                          "(the masking checks run on it)")
     model_keys = [(["models", "diffusion", "source"], config["models"]["diffusion"]["source"]),
                   (["models", "classifier", "source"], config["models"]["classifier"]["source"]),
                   (["models", "multihead", "init"], config["models"]["multihead"]["init"]),
                   (["diffpure", "models", "diffusion"], diffpure["models"]["diffusion"]),
                   (["diffpure", "models", "classifier"], diffpure["models"]["classifier"])]
+    model_keys += [(["rdc", "models", role], source) for role, source in rdc["models"].items()]
     for path, source in model_keys:
         key = dotted(path)
         if source not in ("train", "diffusion") and source not in registry:

@@ -91,6 +91,7 @@ PATHS = {
     "attack_set": f"{RESULTS}/attacks/{{defense}}/{{attack}}/{{threat}}/shard{{shard}}.npz",
     "attack_work": f"{RESULTS}/attacks/{{defense}}/{{attack}}/{{threat}}/work/shard{{shard}}",
     "transfer_eval": f"{RESULTS}/evaluations/{{defense}}/from-{{source}}/{{attack}}/{{threat}}.npz",
+    "sigma_sweep": f"{RESULTS}/rdc/sigma_sweep_{{threat}}.tsv",
     "report_html": f"{RESULTS}/reports/{{notebook}}.html",
     "report_ipynb": f"{RESULTS}/reports/{{notebook}}.ipynb",
 }
@@ -236,61 +237,123 @@ def densepure_targets():
             for method in ("dds", "densepure") for sigma in SIGMAS for k in vote_counts(method)]
 
 
-# --- DiffPure under adaptive attack ----------------------------------------------------------------------------------
+# --- empirical robustness: DiffPure's and RDC's adversarial sets ---------------------------------------------------
 
 DIFFPURE = CFG["diffpure"]
+RDC = CFG["rdc"]
 THREATS = list(DIFFPURE["threats"])
-# The transfer check replays the set made against the undefended classifier by this attack on DiffPure.
+RDC_THREATS = list(RDC["threats"])
+# The transfer check replays the set made against the undefended classifier by this attack on the defense.
 TRANSFER_ATTACK = "standard" if "standard" in DIFFPURE["attacks"] else next(iter(DIFFPURE["attacks"]))
+RDC_TRANSFER_ATTACK = "rdc_standard" if "rdc_standard" in RDC["attacks"] else next(iter(RDC["attacks"]))
+
+
+def attack_stage(attack):
+    """The stage (diffpure, rdc) whose config block defines `attack` (or the attack a derived check is made of);
+    attack names are unique across stages (config check)."""
+    base = attack.removesuffix("-more").removesuffix("-large")
+    for stage in ("diffpure", "rdc"):
+        if base in CFG[stage]["attacks"]:
+            return stage
+    raise WorkflowError(f"no stage defines the attack {attack!r}")
+
+
+def stage_models(stage):
+    """A stage's model sources: `train` means the DAG's own model of that role."""
+    own = {"conditional": "diffusion", "unconditional": "diffusion", "diffusion": "diffusion"}
+    return {role: path("model", role=own.get(role, role)) if source == "train" else source
+            for role, source in CFG[stage]["models"].items()}
 
 
 def diffpure_models():
-    """The DiffPure stage's model sources: `train` means the DAG's own model of that role."""
-    return {role: path("model", role=role) if source == "train" else source
-            for role, source in DIFFPURE["models"].items()}
+    return stage_models("diffpure")
 
 
-def diffpure_model_files(role):
-    source = diffpure_models()[role]
+def stage_model_files(stage, role):
+    source = stage_models(stage)[role]
     return [source] if source.endswith(".pt") else registry_files(source)
 
 
+def stage_shards(stage):
+    from diffrobust.stages.robustness import num_shards
+
+    return list(range(num_shards(CFG["subsets"][stage], eval_split_size(CFG), CFG[stage]["shard_size"])))
+
+
 def diffpure_shards():
-    from diffrobust.stages.diffpure import num_shards
-
-    return list(range(num_shards(CFG["subsets"]["diffpure"], eval_split_size(CFG), DIFFPURE["shard_size"])))
+    return stage_shards("diffpure")
 
 
-def diffpure_attacks(defense):
-    from diffrobust.stages.diffpure import defense_attacks
+def stage_defense_attacks(stage, defense):
+    from importlib import import_module
 
-    return defense_attacks(DIFFPURE, defense)
+    return import_module(f"diffrobust.stages.{stage}").defense_attacks(CFG[stage], defense)
+
+
+def attack_roles(stage, defense):
+    if stage == "diffpure":
+        return ["classifier"] if defense == "undefended" else ["classifier", "diffusion"]
+    from diffrobust.stages.rdc import ROLES
+
+    return list(ROLES[defense])
 
 
 def attack_inputs(wildcards):
-    roles = ["classifier"] if wildcards.defense == "undefended" else ["classifier", "diffusion"]
-    return {**dataset_files(), **{role: diffpure_model_files(role) for role in roles}}
+    stage = attack_stage(wildcards.attack)
+    return {**dataset_files(), **{role: stage_model_files(stage, role)
+                                  for role in attack_roles(stage, wildcards.defense)}}
 
 
 def set_shards(defense, attack, threat):
     return [path("attack_set", defense=defense, attack=attack, threat=threat, shard=shard)
-            for shard in diffpure_shards()]
+            for shard in stage_shards(attack_stage(attack))]
 
 
 def transfer_inputs(wildcards):
     return {**attack_inputs(wildcards), "sets": set_shards(wildcards.source, wildcards.attack, wildcards.threat)}
 
 
-def diffpure_threads(wildcards):
-    return DIFFPURE["threads"] or workflow.cores
+def attack_params(kind):
+    """Params helper: the stage, settings block, models and subset of an attack or evaluate job, as the CLI takes
+    them (the stage follows from the attack's name)."""
+
+    def value(wildcards):
+        stage = attack_stage(wildcards.attack)
+        return {"stage": stage, "settings": as_json(CFG[stage]), "models": as_json(stage_models(stage)),
+                "subset": as_json(CFG["subsets"][stage])}[kind]
+
+    return value
+
+
+def attack_threads(wildcards):
+    return CFG[attack_stage(wildcards.attack)]["threads"] or workflow.cores
+
+
+def attack_threads_of(stage):
+    return CFG[stage]["threads"] or workflow.cores
 
 
 def diffpure_targets():
-    sets = [shard for defense in ("undefended", "diffpure") for attack in diffpure_attacks(defense)
+    sets = [shard for defense in ("undefended", "diffpure") for attack in stage_defense_attacks("diffpure", defense)
             for threat in THREATS for shard in set_shards(defense, attack, threat)]
     transfers = [path("transfer_eval", defense="diffpure", source="undefended", attack=TRANSFER_ATTACK, threat=threat)
                  for threat in THREATS]
     return sets + transfers
+
+
+def rdc_targets():
+    sets = [shard for defense in RDC["defenses"] for attack in stage_defense_attacks("rdc", defense)
+            for threat in RDC_THREATS for shard in set_shards(defense, attack, threat)]
+    transfers = [path("transfer_eval", defense="rdc", source="undefended", attack=RDC_TRANSFER_ATTACK, threat=threat)
+                 for threat in RDC_THREATS]
+    return sets + transfers + [path("sigma_sweep", threat=RDC["sweep"]["threat"])]
+
+
+def sweep_inputs(wildcards):
+    from diffrobust.stages.rdc import sweep_heads
+
+    return {**dataset_files(), **{role: stage_model_files("rdc", role) for _, role, _ in sweep_heads(RDC)},
+            "sets": set_shards("dc", RDC["checks"]["attack"], wildcards.threat)}
 
 
 # --- reports -----------------------------------------------------------------------------------------------------
@@ -310,6 +373,10 @@ def report_inputs(wildcards):
     elif wildcards.notebook == "diffpure_table":
         inputs.update(dataset_files())
         inputs["sets"] = diffpure_targets()
+        inputs["published"] = "config/published_values.yaml"
+    elif wildcards.notebook == "rdc_table":
+        inputs.update(dataset_files())
+        inputs["sets"] = rdc_targets() + diffpure_targets()
         inputs["published"] = "config/published_values.yaml"
     return inputs
 
@@ -364,6 +431,22 @@ def report_parameters(wildcards):
             "shards": diffpure_shards(),
             "transfer_attack": TRANSFER_ATTACK,
             "models": diffpure_models(),
+            "published": "config/published_values.yaml",
+        }
+    elif wildcards.notebook == "rdc_table":
+        parameters = {
+            "preset": PRESET,
+            "dataset": DATASET,
+            "dataset_dir": DATASET_DIR,
+            "results_dir": RESULTS,
+            "settings": RDC,
+            "diffpure_settings": DIFFPURE,
+            "subset": CFG["subsets"]["rdc"],
+            "shards": stage_shards("rdc"),
+            "diffpure_shards": diffpure_shards(),
+            "transfer_attack": RDC_TRANSFER_ATTACK,
+            "sweep": path("sigma_sweep", threat=RDC["sweep"]["threat"]),
+            "models": stage_models("rdc"),
             "published": "config/published_values.yaml",
         }
     else:

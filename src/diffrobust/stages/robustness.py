@@ -1,0 +1,308 @@
+"""Empirical robustness as workflow jobs, for any defense of any paper: adversarial sets made against a defense
+(sharded, resumable per batch), scored on any defense (the transfer check), and the table helpers (accuracies with
+exact intervals, the gradient-masking checks, cost per image). `stages.diffpure` and `stages.rdc` give the defenses.
+
+A stage's config block (``diffpure``, ``rdc``) names its threats (budget, large budget of the masking check), its
+attacks (``attacks.<name>``: AutoAttack or eot_pgd settings) and its checks; two attacks per threat are derived from
+``checks.attack``: ``<name>-more`` (its iterations times ``checks.iterations_factor``) and ``<name>-large`` (at the
+threat's ``large_eps``). A stage builds its defenses with ``build(defense, threat, settings, models, device) ->
+Built``. Every set is one `.npz` per shard under ``results/<preset>/attacks/<defense>/<attack>/<threat>/``: dataset
+indices, labels, float32 adversarial images, per-image outcome (clean and adversarial correctness, the attack's own
+verdict), images forwarded and back-propagated through the defense and seconds, and the identity of the settings
+that made it.
+"""
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from diffrobust import data, imagespace, resumable, seeds
+from diffrobust.attacks import check_inside_budget, masking, run_attack
+from diffrobust.attacks.pgd import predict_averaged
+from diffrobust.device import describe as describe_device
+from diffrobust.device import resolve_device
+from diffrobust.errors import DiffrobustError
+from diffrobust.io import atomic_path
+
+THREAT_IDS = {"linf": 0, "l2": 1}
+ATTACK_VERSION = 1
+# Seed streams of the jobs (diffrobust.seeds keys under the stage's seed).
+STREAM_ATTACK, STREAM_EVALUATE, STREAM_FLIP = 1, 2, 3
+MORE, LARGE = "-more", "-large"
+
+log = logging.getLogger(__name__)
+
+
+class SetError(DiffrobustError, ValueError):
+    """A stored adversarial set that does not fit what reads it."""
+
+
+@dataclass
+class Built:
+    """A defense ready to attack: the images -> logits `model`, the settings its outputs depend on (`identity`),
+    the files it was loaded from (`inputs`, role -> paths) and its diffusion-network calls per forward."""
+
+    model: object
+    identity: dict
+    inputs: dict = field(default_factory=dict)
+    network_calls: int = 0
+
+
+def attack_names(settings):
+    """Every attack of a stage: the configured ones, then the two derived for the checks."""
+    check = settings["checks"]["attack"]
+    return list(settings["attacks"]) + [check + MORE, check + LARGE]
+
+
+def attack_plan(settings, attack, threat):
+    """(eps, attack settings) of a table attack at a threat: the configured settings with step sizes resolved,
+    the iteration counts multiplied for '<name>-more', the budget raised for '<name>-large'."""
+    threat_settings = settings["threats"][threat]
+    eps = float(threat_settings["eps"])
+    base = attack
+    for suffix in (MORE, LARGE):
+        if attack.endswith(suffix):
+            base = attack[: -len(suffix)]
+    if base not in settings["attacks"] or (base != attack and base != settings["checks"]["attack"]):
+        raise ValueError(f"unknown attack {attack!r}; the stage has {attack_names(settings)}")
+    plan = dict(settings["attacks"][base])
+    if attack.endswith(MORE):
+        factor = int(settings["checks"]["iterations_factor"])
+        key = "steps" if plan["method"] == "eot_pgd" else "n_iter"
+        plan[key] = factor * int(plan.get(key) or 100)  # AutoAttack's default is 100 iterations
+    if attack.endswith(LARGE):
+        eps = float(threat_settings["large_eps"])
+    if "relative_step_size" in plan:
+        plan["step_size"] = float(plan.pop("relative_step_size")) * eps
+    return eps, plan
+
+
+def evaluation_draws(settings):
+    return int(settings["eval_draws"])
+
+
+def _chunks(count, size):
+    return [(start, min(start + size, count)) for start in range(0, count, size)]
+
+
+def _save_chunk(path, arrays):
+    with atomic_path(path) as tmp:
+        np.savez(tmp, **arrays)
+
+
+def _load_npz(path):
+    with np.load(path, allow_pickle=False) as contents:
+        return {key: contents[key] for key in contents.files}
+
+
+def attack_shard(*, build, defense, attack, threat, shard, settings, subset, dataset_dir, models, out_path,
+                 work_dir, device="cpu", progress=True):
+    """Make the adversarial set of one shard: `attack` against `defense` (built by the stage's `build`) at
+    `threat`; resumable per batch through `work_dir` (a killed job redoes only its unfinished batch); `out_path` is
+    written once, when all are done."""
+    dataset = data.load_dataset(dataset_dir)
+    split = dataset.eval_split
+    indices = shard_indices(subset, dataset.meta.get("num_files", len(split)), shard, settings["shard_size"])
+    chosen = split.take(indices)
+    eps, plan = attack_plan(settings, attack, threat)
+    device = resolve_device(device)
+    built = build(defense, threat, settings, models, device)
+    model = built.model
+    identity_settings = {**built.identity, "attack": attack, "threat": threat,
+                         "eps": eps, "plan": plan, "seed": settings["seed"], "batch_size": settings["batch_size"],
+                         "eval_draws": evaluation_draws(settings)}
+    work_dir = Path(work_dir)
+    resumable.claim_folder(work_dir, job="attack", version=ATTACK_VERSION, settings=identity_settings,
+                           inputs=built.inputs, what="adversarial batches")
+    x_all = imagespace.uint8_to_float(torch.from_numpy(chosen.images))
+    y_all = torch.from_numpy(chosen.labels).long()
+    parts = []
+    batches = _chunks(len(indices), int(settings["batch_size"]))
+    finished = sum((work_dir / f"batch{start:06d}.npz").is_file() for start, _ in batches)
+    if finished:
+        log.info("resuming: %d of %d batches already attacked in %s, skipping them", finished, len(batches), work_dir)
+    for start, stop in tqdm(batches, desc=f"{attack} on {defense} ({threat})", disable=not progress):
+        chunk_path = work_dir / f"batch{start:06d}.npz"
+        if chunk_path.is_file():
+            parts.append(_load_npz(chunk_path))
+            continue
+        parts.append(_attack_batch(model, x_all[start:stop], y_all[start:stop], chosen.indices[start:stop],
+                                   threat=threat, eps=eps, plan=plan, settings=settings, device=device))
+        _save_chunk(chunk_path, parts[-1])
+    arrays = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+    arrays["identity"] = np.array(json.dumps(resumable.read_identity(work_dir)["identity"], sort_keys=True))
+    check_inside_budget(x_all, torch.from_numpy(arrays["x_adv"]), threat, eps, where=str(out_path))
+    _save_chunk(out_path, arrays)
+    calls = built.network_calls
+    return {"images": len(indices), "eps": eps, "plan": plan, "robust_accuracy": float(robust(arrays).mean()),
+            "clean_accuracy": float(arrays["clean_correct"].mean()),
+            "seconds": float(arrays["seconds"].sum()), "network_calls_per_forward": calls,
+            "device": describe_device(device)}
+
+
+def _attack_batch(model, x, y, indices, *, threat, eps, plan, settings, device):
+    """Attack one batch and score it: the attack's own verdict, and a fresh forward of the clean and adversarial
+    images (logits averaged over eval_draws), each from its own stream keyed by the batch's first dataset index."""
+    first = int(indices[0])
+    x, y = x.to(device), y.to(device)
+    start = time.perf_counter()
+    result = run_attack(model, x, y, threat=threat, eps=eps, settings=plan,
+                        generator=seeds.generator(settings["seed"], STREAM_ATTACK, THREAT_IDS[threat], first))
+    draws = evaluation_draws(settings)
+    evaluate = seeds.generator(settings["seed"], STREAM_EVALUATE, THREAT_IDS[threat], first)
+    clean = predict_averaged(model, x, draws, evaluate)
+    adversarial = predict_averaged(model, result.x_adv, draws, evaluate)
+    seconds = time.perf_counter() - start
+    n = len(indices)
+    return {"idx": np.asarray(indices, dtype=np.int64), "label": y.cpu().numpy().astype(np.int64),
+            "x_adv": result.x_adv.cpu().numpy().astype(np.float32),
+            "clean_correct": (clean == y).cpu().numpy(), "attack_robust": result.robust.cpu().numpy(),
+            "adv_correct": (adversarial == y).cpu().numpy(),
+            "forward_images": np.full(n, result.forward_images / n), "gradient_images": np.full(n,
+                                                                                                 result.gradient_images / n),
+            "seconds": np.full(n, seconds / n)}
+
+
+def robust(arrays):
+    """Per-image robustness of a stored set: the attack found no misclassified point AND a fresh forward of the
+    returned example is correct (for a randomized defense the two can disagree; both must hold)."""
+    return arrays["attack_robust"] & arrays["adv_correct"]
+
+
+def shard_indices(subset, split_size, shard, shard_size):
+    """Dataset indices of shard `shard` of a stage's subset (a range, or data seeds' draws concatenated)."""
+    indices = data.subset_indices(subset, split_size, name="subset")
+    chunk = indices[shard * shard_size:(shard + 1) * shard_size]
+    if len(chunk) == 0:
+        raise ValueError(f"shard {shard} is empty: the subset has {len(indices)} images and shard_size {shard_size}")
+    return chunk
+
+
+def num_shards(subset, split_size, shard_size):
+    return -(-len(data.subset_indices(subset, split_size, name="subset")) // shard_size)
+
+
+def read_set(paths):
+    """The shards of one adversarial set, concatenated in order, with their identities checked to agree."""
+    parts = [_load_npz(path) for path in paths]
+    identities = {str(part["identity"]) for part in parts}
+    if len(identities) > 1:
+        raise SetError(f"the shards {', '.join(map(str, paths))} were made with different settings; rerun them")
+    arrays = {key: np.concatenate([part[key] for part in parts]) for key in parts[0] if key != "identity"}
+    arrays["identity"] = json.loads(identities.pop())
+    return arrays
+
+
+def evaluate_set(*, build, defense, threat, set_paths, settings, dataset_dir, models, out_path, device="cpu"):
+    """Score `defense` on a stored adversarial set (made against any defense) and measure how often its
+    prediction flips between two forwards of the same clean images. Writes idx, label, adv_correct (logits
+    averaged over eval_draws), clean_label_a / clean_label_b (two single forwards of the clean images)."""
+    stored = read_set(set_paths)
+    dataset = data.load_dataset(dataset_dir)
+    split = dataset.eval_split
+    position = {int(i): k for k, i in enumerate(split.indices)}
+    missing = [int(i) for i in stored["idx"] if int(i) not in position]
+    if missing:
+        raise SetError(f"{set_paths[0]}: dataset indices {missing[:5]} are not in {dataset_dir}")
+    rows = [position[int(i)] for i in stored["idx"]]
+    x_clean = imagespace.uint8_to_float(torch.from_numpy(split.images[rows]))
+    if not np.array_equal(split.labels[rows], stored["label"]):
+        raise SetError(f"{set_paths[0]}: labels differ from {dataset_dir}'s; the set was made on other data")
+    eps = float(stored["identity"]["settings"]["eps"])
+    x_adv = torch.from_numpy(stored["x_adv"])
+    check_inside_budget(x_clean, x_adv, stored["identity"]["settings"]["threat"], eps, where=str(set_paths[0]))
+    device = resolve_device(device)
+    model = build(defense, threat, settings, models, device).model
+    batch = int(settings["batch_size"])
+    y = torch.from_numpy(stored["label"]).to(device)
+    adversarial = predict_averaged(model, x_adv.to(device), evaluation_draws(settings),
+                                   seeds.generator(settings["seed"], STREAM_EVALUATE, THREAT_IDS[threat]), batch)
+    flip = seeds.generator(settings["seed"], STREAM_FLIP, THREAT_IDS[threat])
+    label_a = predict_averaged(model, x_clean.to(device), 1, flip, batch)
+    label_b = predict_averaged(model, x_clean.to(device), 1, flip, batch)
+    arrays = {"idx": stored["idx"], "label": stored["label"], "adv_correct": (adversarial == y).cpu().numpy(),
+              "clean_label_a": label_a.cpu().numpy(), "clean_label_b": label_b.cpu().numpy()}
+    _save_chunk(out_path, arrays)
+    return {"images": len(rows), "accuracy": float(arrays["adv_correct"].mean()),
+            "flip_rate": float((arrays["clean_label_a"] != arrays["clean_label_b"]).mean()),
+            "source": stored["identity"]["settings"]}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The tables
+# ---------------------------------------------------------------------------------------------------------------
+
+def load_sets(results_dir, pairs, shards, threat):
+    """{(defense, attack): arrays} of the stored sets `pairs` at `threat` under `results_dir` (results/<preset>)."""
+    return {(defense, attack): read_set([Path(results_dir) / "attacks" / defense / attack / threat / f"shard{k}.npz"
+                                         for k in shards])
+            for defense, attack in pairs}
+
+
+def cost_per_image(arrays, purifier_calls):
+    """Mean cost per image of making a set: gradient evaluations and forwards through the defense, network passes
+    (purifier calls per forward, + 1 classifier pass), seconds."""
+    forwards, gradients = float(arrays["forward_images"].mean()), float(arrays["gradient_images"].mean())
+    return {"gradient_evaluations": gradients, "forwards": forwards,
+            "network_passes": forwards * (purifier_calls + 1), "seconds": float(arrays["seconds"].mean())}
+
+
+def table_rows(sets, threat, settings, pair=("standard", "rand")):
+    """Rows of a table at `threat` from loaded sets {(defense, attack): arrays}: clean and robust accuracy with
+    exact 95% intervals per configured attack, and for every defense attacked with both attacks of `pair` the
+    minimum of their accuracies (what DiffPure reports for standard and rand) and the per-image worst case."""
+    rows = []
+    for (defense, attack), arrays in sets.items():
+        if attack not in settings["attacks"]:
+            continue
+        rows.append({"defense": defense, "attack": attack, "threat": threat,
+                     **{f"clean_{k}": v for k, v in masking.accuracy(arrays["clean_correct"]).items()},
+                     **{f"robust_{k}": v for k, v in masking.accuracy(robust(arrays)).items()}})
+    for defense in dict.fromkeys(d for d, _ in sets):
+        both_sets = [sets.get((defense, name)) for name in pair]
+        if any(p is None for p in both_sets):
+            continue
+        accuracies = [masking.accuracy(robust(p)) for p in both_sets]
+        minimum = min(accuracies, key=lambda a: a["accuracy"])
+        rows.append({"defense": defense, "attack": f"min({pair[0]}, {pair[1]})", "threat": threat,
+                     **{f"robust_{k}": v for k, v in minimum.items()}})
+        both = robust(both_sets[0]) & robust(both_sets[1])
+        rows.append({"defense": defense, "attack": "worst case per image", "threat": threat,
+                     **{f"robust_{k}": v for k, v in masking.accuracy(both).items()}})
+    return rows
+
+
+def masking_checks(sets, transfer, threat, settings, defense):
+    """The gradient-masking checks at `threat` (attacks.masking) of `defense` from the loaded sets and the transfer
+    evaluation: one row per check, with the number it casts doubt on."""
+    check = settings["checks"]["attack"]
+    eps_large = settings["threats"][threat]["large_eps"]
+    rows = []
+    for attack in settings["attacks"]:
+        if ("undefended", attack) in sets:
+            rows.append(masking.undefended_falls(robust(sets[("undefended", attack)]), attack))
+    adaptive = robust(sets[(defense, check)])
+    rows.append(masking.large_budget_breaks(robust(sets[(defense, check + LARGE)]), eps_large))
+    rows.append(masking.more_iterations_agree(adaptive, robust(sets[(defense, check + MORE)]),
+                                              settings["checks"]["iterations_factor"]))
+    strongest = min((a for a in settings["attacks"] if (defense, a) in sets),
+                    key=lambda a: robust(sets[(defense, a)]).mean())
+    strongest_robust = robust(sets[(defense, strongest)])
+    aligned = _align(sets[(defense, strongest)]["idx"], transfer["idx"], transfer["adv_correct"])
+    rows.append(masking.transfer_not_stronger(strongest_robust, aligned))
+    rows.append(masking.flip_rate(transfer["clean_label_a"], transfer["clean_label_b"]))
+    return [{"threat": threat, **row.row()} for row in rows]
+
+
+def _align(order, idx, values):
+    """values (indexed like idx) in the order of `order` (both lists of dataset indices of the same images)."""
+    lookup = {int(i): v for i, v in zip(idx, values)}
+    if sorted(lookup) != sorted(int(i) for i in order):
+        raise SetError("the transfer evaluation and the adaptive set hold different images")
+    return np.array([lookup[int(i)] for i in order])

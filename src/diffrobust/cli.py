@@ -142,11 +142,14 @@ def cmd_train_classifier(args):
     from diffrobust.provenance import run_record
 
     model = args.settings
-    with run_record(args.run_record, config=model, seed=args.seed) as record:
-        loaded = training.train_classifier(args.dataset_dir, args.out_dir, architecture=model["architecture"],
-                                           seed=args.seed, device=args.device, **model["training"])
+    train = training.train_adversarial if args.adversarial else training.train_classifier
+    with run_record(args.run_record, config=model | ({"adversarial": True} if args.adversarial else {}),
+                    seed=args.seed) as record:
+        loaded = train(args.dataset_dir, args.out_dir, architecture=model["architecture"], seed=args.seed,
+                       device=args.device, **model["training"])
         record["device"] = loaded.extra["device"]
-    log.info("trained the classifier -> %s/model.pt", args.out_dir)
+        record["metrics"] = loaded.extra["metrics"]
+    log.info("trained the %sclassifier -> %s/model.pt", "adversarial " if args.adversarial else "", args.out_dir)
 
 
 def cmd_certify_shard(args):
@@ -344,6 +347,11 @@ def build_parser(argv=None):
         if name == "finetune-diffusion":
             train.add_argument("--init", required=True, help="model file (.pt) or checkpoint name to start from")
             train.add_argument("--variant", required=True, choices=["conditional", "multihead"])
+        if name == "train-classifier":
+            # the same job with PGD in every step: settings.training then also holds the PGD keys of the
+            # models.adversarial.training block (threat, eps, step_size, steps, random_start, adversarial_fraction)
+            train.add_argument("--adversarial", action="store_true",
+                               help="PGD adversarial training (Madry et al.) with the PGD keys of settings.training")
         train.set_defaults(func=func)
 
     shard = commands.add_parser("certify-shard", help="randomized-smoothing certification of one shard (DDS/DensePure)")

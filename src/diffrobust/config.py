@@ -464,7 +464,10 @@ def architecture_problems(config, origins):
     what the family's builder refuses (depth 6n+2, an attention resolution that no level has, a patch size that does
     not divide the image) stops the DAG build instead of the training job."""
     models = config["models"]
-    roles = [role for role in ("diffusion", "classifier") if models[role]["source"] == "train"]
+    # the adversarial baseline trains the classifier's architecture
+    trained = {role: models[role]["source"] == "train" for role in ("diffusion", "classifier")}
+    trained["classifier"] = trained["classifier"] or models["adversarial"]["source"] == "train"
+    roles = [role for role in ("diffusion", "classifier") if trained[role]]
     if not roles:
         return []
     import torch
@@ -541,10 +544,13 @@ def check_consistency(config, registry, origins=None):
                   (["models", "classifier", "source"], config["models"]["classifier"]["source"]),
                   (["models", "multihead", "init"], config["models"]["multihead"]["init"]),
                   (["diffpure", "models", "diffusion"], diffpure["models"]["diffusion"]),
-                  (["diffpure", "models", "classifier"], diffpure["models"]["classifier"])]
+                  (["diffpure", "models", "classifier"], diffpure["models"]["classifier"]),
+                  (["models", "adversarial", "source"], config["models"]["adversarial"]["source"])]
     model_keys += [(["rdc", "models", role], source) for role, source in rdc["models"].items()]
     for path, source in model_keys:
         key = dotted(path)
+        if source is None:  # only models.adversarial.source may be null: the preset has no such model
+            continue
         if source not in ("train", "diffusion") and source not in registry:
             raise ConfigError(
                 f"config key '{key}' = {source!r} ({origins.of(path)}) is neither 'train' nor a checkpoint of "
@@ -553,12 +559,33 @@ def check_consistency(config, registry, origins=None):
         if source in registry and source not in config["checkpoints"]:
             raise ConfigError(f"config key '{key}' = {source!r} ({origins.of(path)}): add it to the preset's "
                               "'checkpoints' list too")
+    check_adversarial_source(config, origins)
     unknown = [name for name in config["checkpoints"] if name not in registry]
     if unknown:
         raise ConfigError(
             f"config key 'checkpoints' ({origins.of(['checkpoints'])}) names {', '.join(map(repr, unknown))}, which "
             f"config/checkpoints.yaml does not define; known checkpoints: {', '.join(sorted(registry))}"
         )
+
+
+# Datasets on which the DAG trains the adversarial baseline itself (models.adversarial.source: train).
+ADVERSARIAL_TRAINING_DATASETS = ("mnist",)
+
+
+def check_adversarial_source(config, origins=None):
+    """PGD adversarial training inside the DAG is the mini baseline; at paper scale RDC compares with RobustBench
+    checkpoints that the registry does not hold (their WRN-70-16 is not implemented), so training is refused there
+    rather than quietly standing in for them."""
+    origins = origins or Origins([])
+    path = ["models", "adversarial", "source"]
+    if config["models"]["adversarial"]["source"] == "train" and config["dataset"] not in ADVERSARIAL_TRAINING_DATASETS:
+        raise ConfigError(
+            f"config key '{dotted(path)}' = 'train' ({origins.of(path)}): the DAG trains the adversarial baseline "
+            f"only on {', '.join(ADVERSARIAL_TRAINING_DATASETS)} (PGD training of the small mini classifier), not on "
+            f"{config['dataset']}. RDC's paper-scale baselines (CIFAR-10) are RobustBench's Wang2023Better_WRN-70-16 "
+            "and Rebuffi2021Fixing_70_16_cutmix_ddpm, which config/checkpoints.yaml does not hold yet (their WRN-70-16 "
+            "architecture is not implemented). Leave the key unset (null: no adversarially trained model) or name a "
+            "classifier checkpoint of config/checkpoints.yaml.")
 
 
 # --- putting it together -------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Training the models that the CPU presets (mini, smoke) build themselves, resumably and reproducibly.
 
 Three jobs: a class-conditional diffusion model (`train_diffusion`), its fine-tuning, either continued as is or
-turned into RDC's multi-head model (`finetune_diffusion`), and a classifier (`train_classifier`).
+turned into RDC's multi-head model (`finetune_diffusion`), and a classifier (`train_classifier`), plainly or with
+PGD adversarial training (Madry et al.; `train_adversarial`, the same job with an `adversarial` block).
 
 Reproducibility
 ---------------
@@ -76,11 +77,12 @@ METRICS_FILE = "metrics.json"
 # Reproducibility
 # ---------------------------------------------------------------------------------------------------------------
 
-STREAMS = {"order": 0, "step": 1, "global": 2, "init": 3}
+# "attack": the PGD random starts of adversarial training at step s; "evaluation": those of its test-split PGD check
+STREAMS = {"order": 0, "step": 1, "global": 2, "init": 3, "attack": 4, "evaluation": 5}
 
 
 def derived_seed(seed, index, stream):
-    """A 63-bit seed for draw `index` of `stream` ("order", "step", "global", "init") of a job seeded `seed`."""
+    """A 63-bit seed for draw `index` of `stream` (a name of STREAMS) of a job seeded `seed`."""
     return seeds.derived_seed(seed, index, STREAMS[stream])
 
 
@@ -683,9 +685,82 @@ def accuracy(network, images_uint8, labels, batch_size=500):
     return correct / len(labels)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Adversarial training (Madry et al.)
+# ---------------------------------------------------------------------------------------------------------------
+
+# The PGD of adversarial training; the defaults suit MNIST at the mini presets' l-inf budget 0.1 (Madry et al.'s
+# MNIST model: eps 0.3, 40 steps of 0.01 with a random start; here 7 steps of eps/4 fit the CPU budget).
+ADVERSARIAL_DEFAULTS = {"threat": "linf", "eps": 0.1, "step_size": 0.025, "steps": 7, "random_start": True,
+                        "adversarial_fraction": 1.0}
+
+
+def adversarial_settings(**settings):
+    """The PGD block of adversarial training with ADVERSARIAL_DEFAULTS filled in, checked: threat "linf" or "l2",
+    eps and step_size > 0 (in [0, 1] image units), steps >= 1, adversarial_fraction in [0, 1] (the share of each
+    batch replaced by PGD examples: 1 is Madry et al.'s training, 0.5 Goodfellow et al.'s even mix)."""
+    from diffrobust.attacks.budget import check_threat
+
+    unknown = sorted(set(settings) - set(ADVERSARIAL_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown adversarial training keys {unknown}; known: {', '.join(ADVERSARIAL_DEFAULTS)}")
+    settings = {**ADVERSARIAL_DEFAULTS, **settings}
+    check_threat(settings["threat"])
+    if not (settings["eps"] > 0 and settings["step_size"] > 0 and int(settings["steps"]) >= 1):
+        raise ValueError(f"adversarial training needs eps > 0, step_size > 0 and steps >= 1, got {settings}")
+    if not 0.0 <= settings["adversarial_fraction"] <= 1.0:
+        raise ValueError(f"adversarial_fraction must lie in [0, 1], got {settings['adversarial_fraction']}")
+    return {**settings, "eps": float(settings["eps"]), "step_size": float(settings["step_size"]),
+            "steps": int(settings["steps"]), "random_start": bool(settings["random_start"]),
+            "adversarial_fraction": float(settings["adversarial_fraction"])}
+
+
+def _pgd(network, x01, labels, settings, generator):
+    """`attacks.pgd.pgd` with the adversarial block's settings, the network in eval mode for the attack (batch norm
+    uses its running statistics and does not update them, as the Madry lab's `robustness` library attacks), then
+    put back in the mode it was in."""
+    from diffrobust.attacks import pgd
+
+    was_training = network.training
+    network.eval()
+    try:
+        return pgd.pgd(network, x01, labels, threat=settings["threat"], eps=settings["eps"],
+                       steps=settings["steps"], step_size=settings["step_size"],
+                       random_start=settings["random_start"], generator=generator)
+    finally:
+        network.train(was_training)
+
+
+def adversarial_batch(network, x01, labels, settings, generator):
+    """The batch adversarial training trains on: its first round(adversarial_fraction·B) images (the batch order is
+    already random) replaced by PGD examples against the current network, the rest kept clean. The random starts
+    come from `generator`. Returns the images; the labels are unchanged."""
+    count = round(settings["adversarial_fraction"] * len(labels))
+    if count == 0:
+        return x01
+    x_adv = _pgd(network, x01[:count], labels[:count], settings, generator)
+    return x_adv if count == len(labels) else torch.cat([x_adv, x01[count:]])
+
+
+def pgd_accuracy(network, images_uint8, labels, settings, generator, batch_size=500):
+    """Top-1 accuracy of a classifier on uint8 images under the adversarial block's PGD (the whole batch attacked,
+    random starts from `generator`, drawn batch after batch); batches go to the network's device."""
+    network.eval()
+    device = module_device(network)
+    correct = 0
+    for start in range(0, len(labels), batch_size):
+        x = imagespace.uint8_to_float(torch.as_tensor(images_uint8[start:start + batch_size]).to(device))
+        y = torch.as_tensor(labels[start:start + batch_size]).long().to(device)
+        x_adv = _pgd(network, x, y, settings, generator)
+        with torch.no_grad():
+            correct += int((network(x_adv).argmax(dim=1) == y).sum())
+    return correct / len(labels)
+
+
 def train_classifier(dataset_dir, out_dir, *, architecture, epochs, batch_size, lr, seed, augment="shift",
                      max_shift=2, max_rotation_degrees=10.0, max_scale_change=0.1, weight_decay=5e-4,
-                     warmup_fraction=0.05, checkpoint_every=200, log_every=20, device="cpu", on_step=None):
+                     warmup_fraction=0.05, checkpoint_every=200, log_every=20, device="cpu", adversarial=None,
+                     on_step=None):
     """Train a classifier ([0, 1] images -> logits) on the train split with cross-entropy, SGD with Nesterov
     momentum, linear warmup and cosine decay; writes model.pt (kind "classifier"), metrics.json (train and test
     accuracy) and loss.tsv. epochs may be fractional (steps = ceil(epochs·N/B)). Returns the LoadedModel.
@@ -694,10 +769,17 @@ def train_classifier(dataset_dir, out_dir, *, architecture, epochs, batch_size, 
     the dataset. augment: "none", "shift" (random shifts of up to `max_shift` pixels; True means this) or
     "affine" (`random_affine`: rotation, scaling and shift). device: where the network and batches go (module
     docstring, "Device"); the accuracies in metrics.json are measured there too.
+    adversarial: None (plain training) or a PGD block (`adversarial_settings`): every step's batch, after its
+    augmentation, goes through `adversarial_batch` (PGD against the current network, random starts from the
+    step's "attack" stream), and metrics.json adds the test accuracy under that PGD ("test_pgd_accuracy", random
+    starts from the "evaluation" stream). The block is part of the job's identity; without it the identity, and
+    every weight, is that of plain training.
     """
     augment = {True: "shift", False: "none", None: "none"}.get(augment, augment)
     if augment not in AUGMENTATIONS:
         raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
+    if adversarial is not None:
+        adversarial = adversarial_settings(**adversarial)
     device = prepare_device(device)
     dataset = load_dataset(dataset_dir)
     channels, _, num_classes = _dataset_shape(dataset)
@@ -715,6 +797,8 @@ def train_classifier(dataset_dir, out_dir, *, architecture, epochs, batch_size, 
               "epochs": epochs, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
               "augment": augment, "max_shift": max_shift, "weight_decay": weight_decay,
               "warmup_fraction": warmup_fraction, "log_every": log_every, **config_extra}
+    if adversarial is not None:
+        config["adversarial"] = adversarial
     torch.manual_seed(derived_seed(seed, 0, "init"))
     network = models.build_architecture(architecture).to(device)  # initialised on the CPU: the same on every device
     stream = BatchStream(train.images, train.labels, batch_size, seed, device)
@@ -725,16 +809,24 @@ def train_classifier(dataset_dir, out_dir, *, architecture, epochs, batch_size, 
             x01 = random_shift(x01, max_shift, generator)
         elif augment == "affine":
             x01 = random_affine(x01, max_shift, max_rotation_degrees, max_scale_change, generator)
+        if adversarial is not None:
+            x01 = adversarial_batch(network, x01, labels, adversarial, generator_for(seed, step, "attack"))
         return F.cross_entropy(network(x01), labels)
 
     result = run_training(out_dir, config=config, network=network, loss_fn=loss_fn, steps=steps,
                           lr_schedule=warmup_cosine(lr, round(warmup_fraction * steps), steps), seed=seed,
                           optimizer="sgd", weight_decay=weight_decay, checkpoint_every=checkpoint_every,
-                          log_every=log_every, data_stream=stream, description="classifier", on_step=on_step)
+                          log_every=log_every, data_stream=stream, on_step=on_step,
+                          description="classifier" if adversarial is None else "adversarial classifier")
     network = result.network
+    test = dataset["test"]
     metrics = {"train_accuracy": accuracy(network, train.images, train.labels),
-               "test_accuracy": accuracy(network, dataset["test"].images, dataset["test"].labels),
+               "test_accuracy": accuracy(network, test.images, test.labels),
                "steps": steps, "seconds": round(result.seconds, 2)}
+    if adversarial is not None:
+        metrics["test_pgd_accuracy"] = pgd_accuracy(network, test.images, test.labels, adversarial,
+                                                    generator_for(seed, 0, "evaluation"))
+        metrics["pgd"] = adversarial
     path = models.save_model(Path(out_dir) / MODEL_FILE, network, kind="classifier", architecture=architecture,
                              extra={"num_classes": num_classes, "class_names": dataset.meta.get("class_names"),
                                     "training": config, "metrics": metrics,
@@ -743,6 +835,18 @@ def train_classifier(dataset_dir, out_dir, *, architecture, epochs, batch_size, 
     _finish_outputs(out_dir, result.loss_log)
     _remove_resume(out_dir)
     return models.load_model(path)
+
+
+def train_adversarial(dataset_dir, out_dir, *, threat="linf", eps=ADVERSARIAL_DEFAULTS["eps"],
+                      step_size=ADVERSARIAL_DEFAULTS["step_size"], steps=ADVERSARIAL_DEFAULTS["steps"],
+                      random_start=True, adversarial_fraction=1.0, **classifier_settings):
+    """PGD adversarial training (Madry et al.): `train_classifier` with the adversarial block made of the PGD keys
+    (threat, eps, step_size, steps = PGD steps per batch, random_start, adversarial_fraction); every other keyword
+    is train_classifier's. The outputs are the classifier's (model.pt of kind "classifier", metrics.json with
+    "test_pgd_accuracy" too, loss.tsv)."""
+    block = {"threat": threat, "eps": eps, "step_size": step_size, "steps": steps, "random_start": random_start,
+             "adversarial_fraction": adversarial_fraction}
+    return train_classifier(dataset_dir, out_dir, adversarial=block, **classifier_settings)
 
 
 # ---------------------------------------------------------------------------------------------------------------

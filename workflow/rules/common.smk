@@ -84,6 +84,7 @@ PATHS = {
     "model": f"{RESULTS}/models/{{role}}/model.pt",
     "losses": f"{RESULTS}/models/{{role}}/loss.tsv",
     "classifier_metrics": f"{RESULTS}/models/classifier/metrics.json",
+    "adversarial_metrics": f"{RESULTS}/models/adversarial/metrics.json",
     "shard_tsv": f"{RESULTS}/densepure/{{method}}/sigma{{sigma}}/shard{{shard}}.tsv",
     "shard_labels": f"{RESULTS}/densepure/{{method}}/sigma{{sigma}}/shard{{shard}}.labels.npz",
     "shard_work": f"{RESULTS}/densepure/{{method}}/sigma{{sigma}}/work/shard{{shard}}",
@@ -167,12 +168,15 @@ DATASET_DIR = str(Path(path("dataset_meta", dataset=DATASET)).parent)
 
 
 def model_source(role):
-    """What a job loads for `role` (diffusion, multihead, classifier): a model file the DAG writes, or a checkpoint
-    name from config/checkpoints.yaml (paper scale)."""
+    """What a job loads for `role` (diffusion, multihead, classifier, adversarial): a model file the DAG writes, or
+    a checkpoint name from config/checkpoints.yaml (paper scale)."""
     models = CFG["models"]
     if role == "multihead":
         return path("model", role="multihead")
     source = models[role]["source"]
+    if source is None:  # models.adversarial.source unset: the preset has no adversarially trained model
+        raise WorkflowError(f"preset {PRESET!r} has no {role} model (config key 'models.{role}.source' is unset); "
+                            "set it to 'train' (MNIST presets) or to a checkpoint of config/checkpoints.yaml")
     return path("model", role=role) if source == "train" else source
 
 
@@ -187,6 +191,27 @@ def model_files(role):
     if source.endswith(".pt"):
         return [source]
     return registry_files(source)
+
+
+def adversarial_targets():
+    """Files of RDC's adversarial-training baseline (none when the preset has none): for a report to request."""
+    return model_files("adversarial") if CFG["models"]["adversarial"]["source"] is not None else []
+
+
+def adversarial_training_inputs(wildcards):
+    """Inputs of train_adversarial; refuses to train where the config names no training (the config check refuses
+    source 'train' off MNIST), so that asking for the file by path cannot stand in for a missing checkpoint."""
+    source = CFG["models"]["adversarial"]["source"]
+    if source != "train":
+        raise WorkflowError(f"train_adversarial: config key 'models.adversarial.source' is {source!r}, not 'train', "
+                            f"for preset {PRESET!r}; the DAG trains the adversarial baseline only where it says so")
+    return dataset_files()
+
+
+def adversarial_settings():
+    """The train-classifier --adversarial settings: the classifier's architecture with the PGD training block."""
+    return as_json({"architecture": CFG["models"]["classifier"]["architecture"],
+                    "training": CFG["models"]["adversarial"]["training"]})
 
 
 def multihead_init():

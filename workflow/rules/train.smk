@@ -1,5 +1,6 @@
 # Models of the embedded default, trained inside the DAG (source: train). At paper scale the preset names official
 # checkpoints instead and these jobs are not needed; the multi-head fine-tune then starts from the official model.
+# train_adversarial (RDC's adversarial-training baseline) runs only when a target asks for it (adversarial_targets).
 
 
 rule train_diffusion:
@@ -91,3 +92,34 @@ rule train_classifier:
     shell:
         "OMP_NUM_THREADS={threads} python -m diffrobust train-classifier --dataset-dir {params.dataset_dir} --out-dir {params.out_dir}"
         " --settings {params.settings:q} --seed {params.seed} --device {params.device} --run-record {log.record} 2> {log.log}"
+
+
+rule train_adversarial:
+    input:
+        unpack(adversarial_training_inputs),
+    output:
+        model=path("model", role="adversarial"),
+        losses=path("losses", role="adversarial"),
+        metrics=PATHS["adversarial_metrics"],
+    log:
+        log=f"{LOGS}/train_adversarial.log",
+        record=f"{LOGS}/train_adversarial.run.json",
+    benchmark:
+        f"{BENCHMARKS}/train_adversarial.tsv"
+    threads: workflow.cores
+    resources:
+        gpu=GPU_PER_JOB,
+    conda:
+        "../envs/diffrobust.yaml"
+    params:
+        dataset_dir=input_dataset_folder,
+        out_dir=output_folder,
+        settings=adversarial_settings(),
+        seed=CFG["seed"],
+        device=CFG["device"],
+    message:
+        "Adversarially training the classifier (PGD, Madry et al.): RDC's adversarial-training baseline"
+    shell:
+        "OMP_NUM_THREADS={threads} python -m diffrobust train-classifier --adversarial --dataset-dir {params.dataset_dir}"
+        " --out-dir {params.out_dir} --settings {params.settings:q} --seed {params.seed} --device {params.device}"
+        " --run-record {log.record} 2> {log.log}"

@@ -7,6 +7,10 @@ when the `eot_attack_reps`-average misclassifies it AND a verification with `eot
 (logits averaged) misclassifies it too; the first such iterate is its adversarial example, and images still
 defended at the end keep the last iterate. Steps are signed-gradient (ℓ∞) or normalised-gradient (ℓ2) of size
 `step_size`, projected back onto the ball, without a random start (as the official attack).
+
+`pgd` is the plain PGD of Madry et al. (a uniform random start in the ball, `steps` steps of the same kind on the
+summed cross-entropy, the last iterate returned): the attack of PGD adversarial training (`training`) and a cheap
+white-box check of a deterministic classifier.
 """
 
 import torch
@@ -23,6 +27,38 @@ def _step(x_adv, grad, x, threat, eps, step_size):
         norms = grad.reshape(grad.shape[0], -1).norm(dim=1).clamp_min(1e-10).view(-1, *([1] * (grad.dim() - 1)))
         moved = x_adv + step_size * grad / norms
     return project(moved, x, threat, eps)
+
+
+def uniform_in_ball(x, threat, eps, generator=None):
+    """A uniform draw from the ε-ball around each image (ℓ∞: every pixel offset uniform in [-eps, eps]; ℓ2: uniform
+    in the ball, a Gaussian direction at radius eps·U^(1/d)), projected into [0, 1]. Drawn on the generator's device
+    (the CPU for None) and moved to x's."""
+    check_threat(threat)
+    where = torch.device("cpu") if generator is None else generator.device
+    if threat == "linf":
+        delta = (torch.rand(x.shape, generator=generator, device=where) * 2 - 1) * eps
+    else:
+        direction = torch.randn(x.shape, generator=generator, device=where)
+        norms = direction.reshape(x.shape[0], -1).norm(dim=1).clamp_min(1e-12)
+        radius = eps * torch.rand(x.shape[0], generator=generator, device=where) ** (1.0 / x[0].numel())
+        delta = direction * (radius / norms).view(-1, *([1] * (x.dim() - 1)))
+    return project(x + delta.to(x.device, x.dtype), x, threat, eps)
+
+
+def pgd(network, x, y, *, threat, eps, steps, step_size, random_start=True, generator=None):
+    """Madry et al.'s PGD against a deterministic images -> logits `network`: from a uniform random start in the
+    ball (`uniform_in_ball`; x itself when random_start is False), `steps` ascent steps of size `step_size` on
+    the cross-entropy summed over the batch (signed gradient for ℓ∞, normalised for ℓ2), each projected onto the
+    ball and [0, 1] (`budget.project`). Returns the last iterate, detached. Only the input gradient is taken: the
+    network's parameter gradients are left as they were, and its mode (train / eval) is the caller's."""
+    check_threat(threat)
+    x = x.detach()
+    x_adv = uniform_in_ball(x, threat, eps, generator) if random_start else x.clone()
+    for _ in range(int(steps)):
+        x_adv.requires_grad_(True)
+        (grad,) = torch.autograd.grad(F.cross_entropy(network(x_adv), y, reduction="sum"), x_adv)
+        x_adv = _step(x_adv.detach(), grad, x, threat, eps, step_size)
+    return x_adv.detach()
 
 
 def _averaged_logits_and_grad(defense, x, y, reps, generator):

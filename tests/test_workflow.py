@@ -68,13 +68,13 @@ def test_lint(repo_copy):
 @pytest.mark.parametrize("preset, jobs", [
     # smoke: 1 sigma x 2 methods x 2 shards; merges: DDS 1 vote, DensePure the 1- and 3-vote ablation
     ("smoke", {"prepare_dataset": 1, "train_diffusion": 1, "finetune_multihead": 1, "train_classifier": 1,
-               "certify_shard": 4, "merge_votes": 3, "attack": 34, "evaluate": 4, "sigma_sweep": 1,
-               "render_report": 5}),
+               "certify_shard": 4, "merge_votes": 3, "attack": 36, "evaluate": 4, "sigma_sweep": 1,
+               "train_adversarial": 1, "render_report": 5}),
     # DiffPure: 2 threats x (3 attacks on the undefended classifier + 5 on DiffPure); RDC: 2 threats x (2 on the
-    # undefended classifier + 4 on RDC + 1 on each of DC and the two multi-head variants); 1 shard each; 2 + 2
-    # transfer scores
-    ("mini", {"prepare_dataset": 1, "train_diffusion": 1, "train_classifier": 1, "attack": 34, "evaluate": 4,
-              "sigma_sweep": 1, "render_report": 5}),
+    # undefended classifier + 4 on RDC + 1 on each of the adversarially trained classifier, DC and the two multi-head
+    # variants); 1 shard each; 2 + 2 transfer scores
+    ("mini", {"prepare_dataset": 1, "train_diffusion": 1, "train_classifier": 1, "train_adversarial": 1, "attack": 36,
+              "evaluate": 4, "sigma_sweep": 1, "render_report": 5}),
     # paper scale: downloads instead of training; 500 images in shards of 10, 3 sigmas, 2 methods
     ("cifar10", {"download_cifar10": 1, "download_checkpoint": 8, "prepare_dataset": 1, "certify_shard": 300,
                  "merge_votes": 27, "attack": 384, "evaluate": 4, "render_report": 5}),

@@ -40,6 +40,7 @@ import yaml
 from IPython.display import Markdown, display
 
 from diffrobust import data, imagespace, seeds
+from diffrobust.attacks import masking
 from diffrobust.models import load_source
 from diffrobust.stages import diffpure
 
@@ -144,9 +145,7 @@ display(Markdown(f"Not known: {reference['unknown']}"))
 checks_table = pd.DataFrame(check_rows)[["threat", "name", "value", "threshold", "passed", "what", "casts_doubt_on"]]
 checks_table["value"] = checks_table["value"].map(lambda v: f"{v:.3f}")
 display(checks_table.set_index(["threat", "name"]))
-display(Markdown("**All checks passed.**" if not failed else
-                 "**Failed:** " + "; ".join(f"{r['threat']} {r['name']} ({r['value']:.3f}, wanted "
-                                            f"{r['threshold']}): casts doubt on {r['casts_doubt_on']}" for r in failed)))
+display(Markdown(masking.summary(check_rows)))
 
 # %% [markdown]
 # ## Cost per image of making each set

@@ -32,3 +32,15 @@ def tiny_mnist_project(root, attention_resolutions="16"):
     models.save_model(root / "classifier.pt", build_small_resnet(resnet["config"]), kind="classifier",
                       architecture=resnet)
     return root
+
+
+class Interrupted(Exception):
+    """Raised by `interrupt_at` to stop a training loop part-way (a kill, from the resume logic's point of view)."""
+
+
+def interrupt_at(step_to_stop):
+    """A training step hook that raises Interrupted at `step_to_stop`."""
+    def hook(step):
+        if step == step_to_stop:
+            raise Interrupted
+    return hook

@@ -15,6 +15,7 @@ from diffrobust import cli, data, models, training
 from diffrobust.attacks import pgd
 from diffrobust.attacks.budget import check_inside_budget
 from diffrobust.config import ConfigError, load_config
+from helpers import Interrupted, interrupt_at
 
 BAR, BACKGROUND = (0.75, 1.0), (0.0, 0.35)
 
@@ -129,17 +130,6 @@ def test_a_killed_adversarial_job_resumes_to_the_uninterrupted_weights(toy_dir, 
     assert metrics["pgd"] == {"threat": "linf", "eps": 0.15, "step_size": 0.05, "steps": 5, "random_start": True,
                               "adversarial_fraction": 1.0}
     assert not (out / training.RESUME_FILE).exists()
-
-
-class Interrupted(Exception):
-    pass
-
-
-def interrupt_at(step_to_stop):
-    def hook(step):
-        if step == step_to_stop:
-            raise Interrupted
-    return hook
 
 
 def test_a_plain_resume_file_is_not_continued_adversarially(toy_dir, tmp_path, caplog):

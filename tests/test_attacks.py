@@ -195,3 +195,12 @@ def test_masking_checks_judge_the_numbers_they_are_given():
     assert flips.value == pytest.approx(0.25)
     interval = masking.accuracy([True] * 3 + [False])
     assert interval["accuracy"] == 0.75 and 0.19 < interval["ci_low"] < 0.2 and 0.99 < interval["ci_high"] < 1
+
+
+def test_the_check_summary_names_what_failed_and_what_it_casts_doubt_on():
+    passed = masking.large_budget_breaks([False] * 10, 0.5).row()
+    failed = {**masking.undefended_falls([True] * 3 + [False]).row(), "threat": "linf"}
+    assert masking.summary([passed]) == "**All checks passed.**"
+    text = masking.summary([passed, failed])
+    assert text.startswith("**Failed:** linf undefended classifier falls (0.750, wanted <= 5%)")
+    assert "casts doubt on every robust accuracy" in text

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import randomize
+from helpers import Interrupted, interrupt_at, randomize
 
 from diffrobust import data, models, training
 
@@ -315,17 +315,6 @@ def test_classifier_learns_far_above_chance(dataset_dir, tmp_path):
     assert accuracy >= 0.9  # chance is 1/3
     assert f'"test_accuracy": {accuracy}' in metrics
     assert loaded.extra["metrics"]["steps"] == 24  # ceil(8 epochs x 48 images / 16)
-
-
-class Interrupted(Exception):
-    pass
-
-
-def interrupt_at(step_to_stop):
-    def hook(step):
-        if step == step_to_stop:
-            raise Interrupted
-    return hook
 
 
 def test_classifier_resumes_and_ignores_a_resume_file_of_another_config(dataset_dir, tmp_path, caplog):

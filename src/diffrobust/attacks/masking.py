@@ -96,3 +96,13 @@ def flip_rate(labels_a, labels_b):
     return Check("prediction flips between two forwards", "fraction of clean images whose label changes between "
                  "two forwards (the defense's randomness)", value, "reported", True,
                  "single-forward evaluations (AutoAttack judges success by one forward)")
+
+
+def summary(rows):
+    """One line for a report: 'All checks passed.' or each failed check (rows as `Check.row()` gives them, with a
+    `threat`), its value, what was wanted and the number it casts doubt on."""
+    failed = [r for r in rows if not r["passed"]]
+    if not failed:
+        return "**All checks passed.**"
+    return "**Failed:** " + "; ".join(f"{r.get('threat', '')} {r['name']} ({r['value']:.3f}, wanted {r['threshold']}): "
+                                      f"casts doubt on {r['casts_doubt_on']}" for r in failed)

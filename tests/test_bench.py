@@ -349,3 +349,15 @@ def test_the_attack_bench_counts_the_gradients_an_attack_takes_when_nothing_brea
     x = torch.rand(6, 1, 5, 5)
     result = run_attack(model, x, model(x).argmax(1), threat="linf", eps=1e-6, settings=plan)
     assert result.gradient_images == 6 * gradient_evaluations(plan)
+
+
+def test_the_rdc_bench_counts_k_times_fewer_evaluations_for_the_multi_head_classifier():
+    from diffrobust.bench import rdc as bench_rdc
+
+    rows = bench_rdc.dc_costs("mini", points=(3,), lm_steps=2, batch_size=1, repeats=1)
+    single, multi = rows
+    assert (single["head"], single["network_evaluations"], multi["network_evaluations"]) == ("single", 30, 3)
+    # seconds are per-evaluation times x evaluations: the ratio of the forwards is K x the ratio of the per-call times
+    assert single["dc_forward_s"] > 0 and multi["dc_gradient_s"] > multi["dc_forward_s"] > 0
+    assert single["rdc_forward_s"] > single["dc_forward_s"]
+    assert "single/multi" in bench_rdc.format_rows(rows)

@@ -270,6 +270,12 @@ def cmd_bench_attack(args):
     bench_attacks.run(args)
 
 
+def cmd_bench_rdc(args):
+    from diffrobust.bench import rdc as bench_rdc
+
+    bench_rdc.run(args)
+
+
 def cmd_gpu_check(args):
     from diffrobust.bench import gpu_check
 
@@ -292,6 +298,8 @@ BENCH_COMMANDS = (
      "noisy samples/s through denoise + classify, time shares"),
     ("bench-attack", "diffrobust.bench.attacks", cmd_bench_attack,
      "adaptive-attack cost per image on DiffPure (full and bpda gradients), mini and CIFAR-10 sizes"),
+    ("bench-rdc", "diffrobust.bench.rdc", cmd_bench_rdc,
+     "diffusion classifier / RDC cost per image, single- against multi-head, mini and CIFAR-10 sizes"),
     ("gpu-check", "diffrobust.bench.gpu_check", cmd_gpu_check,
      "GPU against CPU: label agreement, output differences, samples/s"),
 )

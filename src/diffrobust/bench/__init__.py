@@ -3,6 +3,7 @@
 - `networks`: forward throughput of a diffusion network against the matmul peak (`diffrobust bench`).
 - `certify`: noisy samples/s through denoise + classify, with time shares (`diffrobust bench-certify`).
 - `attacks`: adaptive-attack cost per image on DiffPure, `full` and `bpda` gradients (`diffrobust bench-attack`).
+- `rdc`: diffusion classifier / RDC cost per image, single- against multi-head (`diffrobust bench-rdc`).
 - `gpu_check`: GPU against CPU, label agreement and samples/s (`diffrobust gpu-check`).
 """
 

@@ -142,9 +142,7 @@ display(Markdown(f"Not known: {reference['unknown']}"))
 # ## Checks against gradient masking
 
 # %%
-checks_table = pd.DataFrame(check_rows)[["threat", "name", "value", "threshold", "passed", "what", "casts_doubt_on"]]
-checks_table["value"] = checks_table["value"].map(lambda v: f"{v:.3f}")
-display(checks_table.set_index(["threat", "name"]))
+display(masking.table(check_rows))
 display(Markdown(masking.summary(check_rows)))
 
 # %% [markdown]

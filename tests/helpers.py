@@ -44,3 +44,18 @@ def interrupt_at(step_to_stop):
         if step == step_to_stop:
             raise Interrupted
     return hook
+
+
+def write_toy_dataset(folder, make, splits, meta):
+    """A prepared dataset folder from `make(count, seed) -> (uint8 images, labels)` for each (split, count, seed)."""
+    import numpy as np
+
+    from diffrobust import data
+
+    arrays = {}
+    for split, count, seed in splits:
+        images, labels = make(count, seed)
+        arrays.update({f"{split}_images": images, f"{split}_labels": labels,
+                       f"{split}_indices": np.arange(count, dtype=np.int64)})
+    data.write_dataset(folder, meta, arrays)
+    return folder

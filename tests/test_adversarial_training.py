@@ -15,7 +15,7 @@ from diffrobust import cli, data, models, training
 from diffrobust.attacks import pgd
 from diffrobust.attacks.budget import check_inside_budget
 from diffrobust.config import ConfigError, load_config
-from helpers import Interrupted, interrupt_at
+from helpers import Interrupted, interrupt_at, write_toy_dataset
 
 BAR, BACKGROUND = (0.75, 1.0), (0.0, 0.35)
 
@@ -35,14 +35,8 @@ def bars(count, seed):
 
 @pytest.fixture(scope="module")
 def toy_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("bars")
-    arrays = {}
-    for split, count, seed in (("train", 64, 0), ("test", 64, 1)):
-        images, labels = bars(count, seed)
-        arrays.update({f"{split}_images": images, f"{split}_labels": labels,
-                       f"{split}_indices": np.arange(count, dtype=np.int64)})
-    data.write_dataset(folder, {"name": "bars", "num_classes": 2, "class_names": ["left", "right"]}, arrays)
-    return folder
+    return write_toy_dataset(tmp_path_factory.mktemp("bars"), bars, (("train", 64, 0), ("test", 64, 1)),
+                             {"name": "bars", "num_classes": 2, "class_names": ["left", "right"]})
 
 
 CLASSIFIER = dict(architecture={"family": "small_resnet", "config": {"width": 4, "depth": 8}}, batch_size=16,

@@ -204,3 +204,10 @@ def test_the_check_summary_names_what_failed_and_what_it_casts_doubt_on():
     text = masking.summary([passed, failed])
     assert text.startswith("**Failed:** linf undefended classifier falls (0.750, wanted <= 5%)")
     assert "casts doubt on every robust accuracy" in text
+
+
+def test_the_check_table_indexes_by_threat_and_check_and_rounds_the_value():
+    rows = [{**masking.flip_rate([1, 2, 3], [1, 2, 0]).row(), "threat": "l2"}]
+    frame = masking.table(rows)
+    assert list(frame.index) == [("l2", "prediction flips between two forwards")]
+    assert frame.iloc[0]["value"] == "0.333"

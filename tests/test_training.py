@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import Interrupted, interrupt_at, randomize
+from helpers import Interrupted, interrupt_at, randomize, write_toy_dataset
 
 from diffrobust import data, models, training
 
@@ -30,15 +30,9 @@ def synthetic_images(count, seed):
 
 @pytest.fixture(scope="module")
 def dataset_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("synthetic")
-    arrays = {}
-    for split, count, seed in (("train", 48, 0), ("test", 30, 1)):
-        images, labels = synthetic_images(count, seed)
-        arrays.update({f"{split}_images": images, f"{split}_labels": labels,
-                       f"{split}_indices": np.arange(count, dtype=np.int64)})
-    meta = {"name": "synthetic", "num_classes": NUM_CLASSES, "class_names": ["a", "b", "c"]}
-    data.write_dataset(folder, meta, arrays)
-    return folder
+    return write_toy_dataset(tmp_path_factory.mktemp("synthetic"), synthetic_images,
+                             (("train", 48, 0), ("test", 30, 1)),
+                             {"name": "synthetic", "num_classes": NUM_CLASSES, "class_names": ["a", "b", "c"]})
 
 
 TINY_UNET = {"family": "adm_unet", "config": {"num_channels": 32, "num_res_blocks": 1, "channel_mult": "1",

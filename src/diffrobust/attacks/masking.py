@@ -106,3 +106,12 @@ def summary(rows):
         return "**All checks passed.**"
     return "**Failed:** " + "; ".join(f"{r.get('threat', '')} {r['name']} ({r['value']:.3f}, wanted {r['threshold']}): "
                                       f"casts doubt on {r['casts_doubt_on']}" for r in failed)
+
+
+def table(rows):
+    """The checks as a report shows them: a DataFrame indexed by threat and check, values to 3 decimals."""
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)[["threat", "name", "value", "threshold", "passed", "what", "casts_doubt_on"]]
+    frame["value"] = frame["value"].map(lambda v: f"{v:.3f}")
+    return frame.set_index(["threat", "name"])

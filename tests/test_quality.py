@@ -147,3 +147,125 @@ def test_ssim_refuses_images_smaller_than_the_window_and_mismatched_shapes():
         quality.ssim(uniform(1, 1, 8, 8), uniform(1, 1, 8, 9))
     with pytest.raises(ValueError, match="1 or 3 channels"):
         quality.ssim(uniform(1, 2, 8, 8), uniform(1, 2, 8, 8), grayscale=True)
+
+
+# --- feature extractors --------------------------------------------------------------------------------------------
+
+def test_penultimate_features_of_the_mini_classifier_are_the_pooled_input_of_fc():
+    torch.manual_seed(0)
+    classifier = SmallResNet(in_channels=1, num_classes=10, width=4, depth=8).eval()
+    images = uniform(3, 1, 28, 28).float()
+    extractor = quality.penultimate_features(classifier)
+    features = extractor(images)
+    assert features.shape == (3, 16)
+    assert torch.allclose(classifier.fc(features), classifier(images), atol=1e-6)
+    assert len(classifier.fc._forward_pre_hooks) == 0  # the hook lives only during a call
+    assert extractor.state_dict().keys() == {f"classifier.{key}" for key in classifier.state_dict()}
+    batched = quality.extract_features(extractor, images, batch_size=2)
+    assert batched.dtype == torch.float64 and torch.allclose(batched, features.double(), atol=1e-6)
+
+
+def test_penultimate_features_names_the_linear_layers_of_an_unknown_layer():
+    with pytest.raises(ValueError, match="no layer 'head'.*fc"):
+        quality.penultimate_features(SmallResNet(in_channels=1, width=4), layer="head")
+
+
+# --- feature measures: per image -----------------------------------------------------------------------------------
+
+def test_feature_distance_and_cosine_by_hand():
+    a = torch.tensor([[1.0, 0.0], [3.0, 4.0], [1.0, 1.0], [2.0, 0.0]])
+    b = torch.tensor([[0.0, 5.0], [6.0, 8.0], [-2.0, -2.0], [1.0, 1.0]])
+    # orthogonal, same direction, opposite, 45 degrees
+    assert quality.feature_distance(a, b).tolist() == pytest.approx([2.0, 0.0, 4.0, 2 - math.sqrt(2)])
+    assert quality.cosine_similarity(a, b).tolist() == pytest.approx([0.0, 1.0, -1.0, 1 / math.sqrt(2)])
+    assert quality.feature_distance(a, b).numpy() == pytest.approx(2 - 2 * quality.cosine_similarity(a, b).numpy())
+    with pytest.raises(ValueError, match="same images"):
+        quality.feature_distance(a, b[:3])
+
+
+# --- Fréchet distance ----------------------------------------------------------------------------------------------
+
+def diagonal_frechet(mu1, var1, mu2, var2):
+    """‖mu1 - mu2‖² + Σ (var1 + var2 - 2 sqrt(var1 var2)) for diagonal covariances."""
+    mu1, var1, mu2, var2 = map(np.asarray, (mu1, var1, mu2, var2))
+    return float(((mu1 - mu2) ** 2).sum() + (var1 + var2 - 2 * np.sqrt(var1 * var2)).sum())
+
+
+def test_frechet_distance_from_stats_is_the_closed_form():
+    mu1, var1, mu2, var2 = [0.0, 1.0, -2.0], [1.0, 4.0, 0.25], [1.0, 1.0, 0.0], [9.0, 1.0, 0.25]
+    expected = 1 + 0 + 4 + (1 + 9 - 6) + (4 + 1 - 4) + 0
+    assert diagonal_frechet(mu1, var1, mu2, var2) == pytest.approx(expected)
+    assert quality.frechet_distance_from_stats(mu1, np.diag(var1), mu2, np.diag(var2)) == pytest.approx(expected)
+    # one dimension: (mu1 - mu2)² + (s1 - s2)²; a rotation of both covariances changes nothing
+    assert quality.frechet_distance_from_stats([2.0], [[4.0]], [-1.0], [[1.0]]) == pytest.approx(9 + 1)
+    rotation, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(3, 3)))
+    rotated = [rotation @ np.diag(v) @ rotation.T for v in (var1, var2)]
+    assert quality.frechet_distance_from_stats(rotation @ mu1, rotated[0], rotation @ mu2, rotated[1]) == \
+        pytest.approx(expected, abs=1e-9)
+
+
+def test_frechet_distance_of_large_gaussian_samples_approaches_the_closed_form():
+    rng = np.random.default_rng(0)
+    mu1, sd1, mu2, sd2 = np.array([0.0, 1.0, 0.5, -1.0]), np.array([1.0, 2.0, 0.5, 1.0]), \
+        np.array([0.5, 1.0, -0.5, -1.0]), np.array([1.5, 1.0, 0.5, 3.0])
+    a = rng.normal(mu1, sd1, size=(50000, 4))
+    b = rng.normal(mu2, sd2, size=(40000, 4))
+    expected = diagonal_frechet(mu1, sd1 ** 2, mu2, sd2 ** 2)  # 7.0
+    assert quality.frechet_distance(a, b) == pytest.approx(expected, rel=0.02)
+    assert quality.frechet_distance(torch.from_numpy(a), torch.from_numpy(a)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_frechet_distance_offsets_a_product_whose_square_root_does_not_exist():
+    # two rank-2 covariances whose product has a 2x2 Jordan block at 0: scipy's sqrtm of it is not finite
+    cov1 = np.array([[4.0, 4.0, 0.0], [4.0, 5.0, 2.0], [0.0, 2.0, 4.0]])
+    cov2 = np.array([[1.0, -1.0, -1.0], [-1.0, 1.0, 1.0], [-1.0, 1.0, 2.0]])
+    mu = np.zeros(3)
+    distance = quality.frechet_distance_from_stats(mu, cov1, mu, cov2)
+    with pytest.warns(scipy.linalg.LinAlgWarning):
+        assert not np.isfinite(scipy.linalg.sqrtm(cov1 @ cov2)).all()
+    offset = np.eye(3) * 1e-6
+    root_with_offset = scipy.linalg.sqrtm((cov1 + offset) @ (cov2 + offset))
+    with_offset = np.trace(cov1) + np.trace(cov2) - 2 * np.trace(root_with_offset).real
+    assert distance == pytest.approx(with_offset, abs=1e-12)
+    # close to the exact value tr(cov1) + tr(cov2) - 2 tr((cov1^½ cov2 cov1^½)^½)
+    root = scipy.linalg.sqrtm(cov1).real
+    exact = np.trace(cov1) + np.trace(cov2) - 2 * np.sqrt(np.linalg.eigvalsh(root @ cov2 @ root).clip(0)).sum()
+    assert distance == pytest.approx(exact, abs=0.01)
+
+
+def test_frechet_distance_refuses_mismatched_statistics():
+    with pytest.raises(ValueError, match="mismatched"):
+        quality.frechet_distance_from_stats([0.0, 0.0], np.eye(2), [0.0, 0.0, 0.0], np.eye(3))
+
+
+# --- KID -----------------------------------------------------------------------------------------------------------
+
+def hand_unbiased_mmd2(x, y):
+    """Unbiased MMD² with k(u, v) = (u·v/d + 1)^3, written as sums over pairs."""
+    m, d = len(x), len(x[0])
+    k = lambda u, v: (sum(p * q for p, q in zip(u, v)) / d + 1) ** 3  # noqa: E731
+    within = sum(k(x[i], x[j]) + k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    cross = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / m ** 2
+    return within - 2 * cross
+
+
+def test_kid_on_a_whole_tiny_set_is_the_unbiased_mmd():
+    x = [[0.0, 1.0, 2.0], [1.0, -1.0, 0.5], [0.3, 0.2, 0.1], [2.0, 0.0, -1.0]]
+    y = [[1.0, 1.0, 1.0], [0.0, 0.0, 0.5], [-1.0, 2.0, 0.0], [0.5, 0.5, 3.0]]
+    # a subset of every row is the whole set, whatever the permutation: every round gives the same MMD²
+    kid = quality.kernel_inception_distance(torch.tensor(x, dtype=torch.float64), np.array(y), subsets=5,
+                                            subset_size=4, seed=3)
+    assert kid.mean == pytest.approx(hand_unbiased_mmd2(x, y), abs=1e-12)
+    assert kid.std == pytest.approx(0.0, abs=1e-12)
+
+
+def test_kid_subsets_are_seeded_and_separate_shifted_features():
+    rng = np.random.default_rng(0)
+    a, same, shifted = rng.normal(size=(60, 8)), rng.normal(size=(50, 8)), rng.normal(1.0, 1.0, size=(50, 8))
+    first = quality.kernel_inception_distance(a, shifted, subsets=20, subset_size=30, seed=0)
+    assert first == quality.kernel_inception_distance(a, shifted, subsets=20, subset_size=30, seed=0)
+    assert first != quality.kernel_inception_distance(a, shifted, subsets=20, subset_size=30, seed=1)
+    null = quality.kernel_inception_distance(a, same, subsets=20, subset_size=30, seed=0)
+    assert first.std > 0 and abs(null.mean) < 0.1 * first.mean
+    with pytest.raises(ValueError, match="subset_size"):
+        quality.kernel_inception_distance(a, same, subset_size=51)

@@ -113,4 +113,171 @@ def ssim(a, b, data_range=1.0, grayscale=False, win_size=7):
     return ssim_map.reshape(n, -1).mean(1).cpu()
 
 
-__all__ = ["VERDICTS", "BT601_FIXED_POINT_RGB", "psnr", "diffprotect_grayscale", "ssim"]
+# --- feature extractors --------------------------------------------------------------------------------------------
+
+class PenultimateFeatures(nn.Module):
+    """The input of a classifier's layer `layer` (default "fc", the final linear layer of the project's SmallResNet
+    and WideResNet: the globally pooled features), flattened to (N, D): a feature extractor for the measures below.
+
+    It runs the whole classifier and reads the layer's input with a forward pre-hook that exists only during the
+    call, so the classifier is unchanged and can still be used (and hooked) elsewhere. Gradients and train/eval
+    mode are the caller's: put a classifier with batch norm in eval mode first."""
+
+    def __init__(self, classifier, layer="fc"):
+        super().__init__()
+        modules = dict(classifier.named_modules())
+        if layer not in modules:
+            linear = [name for name, module in modules.items() if isinstance(module, nn.Linear)]
+            raise ValueError(f"the classifier has no layer {layer!r}; its linear layers: {', '.join(linear) or 'none'}")
+        # the layer is looked up by name at each call rather than kept as an attribute, which would register it a
+        # second time (its weights twice in the state dict)
+        self.classifier, self.layer = classifier, layer
+
+    def forward(self, x01):
+        captured = []
+        layer = self.classifier.get_submodule(self.layer)
+        handle = layer.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+        try:
+            self.classifier(x01)
+        finally:
+            handle.remove()
+        if not captured:
+            raise RuntimeError(f"layer {self.layer!r} was not called in the classifier's forward")
+        return captured[-1].flatten(1)
+
+
+def penultimate_features(classifier, layer="fc"):
+    """A feature extractor, [0, 1] images -> (N, D), reading the input of `classifier`'s layer `layer`
+    (`PenultimateFeatures`)."""
+    return PenultimateFeatures(classifier, layer)
+
+
+@torch.no_grad()
+def extract_features(extractor, images01, batch_size=250):
+    """(N, D) float64 CPU features of `images01` under `extractor`, in batches of `batch_size` (None: one batch)."""
+    chunks = [images01] if batch_size is None else images01.split(batch_size)
+    return torch.cat([extractor(chunk).flatten(1).to(torch.float64).cpu() for chunk in chunks])
+
+
+def _features(feats, name):
+    matrix = torch.as_tensor(feats).detach().to(device="cpu", dtype=torch.float64)
+    if matrix.dim() != 2:
+        raise ValueError(f"{name} must be (N, D) features, got shape {tuple(matrix.shape)}")
+    return matrix
+
+
+def _feature_pair(feats_a, feats_b):
+    a, b = _features(feats_a, "feats_a"), _features(feats_b, "feats_b")
+    if a.shape != b.shape:
+        raise ValueError(f"per-image feature measures need features of the same images: {tuple(a.shape)} "
+                         f"and {tuple(b.shape)}")
+    return a, b
+
+
+# --- feature measures: per image -----------------------------------------------------------------------------------
+
+def feature_distance(feats_a, feats_b):
+    """Per-image LPIPS-like distance: ‖a/‖a‖ - b/‖b‖‖², the squared L2 distance of the unit-normalised feature
+    vectors (0 for the same direction, 2 for orthogonal ones, 4 for opposite ones; equals 2 - 2·cosine).
+
+    Like LPIPS it normalises features per image and squares their difference; unlike LPIPS it uses one global
+    feature vector, with neither per-layer, per-location normalisation nor learned channel weights, so its numbers
+    are not LPIPS numbers."""
+    a, b = _feature_pair(feats_a, feats_b)
+    return (F.normalize(a, dim=1) - F.normalize(b, dim=1)).pow(2).sum(1)
+
+
+def cosine_similarity(feats_a, feats_b):
+    """Per-image cosine similarity of two feature vectors (CLIP image-image similarity when they are CLIP image
+    embeddings, as Diff-Protect's `clip_sim`)."""
+    a, b = _feature_pair(feats_a, feats_b)
+    return F.cosine_similarity(a, b, dim=1)
+
+
+# --- feature measures: between sets --------------------------------------------------------------------------------
+
+def feature_statistics(feats):
+    """(mean, covariance) of (N, D) features as FID uses them: float64 numpy, covariance with N - 1 (np.cov)."""
+    matrix = _features(feats, "feats").numpy()
+    return matrix.mean(axis=0), np.cov(matrix, rowvar=False)
+
+
+def frechet_distance_from_stats(mu1, cov1, mu2, cov2, eps=1e-6):
+    """Fréchet distance of two Gaussians, ‖mu1 - mu2‖² + tr(cov1 + cov2 - 2 (cov1 cov2)^½), as pytorch-fid
+    computes it: scipy.linalg.sqrtm of the product; when that is not finite (a singular product), sqrtm of
+    (cov1 + eps·I)(cov2 + eps·I) instead; a complex square root keeps its real part, and an imaginary diagonal
+    larger than 1e-3 is an error (the covariances are then not covariances)."""
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    cov1, cov2 = np.atleast_2d(np.asarray(cov1, np.float64)), np.atleast_2d(np.asarray(cov2, np.float64))
+    if mu1.shape != mu2.shape or cov1.shape != cov2.shape or cov1.shape != mu1.shape * 2:
+        raise ValueError(f"mismatched statistics: means {mu1.shape}, {mu2.shape}; covariances {cov1.shape}, "
+                         f"{cov2.shape}")
+    with warnings.catch_warnings():
+        # a singular product makes sqrtm warn; the finiteness check below decides what to do about it
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(cov1 @ cov2)
+        if not np.isfinite(covmean).all():
+            offset = np.eye(len(cov1)) * eps
+            covmean = scipy.linalg.sqrtm((cov1 + offset) @ (cov2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"sqrtm of the covariance product has an imaginary diagonal up to "
+                             f"{np.abs(np.diagonal(covmean).imag).max():.3g}")
+        covmean = covmean.real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2 * np.trace(covmean))
+
+
+def frechet_distance(feats_a, feats_b):
+    """Fréchet distance (FID's formula) between the Gaussians fitted to two sets of (N, D) features
+    (`feature_statistics`, `frechet_distance_from_stats`); the sets may differ in size. It is biased upwards for
+    small N and needs N > D for a full-rank covariance."""
+    return frechet_distance_from_stats(*feature_statistics(feats_a), *feature_statistics(feats_b))
+
+
+class KernelDistance(NamedTuple):
+    """KID over random subsets: the mean and the population standard deviation (torchmetrics') of the subsets'
+    unbiased MMD² estimates."""
+    mean: float
+    std: float
+
+
+def _polynomial_kernel(x, y):
+    # KID's kernel k(x, y) = (x·y / d + 1)^3 (Bińkowski et al.; torchmetrics' defaults degree 3, gamma 1/d, coef 1)
+    return (x @ y.T / x.shape[1] + 1) ** 3
+
+
+def _unbiased_mmd2(x, y):
+    # Unbiased MMD² of two equal-size samples: the within-sample kernel means leave out the diagonal (m(m - 1)
+    # pairs), the cross term averages all m² pairs (torchmetrics' maximum_mean_discrepancy).
+    m = len(x)
+    k_xx, k_yy, k_xy = _polynomial_kernel(x, x), _polynomial_kernel(y, y), _polynomial_kernel(x, y)
+    within = (k_xx.sum() - k_xx.diagonal().sum() + k_yy.sum() - k_yy.diagonal().sum()) / (m * (m - 1))
+    return within - 2 * k_xy.sum() / m ** 2
+
+
+def kernel_inception_distance(feats_a, feats_b, subsets=100, subset_size=1000, seed=0):
+    """Kernel Inception Distance as torchmetrics defines it, on any features: for each of `subsets` rounds, draw
+    `subset_size` rows of each set without replacement and take their unbiased MMD² under the cubic polynomial
+    kernel (x·y/d + 1)^3; returns the mean and population std over the rounds (`KernelDistance`). The draws are
+    torch.randperm of a CPU generator seeded `seed`, a's permutation then b's in each round (torchmetrics' order,
+    but its global RNG replaced by the seeded generator)."""
+    a, b = _features(feats_a, "feats_a"), _features(feats_b, "feats_b")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"features of different widths: {a.shape[1]} and {b.shape[1]}")
+    if not 2 <= subset_size <= min(len(a), len(b)):
+        raise ValueError(f"subset_size must be at least 2 and at most the size of each set ({len(a)}, {len(b)}), "
+                         f"got {subset_size}")
+    generator = torch.Generator().manual_seed(seed)
+    scores = []
+    for _ in range(subsets):
+        rows_a = torch.randperm(len(a), generator=generator)[:subset_size]
+        rows_b = torch.randperm(len(b), generator=generator)[:subset_size]
+        scores.append(_unbiased_mmd2(a[rows_a], b[rows_b]))
+    scores = torch.stack(scores)
+    return KernelDistance(scores.mean().item(), scores.std(unbiased=False).item())
+
+
+__all__ = ["VERDICTS", "BT601_FIXED_POINT_RGB", "psnr", "diffprotect_grayscale", "ssim", "PenultimateFeatures",
+           "penultimate_features", "extract_features", "feature_distance", "cosine_similarity", "feature_statistics",
+           "frechet_distance_from_stats", "frechet_distance", "KernelDistance", "kernel_inception_distance"]

@@ -269,3 +269,125 @@ def test_kid_subsets_are_seeded_and_separate_shifted_features():
     assert first.std > 0 and abs(null.mean) < 0.1 * first.mean
     with pytest.raises(ValueError, match="subset_size"):
         quality.kernel_inception_distance(a, same, subset_size=51)
+
+
+# --- paired bootstrap ----------------------------------------------------------------------------------------------
+
+def paired_sample(n=40, shift=0.3, noise=0.1, seed=0):
+    """Per-image values y (spread across images) and x = y + shift + small per-image noise."""
+    rng = np.random.default_rng(seed)
+    y = rng.uniform(0.2, 0.9, size=n)
+    return y + shift + rng.normal(0, noise, size=n), y
+
+
+def test_bootstrap_is_the_percentile_interval_of_jointly_resampled_images():
+    x, y = paired_sample()
+    interval = quality.paired_bootstrap_ci(x, y, n_resamples=2000, confidence=0.9, seed=7)
+    indices = np.random.default_rng(7).integers(0, len(x), (2000, len(x)))
+    resampled = (x[indices] - y[indices]).mean(axis=1)
+    assert (interval.low, interval.high) == pytest.approx(tuple(np.quantile(resampled, [0.05, 0.95])), abs=1e-12)
+    assert interval.estimate == pytest.approx((x - y).mean())
+    assert (interval.confidence, interval.n_images, interval.n_resamples) == (0.9, 40, 2000)
+
+
+def test_bootstrap_is_deterministic_under_its_seed():
+    x, y = paired_sample()
+    first = quality.paired_bootstrap_ci(x, y, n_resamples=1000, seed=0)
+    assert first == quality.paired_bootstrap_ci(torch.from_numpy(x), list(y), n_resamples=1000, seed=0)
+    assert first != quality.paired_bootstrap_ci(x, y, n_resamples=1000, seed=1)
+
+
+def test_bootstrap_interval_covers_the_true_mean_difference():
+    covered = 0
+    for seed in range(100):
+        x, y = paired_sample(n=50, shift=0.3, noise=0.1, seed=seed)
+        interval = quality.paired_bootstrap_ci(x, y, n_resamples=1000, seed=seed)
+        covered += interval.low <= 0.3 <= interval.high
+    # nominal 95%; the percentile interval runs a little short at n = 50
+    assert 88 <= covered <= 100
+
+
+def test_pairing_narrows_the_interval_when_images_differ_more_than_conditions():
+    x, y = paired_sample(noise=0.01)
+    paired = quality.paired_bootstrap_ci(x, y, n_resamples=2000)
+    unpaired = quality.paired_bootstrap_ci(x, np.random.default_rng(1).permutation(y), n_resamples=2000)
+    assert (paired.high - paired.low) < 0.2 * (unpaired.high - unpaired.low)
+
+
+def test_bootstrap_refuses_unpaired_single_or_infinite_values():
+    with pytest.raises(ValueError, match="one pair per image"):
+        quality.paired_bootstrap_ci([1.0, 2.0], [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="at least two"):
+        quality.paired_bootstrap_ci([1.0], [2.0])
+    with pytest.raises(ValueError, match=r"non-finite values at images \[1\]"):
+        quality.paired_bootstrap_ci([30.0, math.inf], [20.0, 25.0])
+
+
+# --- verdicts ------------------------------------------------------------------------------------------------------
+
+def attacked_and_control(shift, noise, n=32, seed=0):
+    """Control values in [0.6, 0.95] and attacked = control + shift + per-image noise of mean exactly 0 (so the mean
+    difference is `shift` and the interval sits around it, whatever the resampling draws)."""
+    rng = np.random.default_rng(seed)
+    control = rng.uniform(0.6, 0.95, size=n)
+    deviations = rng.normal(0, noise, size=n)
+    return control + shift + deviations - deviations.mean(), control
+
+
+@pytest.mark.parametrize("shift, noise, margin, verdict", [
+    (-0.10, 0.01, 0.0, "holds"),          # clearly worse under the attack
+    (-0.10, 0.01, 0.05, "holds"),         # and worse by more than the margin
+    (+0.10, 0.01, 0.0, "fails"),          # the attack made it better
+    (-0.01, 0.005, 0.05, "fails"),        # worse, but inside the margin
+    (0.0, 0.10, 0.0, "inconclusive"),     # no clear difference either way
+    (-0.05, 0.05, 0.05, "inconclusive"),  # straddles the margin
+])
+def test_degrades_beyond_each_branch(shift, noise, margin, verdict):
+    attacked, control = attacked_and_control(shift, noise)
+    higher = quality.degrades_beyond(attacked, control, higher_is_better=True, margin=margin, n_resamples=2000)
+    assert higher.verdict == verdict
+    # a distance (lower is better) that moves the other way gives the same verdict
+    lower = quality.degrades_beyond(1 - attacked, 1 - control, higher_is_better=False, margin=margin,
+                                    n_resamples=2000)
+    assert lower.verdict == verdict
+    assert lower.interval.estimate == pytest.approx(-higher.interval.estimate) == pytest.approx(-shift)
+
+
+def test_degrades_beyond_fails_when_the_attack_changes_nothing():
+    control = np.linspace(0.5, 0.9, 10)
+    assert quality.degrades_beyond(control, control, higher_is_better=True).verdict == "fails"
+    with pytest.raises(ValueError, match="margin"):
+        quality.degrades_beyond(control, control, higher_is_better=True, margin=-0.1)
+
+
+@pytest.mark.parametrize("shift, noise, margin, verdict", [
+    (0.001, 0.01, 0.05, "holds"),
+    (0.20, 0.01, 0.05, "fails"),
+    (-0.20, 0.01, 0.05, "fails"),
+    (0.05, 0.02, 0.05, "inconclusive"),
+    (0.0, 0.30, 0.05, "inconclusive"),
+])
+def test_equivalent_within_each_branch(shift, noise, margin, verdict):
+    a, b = attacked_and_control(shift, noise)
+    assert quality.equivalent_within(a, b, margin, n_resamples=2000).verdict == verdict
+
+
+def test_verdict_sentences_carry_the_numbers():
+    control = np.linspace(0.6, 0.9, 32)
+    equivalent = quality.equivalent_within(control - 0.004, control, 0.05, label="PDM edit SSIM",
+                                           names=("attacked", "control"))
+    assert equivalent.sentence == ("PDM edit SSIM: attacked − control = -0.004 [-0.004, -0.004] "
+                                   "(95% paired bootstrap, 32 images); within ±0.05: holds")
+    degraded = quality.degrades_beyond(control - 0.12, control, higher_is_better=True, label="edit SSIM")
+    assert degraded.sentence == ("edit SSIM: attacked − control = -0.12 [-0.12, -0.12] (95% paired bootstrap, "
+                                 "32 images); attacked worse than control by more than 0 (higher is better): holds")
+    assert degraded.verdict in quality.VERDICTS
+
+
+def test_intervals_are_shown_at_the_precision_of_their_width():
+    assert quality.format_interval(-0.0043, -0.0112, 0.0021) == "-0.004 [-0.011, 0.002]"
+    assert quality.format_interval(-0.1, -0.1032, -0.0966) == "-0.1000 [-0.1032, -0.0966]"
+    assert quality.format_interval(-2.345, -3.1, -1.6) == "-2.3 [-3.1, -1.6]"
+    assert quality.format_interval(3e-18, -0.0324, 0.0339) == "0.000 [-0.032, 0.034]"
+    assert quality.format_interval(-3e-18, -0.0324, 0.0339) == "0.000 [-0.032, 0.034]"
+    assert quality.format_interval(12.0, 12.0, 12.0) == "12 [12, 12]"

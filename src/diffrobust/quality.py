@@ -278,6 +278,142 @@ def kernel_inception_distance(feats_a, feats_b, subsets=100, subset_size=1000, s
     return KernelDistance(scores.mean().item(), scores.std(unbiased=False).item())
 
 
+# --- paired statistics ---------------------------------------------------------------------------------------------
+
+def mean_difference(x, y, axis=-1):
+    """mean(x - y) along `axis`: the default statistic of `paired_bootstrap_ci` (vectorised, as scipy wants)."""
+    return np.mean(np.asarray(x) - np.asarray(y), axis=axis)
+
+
+@dataclass(frozen=True)
+class PairedInterval:
+    """A statistic of paired per-image values and its bootstrap interval."""
+    estimate: float      # the statistic on all images
+    low: float           # interval bounds (percentile bootstrap)
+    high: float
+    confidence: float    # e.g. 0.95
+    n_images: int
+    n_resamples: int
+
+
+def _per_image_values(values, name):
+    array = np.asarray(torch.as_tensor(values).detach().cpu(), dtype=np.float64)
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be one value per image, got shape {array.shape}")
+    if not np.isfinite(array).all():
+        # e.g. the PSNR of two identical images is inf: a mean over it says nothing
+        raise ValueError(f"{name} has non-finite values at images {np.flatnonzero(~np.isfinite(array)).tolist()}")
+    return array
+
+
+def paired_bootstrap_ci(x, y, statistic=mean_difference, n_resamples=10000, confidence=0.95, seed=0):
+    """Percentile bootstrap interval of statistic(x, y) over paired per-image values (x[i], y[i] belong to image i).
+
+    Each resample draws N image indices with replacement and takes both values of each drawn image (the pairing is
+    kept); the interval is the (1 - confidence)/2 and (1 + confidence)/2 quantiles (linear interpolation) of the
+    n_resamples resampled statistics. This is scipy.stats.bootstrap(paired=True, method='percentile') with
+    rng = numpy.random.default_rng(seed), so a seed gives the same interval everywhere. `statistic(x, y, axis)` must
+    be vectorised along `axis` (as `mean_difference`). Needs at least two images and finite values."""
+    x, y = _per_image_values(x, "x"), _per_image_values(y, "y")
+    if len(x) != len(y):
+        raise ValueError(f"paired values need one pair per image: {len(x)} and {len(y)} values")
+    if len(x) < 2:
+        raise ValueError(f"a bootstrap needs at least two images, got {len(x)}")
+    with warnings.catch_warnings():
+        # identical differences on every image give a degenerate (zero-width) interval, which is the right answer
+        warnings.simplefilter("ignore", scipy.stats.DegenerateDataWarning)
+        result = scipy.stats.bootstrap((x, y), statistic, n_resamples=n_resamples, paired=True, vectorized=True,
+                                       confidence_level=confidence, method="percentile",
+                                       rng=np.random.default_rng(seed))
+    interval = result.confidence_interval
+    return PairedInterval(float(statistic(x, y, axis=-1)), float(interval.low), float(interval.high),
+                          confidence, len(x), n_resamples)
+
+
+# --- claim verdicts ------------------------------------------------------------------------------------------------
+
+def format_interval(estimate, low, high):
+    """"estimate [low, high]" with as many decimals as give the interval's width two significant digits (a
+    zero-width interval: three significant digits), so that a difference is shown at the precision it is known to.
+    """
+    width = high - low
+    if not width > 0:
+        return f"{estimate:.3g} [{low:.3g}, {high:.3g}]"
+    decimals = max(0, 1 - math.floor(math.log10(width)))
+
+    def text(value):
+        formatted = f"{value:.{decimals}f}"
+        return formatted[1:] if formatted.startswith("-") and float(formatted) == 0 else formatted  # no "-0.000"
+
+    return f"{text(estimate)} [{text(low)}, {text(high)}]"
+
+
+@dataclass(frozen=True)
+class ClaimVerdict:
+    """The verdict on one paired claim, with the numbers it rests on."""
+    label: str                 # what is measured, e.g. "PDM edit SSIM"
+    difference: str            # which difference the interval is of, e.g. "attacked − control"
+    interval: PairedInterval   # of the mean difference
+    criterion: str             # the claim in words, e.g. "within ±0.05"
+    verdict: str               # one of VERDICTS
+
+    @property
+    def sentence(self):
+        """One line: label, difference, estimate [low, high], the interval's kind, criterion and verdict."""
+        iv = self.interval
+        return (f"{self.label}: {self.difference} = {format_interval(iv.estimate, iv.low, iv.high)} "
+                f"({iv.confidence * 100:g}% paired bootstrap, {iv.n_images} images); {self.criterion}: "
+                f"{self.verdict}")
+
+
+def _check_margin(margin):
+    if not margin >= 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+
+
+def degrades_beyond(metric_attacked, metric_control, higher_is_better, margin=0.0, *, label="quality",
+                    names=("attacked", "control"), n_resamples=10000, confidence=0.95, seed=0):
+    """Claim: quality under the attack is worse than under the control (the random ±eps perturbation) by more than
+    `margin`, from per-image values of one metric for the same images (`paired_bootstrap_ci` of attacked - control).
+
+    Let [lo, hi] be the interval of the degradation D = control - attacked when higher is better (SSIM, PSNR,
+    cosine), attacked - control otherwise (distances); D > 0 means the attack made things worse. Then
+    - holds when lo > margin: the whole interval is worse by more than the margin;
+    - fails when hi <= margin: the whole interval is at most `margin` worse, i.e. better, no different, or inside
+      the equivalence margin (with margin 0: the whole interval on the other side of, or at, zero);
+    - inconclusive otherwise (the interval straddles the margin).
+    The sentence reports attacked - control itself, not D."""
+    _check_margin(margin)
+    interval = paired_bootstrap_ci(metric_attacked, metric_control, n_resamples=n_resamples, confidence=confidence,
+                                   seed=seed)
+    worse_low, worse_high = sorted((-interval.low, -interval.high) if higher_is_better else
+                                   (interval.low, interval.high))
+    verdict = "holds" if worse_low > margin else "fails" if worse_high <= margin else "inconclusive"
+    better = "higher" if higher_is_better else "lower"
+    return ClaimVerdict(label, f"{names[0]} − {names[1]}", interval,
+                        f"{names[0]} worse than {names[1]} by more than {margin:g} ({better} is better)", verdict)
+
+
+def equivalent_within(metric_a, metric_b, margin, *, label="quality", names=("a", "b"), n_resamples=10000,
+                      confidence=0.95, seed=0):
+    """Claim: two conditions give the same quality within ±margin, from per-image values of one metric for the same
+    images (`paired_bootstrap_ci` of a - b). Equivalence testing through the interval (TOST): holds when the whole
+    interval lies in [-margin, margin]; fails when it lies entirely outside (low > margin or high < -margin);
+    inconclusive otherwise. A 95% interval inside the margin is TOST at level 0.025 per side (the usual
+    alpha = 0.05 TOST reads a 90% interval: pass confidence=0.90 for it)."""
+    _check_margin(margin)
+    interval = paired_bootstrap_ci(metric_a, metric_b, n_resamples=n_resamples, confidence=confidence, seed=seed)
+    if -margin <= interval.low and interval.high <= margin:
+        verdict = "holds"
+    elif interval.low > margin or interval.high < -margin:
+        verdict = "fails"
+    else:
+        verdict = "inconclusive"
+    return ClaimVerdict(label, f"{names[0]} − {names[1]}", interval, f"within ±{margin:g}", verdict)
+
+
 __all__ = ["VERDICTS", "BT601_FIXED_POINT_RGB", "psnr", "diffprotect_grayscale", "ssim", "PenultimateFeatures",
-           "penultimate_features", "extract_features", "feature_distance", "cosine_similarity", "feature_statistics",
-           "frechet_distance_from_stats", "frechet_distance", "KernelDistance", "kernel_inception_distance"]
+           "penultimate_features", "extract_features", "feature_distance", "cosine_similarity",
+           "feature_statistics", "frechet_distance_from_stats", "frechet_distance", "KernelDistance",
+           "kernel_inception_distance", "mean_difference", "PairedInterval", "paired_bootstrap_ci",
+           "format_interval", "ClaimVerdict", "degrades_beyond", "equivalent_within"]

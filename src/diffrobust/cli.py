@@ -235,6 +235,65 @@ def cmd_evaluate_set(args):
     log.info("scored %s on %d stored examples: accuracy %.3f", args.defense, record["images"], record["accuracy"])
 
 
+def _device(name):
+    from diffrobust.device import resolve_device
+
+    return resolve_device(name)
+
+
+def cmd_train_ldm(args):
+    from diffrobust import training_ldm
+    from diffrobust.provenance import run_record
+
+    model = args.settings
+    with run_record(args.run_record, config=model, seed=args.seed) as record:
+        result = training_ldm.train_mini_ldm(args.dataset_dir, args.out_dir, architecture=model["architecture"],
+                                             vae_training=model["vae_training"],
+                                             unet_training=model["unet_training"], seed=args.seed,
+                                             device=_device(args.device))
+        record["scaling_factor"] = result["scaling_factor"]
+    log.info("trained the mini latent diffusion model -> %s/model", args.out_dir)
+
+
+def _pixel_barrier_settings(args):
+    from diffrobust.errors import DiffrobustError
+
+    problems = schema_problems(args.settings, "pixel_barrier")
+    if getattr(args, "subset", None) is not None:
+        problems += schema_problems(args.subset, "subsets.pdm_pure")
+    if problems:
+        raise DiffrobustError("out of range (as config key " + "; ".join(problems) + ")")
+    return args.settings
+
+
+def cmd_protect(args):
+    from diffrobust.provenance import run_record
+    from diffrobust.stages import pixel_barrier
+
+    settings = _pixel_barrier_settings(args)
+    with run_record(args.run_record, config={"attack": args.attack, "settings": settings, "subset": args.subset,
+                                             "models": args.models, "device": args.device},
+                    seed=settings["seed"]) as record:
+        record.update(pixel_barrier.run_protect(args.attack, settings=settings, subset=args.subset,
+                                                models=args.models, dataset_dir=args.dataset_dir, out=args.out,
+                                                device=_device(args.device)))
+    log.info("protected %d images with %s -> %s", record["images"], args.attack, args.out)
+
+
+def cmd_edit_protected(args):
+    from diffrobust.provenance import run_record
+    from diffrobust.stages import pixel_barrier
+
+    settings = _pixel_barrier_settings(args)
+    with run_record(args.run_record, config={"attack": args.attack, "settings": settings, "models": args.models,
+                                             "set": args.set, "device": args.device},
+                    seed=settings["seed"]) as record:
+        record.update(pixel_barrier.run_edit(args.attack, settings=settings, models=args.models, set_path=args.set,
+                                             out_tsv=args.out_tsv, out_grid=args.out_grid,
+                                             device=_device(args.device)))
+    log.info("edited and purified the %s sets: %d rows -> %s", args.attack, record["rows"], args.out_tsv)
+
+
 def cmd_sigma_sweep(args):
     from diffrobust.errors import DiffrobustError
     from diffrobust.provenance import run_record
@@ -427,6 +486,35 @@ def build_parser(argv=None):
     sweep.add_argument("--out", required=True)
     sweep.add_argument("--run-record")
     sweep.set_defaults(func=cmd_sigma_sweep)
+
+    ldm = commands.add_parser("train-ldm", help="train the mini latent diffusion model (resumable)")
+    ldm.add_argument("--dataset-dir", required=True)
+    ldm.add_argument("--out-dir", required=True)
+    ldm.add_argument("--settings", required=True, type=_checked("models.ldm"), help="the models.ldm config block (JSON)")
+    ldm.add_argument("--seed", type=int, default=0)
+    ldm.add_argument("--device", default="auto", help=DEVICE_HELP)
+    ldm.add_argument("--run-record")
+    ldm.set_defaults(func=cmd_train_ldm)
+
+    for name, func, text in (("protect", cmd_protect, "Pixel is a Barrier: protect the images with one attack"),
+                             ("edit-protected", cmd_edit_protected,
+                              "Pixel is a Barrier: edit and purify one attack's protected sets")):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("--attack", required=True, help="a protective attack, or none / random")
+        command.add_argument("--settings", required=True, type=_json, help="the pixel_barrier config block (JSON)")
+        command.add_argument("--models", required=True, type=_json,
+                             help='{"ldm": folder, "pixel": model, "classifier": model or null}')
+        command.add_argument("--device", default="auto", help=DEVICE_HELP)
+        command.add_argument("--run-record")
+        if name == "protect":
+            command.add_argument("--subset", required=True, type=_json, help="the subsets.pdm_pure entry (JSON)")
+            command.add_argument("--dataset-dir", required=True)
+            command.add_argument("--out", required=True, help="the .npz to write")
+        else:
+            command.add_argument("--set", required=True, help="the protect job's .npz")
+            command.add_argument("--out-tsv", required=True)
+            command.add_argument("--out-grid", required=True)
+        command.set_defaults(func=func)
 
     # The benchmarks' options live in their modules, which import torch, FLOP counters and scipy: they are added
     # only when that command is asked for, so that `diffrobust --help` and the light jobs start fast.

@@ -32,7 +32,7 @@ CHECKPOINTS_REGISTRY = REPO_ROOT / "config" / "checkpoints.yaml"
 CHECKPOINTS_SCHEMA = REPO_ROOT / "workflow" / "schemas" / "checkpoints.schema.yaml"
 
 # Stage seeds that follow the global `seed` unless the config sets them (the schema gives them no default).
-STAGE_SEEDS = (("densepure", "seed"), ("diffpure", "seed"), ("rdc", "seed"))
+STAGE_SEEDS = (("densepure", "seed"), ("diffpure", "seed"), ("rdc", "seed"), ("pixel_barrier", "seed"))
 MNIST_CLASSES = 10
 
 log = logging.getLogger(__name__)

@@ -93,6 +93,11 @@ PATHS = {
     "attack_work": f"{RESULTS}/attacks/{{defense}}/{{attack}}/{{threat}}/work/shard{{shard}}",
     "transfer_eval": f"{RESULTS}/evaluations/{{defense}}/from-{{source}}/{{attack}}/{{threat}}.npz",
     "sigma_sweep": f"{RESULTS}/rdc/sigma_sweep_{{threat}}.tsv",
+    "ldm_model": f"{RESULTS}/models/ldm/model",
+    "ldm_losses": f"{RESULTS}/models/ldm/loss.tsv",
+    "protected_set": f"{RESULTS}/pixel_barrier/protected/{{attack}}.npz",
+    "edit_table": f"{RESULTS}/pixel_barrier/edits/{{attack}}.tsv",
+    "edit_grid": f"{RESULTS}/pixel_barrier/edits/{{attack}}.grid.npz",
     "report_html": f"{RESULTS}/reports/{{notebook}}.html",
     "report_ipynb": f"{RESULTS}/reports/{{notebook}}.ipynb",
 }
@@ -381,6 +386,45 @@ def sweep_inputs(wildcards):
             "sets": set_shards("dc", RDC["checks"]["attack"], wildcards.threat)}
 
 
+# --- Pixel is a Barrier -------------------------------------------------------------------------------------------
+
+PIXEL_BARRIER = CFG["pixel_barrier"]
+PIXEL_BARRIER_SETS = ["none", "random"] + list(PIXEL_BARRIER["attacks"])
+
+
+def pixel_barrier_source(role):
+    """What the stage loads for `role` (ldm, pixel, classifier): a file or folder the DAG writes, a checkpoint
+    folder under data/checkpoints (the LDM is read as a diffusers folder), or a checkpoint name."""
+    source = PIXEL_BARRIER["models"][role]
+    if role == "ldm":
+        return path("ldm_model") if source == "train" else f"data/checkpoints/{source}"
+    if source == "train":
+        return model_source({"pixel": "diffusion", "classifier": "classifier"}[role])
+    return source
+
+
+def pixel_barrier_models():
+    models = {role: pixel_barrier_source(role) for role in ("ldm", "pixel")}
+    models["classifier"] = pixel_barrier_source("classifier") if PIXEL_BARRIER["models"]["classifier"] else None
+    return models
+
+
+def pixel_barrier_model_files(wildcards):
+    """Inputs of the protect and edit jobs: the LDM folder (or its checkpoint files), the pixel model, the classifier."""
+    files = {"ldm": path("ldm_model") if PIXEL_BARRIER["models"]["ldm"] == "train"
+             else registry_files(PIXEL_BARRIER["models"]["ldm"])}
+    for role, dag_role in (("pixel", "diffusion"), ("classifier", "classifier")):
+        source = PIXEL_BARRIER["models"][role]
+        if source is None:
+            continue
+        files[role] = model_files(dag_role) if source == "train" else registry_files(source)
+    return files
+
+
+def pixel_barrier_targets():
+    return [path(kind, attack=attack) for attack in PIXEL_BARRIER_SETS for kind in ("edit_table", "edit_grid")]
+
+
 # --- reports -----------------------------------------------------------------------------------------------------
 
 
@@ -403,6 +447,11 @@ def report_inputs(wildcards):
         inputs.update(dataset_files())
         inputs["sets"] = rdc_targets() + diffpure_targets()
         inputs["published"] = "config/published_values.yaml"
+    elif wildcards.notebook == "pixel_barrier":
+        inputs["tables"] = pixel_barrier_targets()
+        inputs["published"] = "config/published_values.yaml"
+        if PIXEL_BARRIER["models"]["ldm"] == "train":
+            inputs["losses"] = path("ldm_losses")
     return inputs
 
 
@@ -472,6 +521,19 @@ def report_parameters(wildcards):
             "transfer_attack": RDC_TRANSFER_ATTACK,
             "sweep": path("sigma_sweep", threat=RDC["sweep"]["threat"]),
             "models": stage_models("rdc"),
+            "published": "config/published_values.yaml",
+        }
+    elif wildcards.notebook == "pixel_barrier":
+        parameters = {
+            "preset": PRESET,
+            "dataset": DATASET,
+            "results_dir": f"{RESULTS}/pixel_barrier",
+            "settings": PIXEL_BARRIER,
+            "sets": PIXEL_BARRIER_SETS,
+            "subset": CFG["subsets"]["pdm_pure"],
+            "models": pixel_barrier_models(),
+            "ldm_training": CFG["models"]["ldm"] if PIXEL_BARRIER["models"]["ldm"] == "train" else None,
+            "ldm_losses": path("ldm_losses") if PIXEL_BARRIER["models"]["ldm"] == "train" else None,
             "published": "config/published_values.yaml",
         }
     else:

@@ -1,0 +1,329 @@
+"""Pixel is a Barrier (Xue & Chen, arXiv 2404.13320) as workflow jobs: protect, edit and purify, then the claims.
+
+Jobs (one per protective attack, each over every budget of `pixel_barrier.budgets`):
+
+- `protect_job`: the evaluation images protected by one attack (`attacks.protective`), one array per budget, checked
+  inside the ℓ∞ ball; the pseudo-attacks ``none`` (the clean images) and ``random`` (±ε sign noise, the control of
+  the same budget) are made by the same job so that every later comparison is paired image by image.
+- `edit_job`: every protected set edited by SDEdit with the LDM and with the pixel model (PDM) at each strength, and
+  purified by each purifier and then edited by the LDM; per image: SSIM and PSNR against the clean image, a feature
+  distance on the classifier's penultimate layer and the classifier's accuracy on the edit (does the edit keep the
+  digit?). Edits of one image use the same noise whatever the attack (one generator seeded per strength), so the
+  differences between sets are the perturbations' and not the sampler's.
+
+`claims` turns the per-image tables into the paper's three claims, each with a paired bootstrap interval and a verdict.
+"""
+
+import logging
+import time
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from diffrobust import imagespace, quality
+from diffrobust.attacks import protective
+from diffrobust.data import load_dataset, subset_indices
+from diffrobust.defenses.sdedit import LDMPure, PDMPure, ldm_sdedit, pixel_sdedit
+from diffrobust.defenses.transforms import CropResize, JPEGCompression, identity
+from diffrobust.models import eps_model, load_source
+from diffrobust.networks.ldm import load_ldm
+
+log = logging.getLogger(__name__)
+
+PSEUDO_ATTACKS = ("none", "random")
+EDITORS = ("ldm", "pdm")
+PURIFIERS = ("none", "pdm_pure", "pdm_pure_released", "jpeg", "crop", "ldm_pure")
+METRICS = ("ssim", "psnr", "feature_distance", "correct")
+GRID_IMAGES = 4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models and data
+# ---------------------------------------------------------------------------------------------------------------
+
+def load_models(models, settings, device="cpu"):
+    """{"ldm", "pixel_eps", "pixel_schedule", "classifier"} from the stage's model sources (classifier may be None)."""
+    ldm = load_ldm(models["ldm"], prompt=settings.get("prompt"), device=device)
+    pixel = load_source(models["pixel"], device=device)
+    unconditional = pixel.null_class is not None
+    classifier = load_source(models["classifier"], device=device).network if models.get("classifier") else None
+    return {"ldm": ldm, "pixel_eps": eps_model(pixel, unconditional=unconditional), "pixel_schedule": pixel.diffusion,
+            "classifier": classifier}
+
+
+def evaluation_images(dataset_dir, subset):
+    """(x01, labels, indices) of the stage's subset of the evaluation split."""
+    split = load_dataset(dataset_dir).eval_split
+    indices = subset_indices(subset, len(split), "subsets.pdm_pure")
+    return (imagespace.uint8_to_float(split.images[indices]), torch.as_tensor(split.labels[indices]).long(),
+            np.asarray(split.indices[indices]))
+
+
+def target_image(settings, shape):
+    """Mist's target image: a checkerboard of `target.period`-pixel squares at mini (Mist's MIST.png is a texture
+    of high-contrast patterns; MNIST is 1-channel), or a user's image file at paper scale."""
+    spec = settings["target"]
+    channels, size = shape[-3], shape[-1]
+    if spec.get("file"):
+        from PIL import Image
+
+        image = Image.open(spec["file"]).convert("RGB" if channels == 3 else "L").resize((size, size), Image.BICUBIC)
+        array = np.asarray(image, dtype=np.uint8)
+        array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+        return imagespace.uint8_to_float(array[None].copy())
+    period = int(spec.get("period", 4))
+    rows = (torch.arange(size) // period) % 2
+    board = (rows[:, None] ^ rows[None, :]).float()
+    return board.expand(1, channels, size, size).clone()
+
+
+def budget_key(index):
+    return f"eps{index}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Protection
+# ---------------------------------------------------------------------------------------------------------------
+
+def protect_images(attack, x01, settings, models, seed):
+    """{budget index: (protected images, objective before, after)} for one attack over every budget."""
+    out = {}
+    for k, eps in enumerate(settings["budgets"]):
+        generator = torch.Generator().manual_seed(seed * 1000 + k)
+        if attack == "none":
+            out[k] = (x01.clone(), None, None)
+            continue
+        if attack == "random":
+            out[k] = (protective.random_sign_noise(x01, eps, generator), None, None)
+            continue
+        objective = protective.objective_for(
+            attack, ldm=models["ldm"], pixel_eps_model=models["pixel_eps"], pixel_schedule=models["pixel_schedule"],
+            target01=target_image(settings, x01.shape), rate=settings["mist_rate"])
+        random_start = attack not in settings["no_random_start"]
+        with tqdm(total=settings["steps"], desc=f"{attack} eps {eps:g}", mininterval=5.0) as progress:
+            result = protective.protect(objective, x01, eps=eps, steps=settings["steps"],
+                                        relative_step_size=settings["relative_step_size"],
+                                        random_start=random_start, generator=generator,
+                                        measure_draws=settings["measure_draws"], progress=progress)
+        out[k] = (result.x_protected, result.objective_before, result.objective_after)
+    return out
+
+
+def protect_job(attack, *, settings, subset, models, dataset_dir, device="cpu", seed=0):
+    """The arrays of one attack's protected sets (see the module docstring); also the latent distance each
+    perturbation causes, against the random control's (the encoder-amplification figure)."""
+    loaded = load_models(models, settings, device)
+    x01, labels, indices = evaluation_images(dataset_dir, subset)
+    x01 = x01.to(device)
+    clock = time.perf_counter()
+    protected = protect_images(attack, x01, settings, loaded, seed)
+    arrays = {"indices": np.asarray(indices), "labels": labels.numpy(), "x_clean": x01.cpu().numpy(),
+              "budgets": np.asarray(settings["budgets"], dtype=np.float64)}
+    for k, (x_protected, before, after) in protected.items():
+        key = budget_key(k)
+        arrays[f"{key}/x"] = x_protected.detach().cpu().numpy().astype(np.float32)
+        arrays[f"{key}/latent_distance"] = protective.latent_distance(loaded["ldm"], x01, x_protected).cpu().numpy()
+        if before is not None:
+            arrays[f"{key}/objective_before"] = before.numpy()
+            arrays[f"{key}/objective_after"] = after.numpy()
+    arrays["seconds"] = np.float64(time.perf_counter() - clock)
+    return arrays
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Editing and purification
+# ---------------------------------------------------------------------------------------------------------------
+
+def purifier_for(name, settings, loaded):
+    """The purifier `name` of PURIFIERS (a purifier: x01, generator -> x01)."""
+    spec = settings["purifiers"].get(name, {})
+    if name == "none":
+        return identity
+    if name in ("pdm_pure", "pdm_pure_released"):
+        variant = "released" if name == "pdm_pure_released" else "paper"
+        return PDMPure(loaded["pixel_eps"], loaded["pixel_schedule"], variant=variant,
+                       **{key: value for key, value in spec.items() if key != "variant"})
+    if name == "jpeg":
+        return JPEGCompression(**spec)
+    if name == "crop":
+        return CropResize(**spec)
+    if name == "ldm_pure":
+        return LDMPure(loaded["ldm"], **spec)
+    raise ValueError(f"unknown purifier {name!r}; choose one of {PURIFIERS}")
+
+
+def edit(editor, x01, strength, loaded, settings, seed):
+    """SDEdit of x01 by the LDM or the PDM at `strength`, with the noise of (seed, strength) (paired across sets)."""
+    generator = torch.Generator().manual_seed(seed * 1000 + round(strength * 1000))
+    steps = settings["edit"]["num_inference_steps"]
+    if editor == "ldm":
+        return ldm_sdedit(loaded["ldm"], x01, strength, num_inference_steps=steps, generator=generator)
+    return pixel_sdedit(loaded["pixel_eps"], loaded["pixel_schedule"], x01, strength, num_inference_steps=steps,
+                        sampler=settings["edit"]["pixel_sampler"], generator=generator)
+
+
+def image_metrics(edited01, clean01, labels, classifier, features_of):
+    """Per-image metrics of edits against the clean images (see METRICS)."""
+    rows = {"ssim": quality.ssim(edited01, clean01, grayscale=edited01.shape[1] == 3).numpy(),
+            "psnr": np.minimum(quality.psnr(edited01, clean01).numpy(), 100.0)}
+    if classifier is not None:
+        with torch.no_grad():
+            rows["correct"] = (classifier(edited01).argmax(1).cpu() == labels).numpy().astype(np.float64)
+            rows["feature_distance"] = quality.feature_distance(features_of(edited01), features_of(clean01)).numpy()
+    return rows
+
+
+def edit_job(attack, sets, *, settings, models, device="cpu", seed=0):
+    """(per-image metrics DataFrame, grid arrays) of one attack's protected sets (`sets`: protect_job's arrays)."""
+    loaded = load_models(models, settings, device)
+    classifier = loaded["classifier"]
+    extractor = quality.penultimate_features(classifier) if classifier is not None else None
+
+    def features_of(images):
+        return quality.extract_features(extractor, images)
+
+    x_clean = torch.from_numpy(sets["x_clean"]).to(device)
+    labels = torch.from_numpy(sets["labels"])
+    budgets = sets["budgets"] if attack != "none" else sets["budgets"][:1]
+    frames, grids = [], {"x_clean": sets["x_clean"][:GRID_IMAGES]}
+    for k, eps in enumerate(budgets):
+        key = budget_key(k)
+        x = torch.from_numpy(sets[f"{key}/x"]).to(device)
+        grids[f"{key}/x"] = sets[f"{key}/x"][:GRID_IMAGES]
+        base = {"attack": attack, "eps": 0.0 if attack == "none" else float(eps)}
+
+        def add(rows, **labels_of_rows):
+            frame = pd.DataFrame(rows)
+            frame.insert(0, "image", np.arange(len(frame)))
+            for name, value in reversed(list({**base, **labels_of_rows}.items())):
+                frame.insert(0, name, value)
+            frames.append(frame)
+
+        for editor in EDITORS:
+            for strength in settings["edit"]["strengths"]:
+                edited = edit(editor, x, strength, loaded, settings, seed)
+                add(image_metrics(edited, x_clean, labels, classifier, features_of), editor=editor,
+                    purifier="none", strength=strength)
+                if strength == settings["edit"]["purified_strength"]:
+                    grids[f"{key}/{editor}"] = edited[:GRID_IMAGES].cpu().numpy()
+        strength = settings["edit"]["purified_strength"]
+        for name in settings["purifier_list"]:
+            if name == "none":
+                continue
+            generator = torch.Generator().manual_seed(seed * 1000 + 7)
+            purified = purifier_for(name, settings, loaded)(x, generator)
+            edited = edit("ldm", purified, strength, loaded, settings, seed)
+            add(image_metrics(edited, x_clean, labels, classifier, features_of), editor="ldm", purifier=name,
+                strength=strength)
+            # the purified images themselves, against the clean ones: how much of the image the purifier keeps
+            add(image_metrics(purified, x_clean, labels, classifier, features_of), editor="purified", purifier=name,
+                strength=0.0)
+            grids[f"{key}/purified/{name}"] = edited[:GRID_IMAGES].cpu().numpy()
+    table = pd.concat(frames, ignore_index=True)
+    return table, {name: np.asarray(value, dtype=np.float32) for name, value in grids.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The claims
+# ---------------------------------------------------------------------------------------------------------------
+
+def _per_image(table, metric, **where):
+    rows = table
+    for key, value in where.items():
+        rows = rows[np.isclose(rows[key], value)] if isinstance(value, float) else rows[rows[key] == value]
+    return rows.sort_values("image")[metric].to_numpy()
+
+
+def verdict_row(verdict):
+    """A ClaimVerdict as flat columns of the claims table."""
+    iv = verdict.interval
+    return {"label": verdict.label, "difference": verdict.difference, "estimate": iv.estimate, "low": iv.low,
+            "high": iv.high, "n_images": iv.n_images, "criterion": verdict.criterion, "verdict": verdict.verdict,
+            "sentence": verdict.sentence}
+
+
+def claims(table, settings, attacks):
+    """The three claims per attack and budget -> DataFrame of quality.ClaimVerdict fields.
+
+    1. LDM edits of protected images are worse than of the random control of the same budget (degrades_beyond).
+    2. PDM edits of protected images stay within `claims.pdm_margin` of the control's (equivalent_within).
+    3. PDM-Pure then the LDM edit is within `claims.restore_margin` of the LDM edit of the clean image.
+    All at `edit.purified_strength`, on `claims.metric` (SSIM against the clean image by default), paired over
+    images with a bootstrap interval.
+    """
+    spec = settings["claims"]
+    metric, strength = spec["metric"], float(settings["edit"]["purified_strength"])
+    higher = metric != "feature_distance"
+    rows = []
+    clean_ldm = _per_image(table, metric, attack="none", editor="ldm", purifier="none", strength=strength)
+    for attack in attacks:
+        for eps in settings["budgets"]:
+            eps = float(eps)
+
+            def values(name, **where):
+                return _per_image(table, metric, attack=name, eps=eps, strength=strength, **where)
+
+            control = {editor: values("random", editor=editor, purifier="none") for editor in EDITORS}
+            attacked = {editor: values(attack, editor=editor, purifier="none") for editor in EDITORS}
+            common = {"attack": attack, "eps": eps, "metric": metric}
+            if attack in protective.LATENT_ATTACKS:
+                verdict = quality.degrades_beyond(attacked["ldm"], control["ldm"], higher_is_better=higher,
+                                                  label=f"LDM edit {metric}, {attack} at {eps:g}",
+                                                  names=(attack, "random"), seed=spec["seed"])
+                rows.append({**common, "claim": "ldm_degrades", **verdict_row(verdict)})
+            difference = quality.equivalent_within(attacked["pdm"], control["pdm"], spec["pdm_margin"],
+                                                   label=f"PDM edit {metric}, {attack} at {eps:g}",
+                                                   names=(attack, "random"), seed=spec["seed"])
+            rows.append({**common, "claim": "pdm_unaffected", **verdict_row(difference)})
+            purified = values(attack, editor="ldm", purifier="pdm_pure")
+            restored = quality.equivalent_within(purified, clean_ldm, spec["restore_margin"],
+                                                 label=f"PDM-Pure then LDM edit {metric}, {attack} at {eps:g}",
+                                                 names=("purified", "clean"), seed=spec["seed"])
+            rows.append({**common, "claim": "pdm_pure_restores", **verdict_row(restored)})
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The jobs' files
+# ---------------------------------------------------------------------------------------------------------------
+
+def run_protect(attack, *, settings, subset, models, dataset_dir, out, device="cpu"):
+    """protect_job, written atomically to `out` (.npz); returns the run record's summary."""
+    from diffrobust.io import atomic_write_npz
+
+    arrays = protect_job(attack, settings=settings, subset=subset, models=models, dataset_dir=dataset_dir,
+                         device=device, seed=settings["seed"])
+    atomic_write_npz(out, arrays)
+    summary = {"attack": attack, "images": int(len(arrays["labels"])), "seconds": float(arrays["seconds"])}
+    for k, eps in enumerate(settings["budgets"]):
+        key = budget_key(k)
+        summary[f"latent_distance_eps{eps:g}"] = float(arrays[f"{key}/latent_distance"].mean())
+        if f"{key}/objective_after" in arrays:
+            summary[f"objective_eps{eps:g}"] = [float(arrays[f"{key}/objective_before"].mean()),
+                                                float(arrays[f"{key}/objective_after"].mean())]
+    return summary
+
+
+def read_protected(path):
+    """A protect job's arrays as a dict (the file closed)."""
+    with np.load(path) as arrays:
+        return {name: arrays[name] for name in arrays.files}
+
+
+def run_edit(attack, *, settings, models, set_path, out_tsv, out_grid, device="cpu"):
+    """edit_job on the set at `set_path`, its table and grid images written atomically; returns a summary."""
+    from diffrobust.io import atomic_path, atomic_write_npz
+
+    clock = time.perf_counter()
+    table, grids = edit_job(attack, read_protected(set_path), settings=settings, models=models, device=device,
+                            seed=settings["seed"])
+    with atomic_path(out_tsv) as temp:
+        table.to_csv(temp, sep="\t", index=False)
+    atomic_write_npz(out_grid, grids)
+    return {"attack": attack, "rows": int(len(table)), "seconds": time.perf_counter() - clock}
+
+
+def read_tables(paths):
+    """The edit jobs' per-image tables as one DataFrame."""
+    return pd.concat([pd.read_csv(path, sep="\t") for path in paths], ignore_index=True)

@@ -57,7 +57,8 @@ def test_registry_networks_have_the_robustbench_state_dict_layout(manifest, repo
     architecture = registry[RDC_BASELINES[entry]]["architecture"]
     assert architecture["family"] == "robustbench_dm_wrn"
     # the registry's keywords are RobustBench's, with the activation its model zoo gives this entry
-    assert architecture["config"] == {**manifest["config"], "activation_fn": manifest["entries"][entry]["activation_fn"]}
+    activation = manifest["entries"][entry]["activation_fn"]
+    assert architecture["config"] == {**manifest["config"], "activation_fn": activation}
     with torch.device("meta"):  # 267M parameters: no memory on the meta device
         network = build_network(architecture)
     assert isinstance(network, dm_wrn.DMWideResNet)

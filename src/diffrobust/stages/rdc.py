@@ -68,8 +68,8 @@ def build(defense, threat, settings, models, device):
     identity = {"defense": defense, "dc": dc_settings}
     calls = dc.network_evaluations()
     if defense.startswith("rdc"):
-        lm = LikelihoodMaximizer(denoiser_for(load_source(sources["unconditional"], device=device), unconditional=True),
-                                 **settings["lm"])
+        unconditional = load_source(sources["unconditional"], device=device)
+        lm = LikelihoodMaximizer(denoiser_for(unconditional, unconditional=True), **settings["lm"])
         identity["lm"] = settings["lm"]
         calls += lm.network_evaluations()
         return robustness.Built(PurifiedClassifier(lm, dc), identity, inputs, calls)

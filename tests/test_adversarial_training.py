@@ -192,7 +192,7 @@ def test_the_config_trains_it_on_mnist_only():
     assert load_config({"preset": "mini"})["models"]["adversarial"]["source"] == "train"
     assert load_config({"preset": "smoke"})["models"]["adversarial"]["training"]["steps"] == 2
     assert load_config({"preset": "cifar10"})["models"]["adversarial"]["source"] is None
-    with pytest.raises(ConfigError, match="Wang2023Better_WRN-70-16.*not implemented"):
+    with pytest.raises(ConfigError, match="Wang2023Better_WRN-70-16.*name them in 'rdc.models.adversarial'"):
         load_config({"preset": "cifar10", "models": {"adversarial": {"source": "train"}}})
     with pytest.raises(ConfigError, match="neither 'train' nor a checkpoint"):
         load_config({"preset": "mini", "models": {"adversarial": {"source": "Wang2023Better_WRN-70-16"}}})

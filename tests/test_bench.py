@@ -174,6 +174,7 @@ def test_unknown_variants_are_rejected(name):
 
 @pytest.mark.parametrize("architecture, output_shape, torch_layers", [
     ({"family": "robustbench_wrn", "config": {"depth": 10, "widen_factor": 1}}, (2, 10), True),
+    ({"family": "robustbench_dm_wrn", "config": {"depth": 10, "width": 1, "activation_fn": "Swish"}}, (2, 10), True),
     ({"family": "edm_vp_songunet", "config": {"img_resolution": 16, "img_channels": 3, "label_dim": 10,
                                               "model_channels": 16, "channel_mult": [1, 2], "num_blocks": 1,
                                               "attn_resolutions": [8]}}, (2, 3, 16, 16), False),

@@ -79,7 +79,11 @@ def test_checkpoint_registry_is_valid_and_complete():
     registry = load_checkpoint_registry()
     required = {"improved_diffusion_cifar10_uncond", "guided_diffusion_256_uncond", "edm_cifar10_cond_vp",
                 "vit_b16_cifar10", "beit_large_patch16_512_imagenet", "robustbench_cifar10_standard_wrn28_10",
-                "stable_diffusion_v1_4", "deepfloyd_if_stage2_large"}
+                "stable_diffusion_v1_4", "deepfloyd_if_stage2_large",
+                # RDC's adversarial-training baselines, one per threat model
+                "robustbench_cifar10_linf_wang2023better_wrn70_16", "robustbench_cifar10_l2_wang2023better_wrn70_16",
+                "robustbench_cifar10_linf_rebuffi2021fixing_70_16_cutmix_ddpm",
+                "robustbench_cifar10_l2_rebuffi2021fixing_70_16_cutmix_ddpm"}
     assert required <= set(registry)
     for name, entry in registry.items():
         for file_entry in entry["files"]:

@@ -8,6 +8,7 @@ import torch
 
 from diffrobust import config as cfg
 from diffrobust import models, training
+from diffrobust.errors import DiffrobustError
 from diffrobust.stages import rdc, robustness
 from helpers import tiny_mnist_project
 
@@ -57,6 +58,47 @@ def test_every_defense_builds_and_classifies_deterministically(project):
     assert rdc.build("rdc_multihead", "linf", SETTINGS, sources, "cpu").network_calls == 3 + 2
 
 
+def test_the_adversarial_baseline_is_the_checkpoint_of_the_attacks_threat(project, tmp_path):
+    """At paper scale RDC compares with RobustBench's l-inf checkpoint under l-inf attacks and its l2 one under l2
+    attacks: `rdc.models.adversarial` may name one source per threat, and each job loads its threat's."""
+    root, sources = project
+    from diffrobust.networks.classifiers import build_small_resnet
+
+    per_threat = {}
+    for seed, threat in enumerate(("linf", "l2"), start=1):
+        torch.manual_seed(seed)
+        architecture = {"family": "small_resnet", "config": {"in_channels": 1, "num_classes": 10, "width": 8,
+                                                             "depth": 8}}
+        per_threat[threat] = str(tmp_path / f"adversarial_{threat}.pt")
+        models.save_model(per_threat[threat], build_small_resnet(architecture["config"]), kind="classifier",
+                          architecture=architecture)
+    sources = {**sources, "adversarial": per_threat}
+    x = torch.rand(2, 1, 32, 32)
+    logits = {}
+    for threat in ("linf", "l2"):
+        built = rdc.build("adversarial", threat, SETTINGS, sources, "cpu")
+        assert [str(path) for path in built.inputs["adversarial"]] == [per_threat[threat]]
+        with torch.no_grad():
+            logits[threat] = built.model(x)
+            expected = models.load_model(per_threat[threat]).network(x)
+        assert torch.equal(logits[threat], expected)
+    assert (logits["linf"] - logits["l2"]).abs().max() > 1e-3  # two different networks
+    with pytest.raises(DiffrobustError, match="no model source for threat 'l2'.*name only linf"):
+        rdc.build("adversarial", "l2", SETTINGS, {**sources, "adversarial": {"linf": per_threat["linf"]}}, "cpu")
+
+
+def test_the_cifar10_preset_takes_robustbench_wang2023_per_threat():
+    config = cfg.load_config({"preset": "cifar10"})
+    assert config["rdc"]["models"]["adversarial"] == {"linf": "robustbench_cifar10_linf_wang2023better_wrn70_16",
+                                                      "l2": "robustbench_cifar10_l2_wang2023better_wrn70_16"}
+    assert "adversarial" in config["rdc"]["defenses"]
+    assert config["models"]["adversarial"]["source"] is None  # nothing trained in the DAG at paper scale
+    registry = cfg.load_checkpoint_registry()
+    for threat, name in config["rdc"]["models"]["adversarial"].items():
+        assert name in config["checkpoints"] and f"_{threat}_" in name
+        assert registry[name]["architecture"]["family"] == "robustbench_dm_wrn"
+
+
 def test_rdc_gets_every_attack_and_the_checks_the_others_what_the_config_says():
     assert rdc.defense_attacks(SETTINGS, "rdc") == ["apgd_dlr", "rdc_standard", "apgd_dlr-more", "apgd_dlr-large"]
     assert rdc.defense_attacks(SETTINGS, "undefended") == ["apgd_dlr", "rdc_standard"]
@@ -86,6 +128,15 @@ def test_an_rdc_attack_job_and_the_sweep_on_its_set(project, tmp_path):
      "both name standard"),
     ({"rdc": {"checks": {"attack": "cw"}}}, "'rdc.checks.attack' = 'cw'"),
     ({"rdc": {"defenses": ["dc"]}}, "must include rdc"),
+    ({"rdc": {"models": {"adversarial": {"linf": "train"}}}},
+     r"'rdc.models.adversarial' .* names a source per threat model but none for l2"),
+    ({"rdc": {"models": {"adversarial": {"linf": "train", "l2": "wang2023"}}}},
+     r"'rdc.models.adversarial.l2' = 'wang2023' .* is neither 'train' nor a checkpoint"),
+    ({"rdc": {"models": {"adversarial": {"linf": "train", "l2": "robustbench_cifar10_l2_wang2023better_wrn70_16"}}}},
+     r"'rdc.models.adversarial.l2' = 'robustbench_cifar10_l2_wang2023better_wrn70_16' .* add it to the preset's "
+     r"'checkpoints' list"),
+    ({"rdc": {"models": {"adversarial": {"linf": "train", "l2": "train", "l_inf": "train"}}}},
+     "unknown config key 'rdc.models.adversarial.l_inf'.*did you mean 'linf'"),
 ])
 def test_the_config_keeps_the_attack_stages_apart(override, message):
     with pytest.raises(cfg.ConfigError, match=message):

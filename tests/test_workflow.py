@@ -75,9 +75,10 @@ def test_lint(repo_copy):
     # variants); 1 shard each; 2 + 2 transfer scores
     ("mini", {"prepare_dataset": 1, "train_diffusion": 1, "train_classifier": 1, "train_adversarial": 1, "attack": 36,
               "evaluate": 4, "sigma_sweep": 1, "render_report": 5}),
-    # paper scale: downloads instead of training; 500 images in shards of 10, 3 sigmas, 2 methods
-    ("cifar10", {"download_cifar10": 1, "download_checkpoint": 8, "prepare_dataset": 1, "certify_shard": 300,
-                 "merge_votes": 27, "attack": 384, "evaluate": 4, "render_report": 5}),
+    # paper scale: downloads instead of training; 500 images in shards of 10, 3 sigmas, 2 methods; RDC's
+    # adversarially trained row: 2 threats x 2 attacks x 16 shards, each on its threat's RobustBench WRN-70-16
+    ("cifar10", {"download_cifar10": 1, "download_checkpoint": 10, "prepare_dataset": 1, "certify_shard": 300,
+                 "merge_votes": 27, "attack": 448, "evaluate": 4, "render_report": 5}),
     ("imagenet", {"download_checkpoint": 9, "prepare_dataset": 1, "certify_shard": 120, "render_report": 3}),
 ])
 def test_dry_run_builds_the_full_dag(repo_copy, preset, jobs):

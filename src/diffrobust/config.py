@@ -546,7 +546,7 @@ def check_consistency(config, registry, origins=None):
                   (["diffpure", "models", "diffusion"], diffpure["models"]["diffusion"]),
                   (["diffpure", "models", "classifier"], diffpure["models"]["classifier"]),
                   (["models", "adversarial", "source"], config["models"]["adversarial"]["source"])]
-    model_keys += [(["rdc", "models", role], source) for role, source in rdc["models"].items()]
+    model_keys += rdc_model_keys(rdc, origins)
     for path, source in model_keys:
         key = dotted(path)
         if source is None:  # only models.adversarial.source may be null: the preset has no such model
@@ -568,13 +568,30 @@ def check_consistency(config, registry, origins=None):
         )
 
 
+def rdc_model_keys(rdc, origins):
+    """(key path, source) of every model the rdc block names; a role with one source per threat model
+    ({linf: ..., l2: ...}) must name one for every threat of rdc.threats."""
+    keys = []
+    for role, source in rdc["models"].items():
+        path = ["rdc", "models", role]
+        if not isinstance(source, dict):
+            keys.append((path, source))
+            continue
+        missing = [threat for threat in rdc["threats"] if threat not in source]
+        if missing:
+            raise ConfigError(f"config key '{dotted(path)}' ({origins.of(path)}) names a source per threat model but "
+                              f"none for {', '.join(missing)} (rdc.threats: {', '.join(rdc['threats'])}); add it")
+        keys += [([*path, threat], each) for threat, each in source.items()]
+    return keys
+
+
 # Datasets on which the DAG trains the adversarial baseline itself (models.adversarial.source: train).
 ADVERSARIAL_TRAINING_DATASETS = ("mnist",)
 
 
 def check_adversarial_source(config, origins=None):
-    """PGD adversarial training inside the DAG is the mini baseline; at paper scale RDC compares with RobustBench
-    checkpoints that the registry does not hold (their WRN-70-16 is not implemented), so training is refused there
+    """PGD adversarial training inside the DAG is the mini baseline; at paper scale RDC compares with RobustBench's
+    published checkpoints (one per threat model, named in rdc.models.adversarial), so training is refused there
     rather than quietly standing in for them."""
     origins = origins or Origins([])
     path = ["models", "adversarial", "source"]
@@ -583,9 +600,11 @@ def check_adversarial_source(config, origins=None):
             f"config key '{dotted(path)}' = 'train' ({origins.of(path)}): the DAG trains the adversarial baseline "
             f"only on {', '.join(ADVERSARIAL_TRAINING_DATASETS)} (PGD training of the small mini classifier), not on "
             f"{config['dataset']}. RDC's paper-scale baselines (CIFAR-10) are RobustBench's Wang2023Better_WRN-70-16 "
-            "and Rebuffi2021Fixing_70_16_cutmix_ddpm, which config/checkpoints.yaml does not hold yet (their WRN-70-16 "
-            "architecture is not implemented). Leave the key unset (null: no adversarially trained model) or name a "
-            "classifier checkpoint of config/checkpoints.yaml.")
+            "and Rebuffi2021Fixing_70_16_cutmix_ddpm checkpoints, one per threat model: name them in "
+            "'rdc.models.adversarial' ({linf: robustbench_cifar10_linf_wang2023better_wrn70_16, l2: "
+            "robustbench_cifar10_l2_wang2023better_wrn70_16}, as the cifar10 preset does) and leave this key unset "
+            "(null: no adversarially trained model of the DAG's own) or name a classifier checkpoint of "
+            "config/checkpoints.yaml.")
 
 
 # --- putting it together -------------------------------------------------------------------------------------------

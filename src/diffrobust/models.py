@@ -522,6 +522,7 @@ FAMILIES = {
     "score_sde_ncsnpp": Family("diffusion", _score_sde_state_dict, diffusion_settings=_score_sde_diffusion_settings,
                                eps_adapter=lambda loaded: ScoreSDEEps(loaded.network), time_input="continuous"),
     "robustbench_wrn": Family("classifier", lambda path, network: _read_state_dict(path)),
+    "robustbench_dm_wrn": Family("classifier", lambda path, network: _read_state_dict(path)),
     "hf_vit": Family("classifier", load=_hf_vit_network),
     "timm_beit": Family("classifier", _timm_beit_state_dict),
 }

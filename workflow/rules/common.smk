@@ -289,18 +289,26 @@ def attack_stage(attack):
 
 
 def stage_models(stage):
-    """A stage's model sources: `train` means the DAG's own model of that role."""
+    """A stage's model sources: `train` means the DAG's own model of that role; a role may name one source per
+    threat model ({linf: ..., l2: ...}: RDC's adversarially trained baselines)."""
     own = {"conditional": "diffusion", "unconditional": "diffusion", "diffusion": "diffusion"}
-    return {role: path("model", role=own.get(role, role)) if source == "train" else source
-            for role, source in CFG[stage]["models"].items()}
+
+    def resolved(role, source):
+        return path("model", role=own.get(role, role)) if source == "train" else source
+
+    return {role: {threat: resolved(role, each) for threat, each in source.items()} if isinstance(source, dict)
+            else resolved(role, source) for role, source in CFG[stage]["models"].items()}
 
 
 def diffpure_models():
     return stage_models("diffpure")
 
 
-def stage_model_files(stage, role):
-    source = stage_models(stage)[role]
+def stage_model_files(stage, role, threat):
+    """Files a job at `threat` loads for a stage's `role`."""
+    from diffrobust.stages.robustness import threat_source
+
+    source = threat_source(stage_models(stage)[role], threat)
     return [source] if source.endswith(".pt") else registry_files(source)
 
 
@@ -330,7 +338,7 @@ def attack_roles(stage, defense):
 
 def attack_inputs(wildcards):
     stage = attack_stage(wildcards.attack)
-    return {**dataset_files(), **{role: stage_model_files(stage, role)
+    return {**dataset_files(), **{role: stage_model_files(stage, role, wildcards.threat)
                                   for role in attack_roles(stage, wildcards.defense)}}
 
 
@@ -382,8 +390,8 @@ def rdc_targets():
 def sweep_inputs(wildcards):
     from diffrobust.stages.rdc import sweep_heads
 
-    return {**dataset_files(), **{role: stage_model_files("rdc", role) for _, role, _ in sweep_heads(RDC)},
-            "sets": set_shards("dc", RDC["checks"]["attack"], wildcards.threat)}
+    models = {role: stage_model_files("rdc", role, wildcards.threat) for _, role, _ in sweep_heads(RDC)}
+    return {**dataset_files(), **models, "sets": set_shards("dc", RDC["checks"]["attack"], wildcards.threat)}
 
 
 # --- Pixel is a Barrier -------------------------------------------------------------------------------------------

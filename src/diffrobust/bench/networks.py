@@ -197,7 +197,7 @@ def _edm_inputs(network, batch_size):
 
 
 def _cifar10_classifier_inputs(network, batch_size):
-    """CIFAR-10 classifiers: 32x32 RGB images (RobustBench's WideResNet pooling assumes that size)."""
+    """CIFAR-10 classifiers: 32x32 RGB images (RobustBench's WideResNets' pooling assumes that size)."""
     return (torch.randn(batch_size, 3, 32, 32),)
 
 
@@ -207,6 +207,7 @@ EXAMPLE_INPUTS = {
     "guided_diffusion_unet": _adm_inputs,
     "edm_vp_songunet": _edm_inputs,
     "robustbench_wrn": _cifar10_classifier_inputs,
+    "robustbench_dm_wrn": _cifar10_classifier_inputs,
 }
 
 

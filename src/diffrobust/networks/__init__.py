@@ -14,6 +14,7 @@ BUILDERS = {
     "edm_vp_songunet": "diffrobust.networks.edm:build_edm_vp_songunet",
     "score_sde_ncsnpp": "diffrobust.networks.ncsnpp:build_score_sde_ncsnpp",
     "robustbench_wrn": "diffrobust.networks.wrn:build_robustbench_wrn",
+    "robustbench_dm_wrn": "diffrobust.networks.dm_wrn:build_robustbench_dm_wrn",
     "hf_vit": "diffrobust.networks.pretrained:build_hf_vit",
     "timm_beit": "diffrobust.networks.pretrained:build_timm_beit",
 }

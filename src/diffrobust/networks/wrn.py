@@ -3,6 +3,7 @@
 RobustBench's CIFAR-10 `Standard` entry is `WideResNet(depth=28, widen_factor=10)` with nothing around it: unlike
 many other entries of its model zoo it has no normalisation layer (no `mu`/`sigma` buffers), so it takes images in
 [0, 1] as they come from `transforms.ToTensor()` and returns 10 logits. DiffPure and RDC use it as their WRN-28-10.
+RDC's adversarially trained WRN-70-16s are another RobustBench class, `DMWideResNet` (`networks/dm_wrn.py`).
 
 Attribute names and registration order follow RobustBench's, so `state_dict()` has the checkpoint's keys in the
 checkpoint's order (`conv1.weight`, `block1.layer.0.bn1.weight`, ..., `block1.layer.0.convShortcut.weight`, ...,

@@ -3,7 +3,8 @@ the number of sigma points (the paper's cost claim).
 
 Defenses (`DEFENSES`), all images -> logits:
 - ``undefended``: the classifier alone; ``adversarial``: the adversarially trained classifier (mini: PGD training
-  in the DAG);
+  in the DAG; CIFAR-10: RobustBench's WRN-70-16 trained for the attack's threat model, ``rdc.models.adversarial``
+  names one checkpoint per threat);
 - ``dc``: the diffusion classifier (`defenses.DiffusionClassifier`, config ``rdc.dc``) of the class-conditional
   model; ``rdc``: likelihood maximization (`defenses.LikelihoodMaximizer`, ``rdc.lm``) with the unconditional model,
   then ``dc``; the attacks see LM in the gradient mode of their settings (``bpda``: the official choice; ``full``:
@@ -27,7 +28,7 @@ from diffrobust.device import resolve_device
 from diffrobust.io import atomic_path
 from diffrobust.models import load_source, source_files
 from diffrobust.stages import robustness
-from diffrobust.stages.robustness import attack_names, read_set
+from diffrobust.stages.robustness import attack_names, read_set, threat_source
 
 DEFENSES = ("undefended", "adversarial", "dc", "rdc", "dc_multihead", "rdc_multihead")
 # The models each defense loads (roles of rdc.models).
@@ -56,18 +57,19 @@ def build(defense, threat, settings, models, device):
     if defense not in ROLES:
         raise ValueError(f"unknown RDC defense {defense!r}; choose one of {DEFENSES}")
     roles = ROLES[defense]
-    inputs = {role: source_files(models[role]) for role in roles}
+    sources = {role: threat_source(models[role], threat) for role in roles}
+    inputs = {role: source_files(sources[role]) for role in roles}
     if defense in ("undefended", "adversarial"):
-        network = load_source(models[roles[0]], device=device).network
+        network = load_source(sources[roles[0]], device=device).network
         return robustness.Built(network, {"defense": defense}, inputs)
     multihead = defense.endswith("multihead")
     dc_settings = settings["multihead_dc" if multihead else "dc"]
-    dc = diffusion_classifier(load_source(models[roles[0]], device=device), dc_settings).to(device)
+    dc = diffusion_classifier(load_source(sources[roles[0]], device=device), dc_settings).to(device)
     identity = {"defense": defense, "dc": dc_settings}
     calls = dc.network_evaluations()
     if defense.startswith("rdc"):
-        lm = LikelihoodMaximizer(denoiser_for(load_source(models["unconditional"], device=device), unconditional=True),
-                                 **settings["lm"])
+        unconditional = load_source(sources["unconditional"], device=device)
+        lm = LikelihoodMaximizer(denoiser_for(unconditional, unconditional=True), **settings["lm"])
         identity["lm"] = settings["lm"]
         calls += lm.network_evaluations()
         return robustness.Built(PurifiedClassifier(lm, dc), identity, inputs, calls)
@@ -109,7 +111,7 @@ def sigma_sweep(*, threat, settings, subset, dataset_dir, models, set_paths, out
     lines = ["head\tpoints\tnetwork_evaluations\tclean_accuracy\tadversarial_accuracy"]
     batch = int(settings["batch_size"])
     for head, role, key in sweep_heads(settings):
-        loaded = load_source(models[role], device=device)
+        loaded = load_source(threat_source(models[role], threat), device=device)
         for points in settings["sweep"]["points"]:
             dc_settings = dict(settings[key])
             if dc_settings.get("sigma_grid", "edm") == "vp":

@@ -6,10 +6,10 @@ A stage's config block (``diffpure``, ``rdc``) names its threats (budget, large 
 attacks (``attacks.<name>``: AutoAttack or eot_pgd settings) and its checks; two attacks per threat are derived from
 ``checks.attack``: ``<name>-more`` (its iterations times ``checks.iterations_factor``) and ``<name>-large`` (at the
 threat's ``large_eps``). A stage builds its defenses with ``build(defense, threat, settings, models, device) ->
-Built``. Every set is one `.npz` per shard under ``results/<preset>/attacks/<defense>/<attack>/<threat>/``: dataset
-indices, labels, float32 adversarial images, per-image outcome (clean and adversarial correctness, the attack's own
-verdict), images forwarded and back-propagated through the defense and seconds, and the identity of the settings
-that made it.
+Built``; a model source in ``models`` may be one per threat (``{linf: ..., l2: ...}``, `threat_source`). Every set
+is one `.npz` per shard under ``results/<preset>/attacks/<defense>/<attack>/<threat>/``: dataset indices, labels,
+float32 adversarial images, per-image outcome (clean and adversarial correctness, the attack's own verdict), images
+forwarded and back-propagated through the defense and seconds, and the identity of the settings that made it.
 """
 
 import json
@@ -37,6 +37,17 @@ STREAM_ATTACK, STREAM_EVALUATE, STREAM_FLIP = 1, 2, 3
 MORE, LARGE = "-more", "-large"
 
 log = logging.getLogger(__name__)
+
+
+def threat_source(source, threat):
+    """The model source a job at `threat` loads: `source` itself, or its entry for `threat` where the config names
+    one source per threat model (RDC's adversarially trained baselines: an l-inf and an l2 checkpoint)."""
+    if not isinstance(source, dict):
+        return source
+    if threat not in source:
+        raise DiffrobustError(f"no model source for threat {threat!r}: the per-threat sources name only "
+                              f"{', '.join(sorted(source))}")
+    return source[threat]
 
 
 class SetError(DiffrobustError, ValueError):

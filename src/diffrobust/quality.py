@@ -297,7 +297,7 @@ class PairedInterval:
 
 
 def _per_image_values(values, name):
-    array = np.asarray(torch.as_tensor(values).detach().cpu(), dtype=np.float64)
+    array = np.asarray(values.detach().cpu() if torch.is_tensor(values) else values, dtype=np.float64)
     if array.ndim != 1:
         raise ValueError(f"{name} must be one value per image, got shape {array.shape}")
     if not np.isfinite(array).all():

@@ -1,0 +1,337 @@
+"""Pixel is a Barrier: the latent diffusion model, SDEdit, the protective attacks, the purifiers and the claims, on tiny
+random networks (seconds on a CPU)."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from diffrobust import diffusion as dl
+from diffrobust.attacks import protective
+from diffrobust.attacks.budget import perturbation_norms
+from diffrobust.defenses.sdedit import (LDMPure, PDMPure, latent_timesteps, ldm_sdedit, pixel_sdedit,
+                                        released_pdm_pure_times)
+from diffrobust.defenses.transforms import CropResize, JPEGCompression
+from diffrobust.networks import ldm as ldm_lib
+from diffrobust.stages import pixel_barrier
+
+TINY = {"image_channels": 1, "image_size": 16, "latent_channels": 4, "vae_channels": [8, 8, 16],
+        "unet_channels": [8, 16], "num_classes": 3, "prompt_tokens": 2, "cross_attention_dim": 8,
+        "norm_num_groups": 4, "attention_head_dim": 4}
+
+
+@pytest.fixture(scope="module")
+def ldm():
+    torch.manual_seed(0)
+    return ldm_lib.build_mini_ldm(TINY)
+
+
+@pytest.fixture(scope="module")
+def images():
+    generator = torch.Generator().manual_seed(1)
+    return torch.rand(3, 1, 16, 16, generator=generator)
+
+
+class ZeroEps(torch.nn.Module):
+    """A pixel 'eps model' with one weight, so that pixel attacks have a gradient: eps = w·x_t."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.tensor(0.7))
+
+    def forward(self, x_t, t, y=None):
+        return self.weight * x_t + 0.01 * t.view(-1, 1, 1, 1) / 1000
+
+
+def pixel_models():
+    return ZeroEps().requires_grad_(False), dl.GaussianDiffusion.linear(1000, variance="fixed_small")
+
+
+# --- the LDM -----------------------------------------------------------------------------------------------------
+
+def test_ldm_shapes_and_latent_scaling(ldm, images):
+    z = ldm.encode(images)
+    assert z.shape == (3, 4, 4, 4)  # two halvings for three VAE blocks
+    ldm.vae.register_to_config(scaling_factor=0.5)
+    assert torch.allclose(ldm.encode(images), 0.5 * z)
+    ldm.vae.register_to_config(scaling_factor=1.0)
+    decoded = ldm.decode(z)
+    assert decoded.shape == images.shape and decoded.min() >= 0 and decoded.max() <= 1
+    condition = ldm.condition(3)
+    assert condition.shape == (3, 2, 8)
+    assert torch.equal(condition[0], ldm.prompts(torch.tensor([3]))[0])  # the null row
+
+
+def test_ldm_q_sample_uses_the_sd_schedule(ldm):
+    z0, noise = torch.ones(2, 4, 4, 4), torch.zeros(2, 4, 4, 4)
+    a = float(ldm.scheduler.alphas_cumprod[500])
+    expected_beta_end = 0.012
+    assert float(ldm.scheduler.betas[-1]) == pytest.approx(expected_beta_end)
+    assert torch.allclose(ldm.q_sample(z0, torch.tensor([500, 500]), noise), torch.full_like(z0, a ** 0.5))
+
+
+def test_mini_ldm_saves_and_loads_offline(ldm, images, tmp_path):
+    ldm_lib.save_ldm(tmp_path / "model", ldm, extra={"note": "tiny"})
+    loaded = ldm_lib.load_ldm(tmp_path / "model")
+    assert torch.equal(loaded.encode(images), ldm.encode(images))
+    z = ldm.encode(images)
+    assert torch.equal(loaded.eps(z, 10, loaded.condition(3)), ldm.eps(z, 10, ldm.condition(3)))
+    assert ldm_lib.read_extra(tmp_path / "model") == {"note": "tiny"}
+    assert not list(tmp_path.glob(".model.*"))  # no temporary folder left behind
+    with pytest.raises(ldm_lib.LDMError, match="takes no text prompt"):
+        ldm_lib.load_ldm(tmp_path / "model", prompt="a photo")
+    with pytest.raises(ldm_lib.LDMError, match="missing"):
+        ldm_lib.load_ldm(tmp_path)
+
+
+def tiny_stable_diffusion(folder):
+    """A tiny SD v1 pipeline (3 channels, CLIP text encoder, local tokenizer) saved in diffusers' layout."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionImg2ImgPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for letter in "abcdefghijklmnopqrstuvwxyz":
+        vocab[letter] = len(vocab)
+        vocab[letter + "</w>"] = len(vocab)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(vocab_file=str(folder / "vocab.json"), merges_file=str(folder / "merges.txt"),
+                              model_max_length=8)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=8, intermediate_size=16,
+                                                num_attention_heads=2, num_hidden_layers=1,
+                                                max_position_embeddings=8, bos_token_id=0, eos_token_id=1,
+                                                pad_token_id=1))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4, sample_size=16, scaling_factor=0.18215)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(8, 16),
+                                layers_per_block=1, cross_attention_dim=8, norm_num_groups=4, attention_head_dim=4)
+    scheduler = DDIMScheduler(**ldm_lib.SD_SCHEDULE)
+    pipeline = StableDiffusionImg2ImgPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                              scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                              requires_safety_checker=False)
+    pipeline.save_pretrained(folder / "sd")
+    return pipeline
+
+
+def test_tiny_sd_pipeline_saves_loads_offline_and_our_sdedit_is_its_img2img(tmp_path):
+    pipeline = tiny_stable_diffusion(tmp_path)
+    ldm = ldm_lib.load_ldm(tmp_path / "sd", prompt="a photo")
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    ours = ldm_sdedit(ldm, x, 0.3, num_inference_steps=20, generator=torch.Generator().manual_seed(5))
+    theirs = pipeline(prompt=["a photo"] * 2, image=x, strength=0.3, num_inference_steps=20, guidance_scale=1.0,
+                      generator=torch.Generator().manual_seed(5), output_type="pt").images
+    assert ours.shape == theirs.shape == x.shape
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    # strength 0.3 of 20 steps keeps the last 6 (SD's steps_offset 1: 251 ... 1)
+    _, timesteps = latent_timesteps(ldm.scheduler.config, 0.3, 20)
+    assert timesteps.tolist() == [251, 201, 151, 101, 51, 1]
+    with pytest.raises(ldm_lib.LDMError, match="needs a prompt"):
+        ldm_lib.load_ldm(tmp_path / "sd")
+
+
+def test_diff_protect_grid_at_strength_0_3_of_ddim_100():
+    _, timesteps = latent_timesteps(ldm_lib.SD_SCHEDULE, 0.3, 100)
+    assert len(timesteps) == 30 and int(timesteps[0]) == 291 and int(timesteps[-1]) == 1
+
+
+# --- protective attacks ----------------------------------------------------------------------------------------
+
+class FixedDraws(protective.Objective):
+    """The objective with the same random draws (t, noise, posterior sample) at every call: deterministic, so that
+    'PGD lowered it' is a statement about the attack, not about the draws."""
+
+    def __init__(self, inner, seed=7):
+        self.inner, self.seed = inner, seed
+
+    def __call__(self, x01, generator):
+        return self.inner(x01, torch.Generator().manual_seed(self.seed))
+
+    def gradient(self, x01, generator):
+        return self.inner.gradient(x01, torch.Generator().manual_seed(self.seed))
+
+
+# SDS's update is not the gradient of any objective (it drops the UNet's Jacobian): its test is the VJP below.
+GRADIENT_ATTACKS = [name for name in protective.ATTACKS if "sds" not in name]
+
+
+@pytest.mark.parametrize("name", GRADIENT_ATTACKS)
+def test_each_attack_lowers_its_own_objective_within_budget(ldm, images, name):
+    eps_model, schedule = pixel_models()
+    target = torch.zeros(1, 1, 16, 16)
+    objective = FixedDraws(protective.objective_for(name, ldm=ldm, pixel_eps_model=eps_model,
+                                                    pixel_schedule=schedule, target01=target))
+    result = protective.protect(objective, images, eps=8 / 255, steps=8, relative_step_size=0.25,
+                                generator=torch.Generator().manual_seed(0), measure_draws=1)
+    assert perturbation_norms(images, result.x_protected, "linf").max() <= 8 / 255 + 1e-6
+    assert result.x_protected.min() >= 0 and result.x_protected.max() <= 1
+    assert (result.objective_after < result.objective_before).all()
+
+
+@pytest.mark.parametrize("name", ["sds", "sds_minus", "pixel_sds", "pixel_sds_minus"])
+def test_sds_attacks_stay_within_budget_and_move_the_image(ldm, images, name):
+    eps_model, schedule = pixel_models()
+    objective = protective.objective_for(name, ldm=ldm, pixel_eps_model=eps_model, pixel_schedule=schedule)
+    result = protective.protect(objective, images, eps=8 / 255, steps=4, relative_step_size=0.25,
+                                random_start=False, generator=torch.Generator().manual_seed(0), measure_draws=2)
+    norms = perturbation_norms(images, result.x_protected, "linf")
+    assert (norms <= 8 / 255 + 1e-6).all() and (norms > 4 / 255).all()
+
+
+def test_sds_gradient_is_the_encoders_vjp_with_the_eps_error(ldm, images):
+    generator_seed = 11
+    grad = protective.sds_pullback(ldm, images, torch.Generator().manual_seed(generator_seed))
+    # the same draws by hand: the posterior sample's noise, then t, then the diffusion noise
+    generator = torch.Generator().manual_seed(generator_seed)
+    posterior = ldm.posterior(images)
+    sample_noise = torch.randn(posterior.mean.shape, generator=generator)
+    t = torch.randint(0, 1000, (len(images),), generator=generator)
+    noise = torch.randn(posterior.mean.shape, generator=generator)
+
+    def encode(x):
+        p = ldm.posterior(x)
+        return (p.mean + p.std * sample_noise) * ldm.scaling_factor
+
+    z = encode(images)
+    with torch.no_grad():
+        error = ldm.eps(ldm.q_sample(z, t, noise), t, ldm.condition(len(images))) - noise
+    _, vjp = torch.autograd.functional.vjp(encode, images, error)
+    assert torch.allclose(grad, vjp, atol=1e-6)
+    assert grad.abs().sum() > 0
+    # and SDS(+) steps along +sign(J^T(eps_hat - eps)), SDS(-) against it
+    plus = protective.objective_for("sds", ldm=ldm).gradient(images, torch.Generator().manual_seed(generator_seed))
+    assert torch.allclose(plus, -grad)
+
+
+def test_encoder_attack_amplifies_latent_distance_over_random_noise(images):
+    torch.manual_seed(4)
+    untrained = ldm_lib.build_mini_ldm({**TINY, "image_size": 32, "vae_channels": [32, 32, 64]})
+    x = torch.rand(4, 1, 32, 32, generator=torch.Generator().manual_seed(2)) * 0.8 + 0.1
+
+    class LatentAway(protective.Objective):
+        def __call__(self, x01, generator):
+            return -(untrained.encode(x01) - untrained.encode(x)).flatten(1).norm(dim=1)
+
+    eps = 8 / 255
+    result = protective.protect(LatentAway(), x, eps=eps, steps=20, relative_step_size=0.25,
+                                generator=torch.Generator().manual_seed(0), measure_draws=1)
+    control = protective.random_sign_noise(x, eps, torch.Generator().manual_seed(0))
+    ratio = (protective.latent_distance(untrained, x, result.x_protected).mean()
+             / protective.latent_distance(untrained, x, control).mean())
+    assert ratio > 2.0
+
+
+def test_random_control_is_plus_minus_eps(images):
+    x = torch.full((2, 1, 8, 8), 0.5)
+    noisy = protective.random_sign_noise(x, 0.1, torch.Generator().manual_seed(0))
+    assert torch.allclose((noisy - x).abs(), torch.full_like(x, 0.1))
+    assert 0.3 < (noisy > x).float().mean() < 0.7
+
+
+def test_objective_for_names_what_is_missing():
+    with pytest.raises(ValueError, match="target"):
+        protective.objective_for("mist", ldm=object())
+    with pytest.raises(ValueError, match="pixel"):
+        protective.objective_for("pixel_advdm")
+    with pytest.raises(ValueError, match="unknown"):
+        protective.objective_for("glaze")
+
+
+# --- SDEdit and purifiers ---------------------------------------------------------------------------------------
+
+def test_pixel_sdedit_with_an_exact_eps_model_returns_the_image():
+    """With the true eps of a single known image (x0 fixed), DDIM from any level returns x0 exactly."""
+    x01 = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    x0 = x01 * 2 - 1
+    schedule = dl.GaussianDiffusion.linear(1000, variance="fixed_small")
+
+    def oracle(x_t, t_model, y=None):
+        a = float(schedule.alphas_cumprod[int(t_model[0])])
+        return (x_t - a ** 0.5 * x0) / (1 - a) ** 0.5
+
+    out = pixel_sdedit(oracle, schedule, x01, 0.3, num_inference_steps=100, sampler="ddim",
+                       generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(out, x01, atol=1e-4)
+    assert torch.equal(pixel_sdedit(oracle, schedule, x01, 0.0), x01)
+
+
+def test_pdm_pure_schedules():
+    times, noise_time = released_pdm_pure_times(1000)
+    assert times == [100, 89, 78, 67, 56, 45, 34, 23, 12, 1, 0] and noise_time == 45
+    eps_model, schedule = pixel_models()
+    assert PDMPure(eps_model, schedule).network_evaluations() == 10
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    for variant in ("paper", "released"):
+        out = PDMPure(eps_model, schedule, variant=variant)(x, torch.Generator().manual_seed(0))
+        assert out.shape == x.shape and 0 <= out.min() and out.max() <= 1
+    with pytest.raises(ValueError, match="variant"):
+        PDMPure(eps_model, schedule, variant="latest")
+
+
+def test_ldm_pure_is_ldm_sdedit(ldm, images):
+    purifier = LDMPure(ldm, strength=0.2, num_inference_steps=10)
+    assert purifier.network_evaluations() == 2
+    assert torch.equal(purifier(images, torch.Generator().manual_seed(0)),
+                       ldm_sdedit(ldm, images, 0.2, num_inference_steps=10, generator=torch.Generator().manual_seed(0)))
+
+
+def test_jpeg_and_crop():
+    flat = torch.full((2, 1, 16, 16), 100 / 255)
+    assert torch.allclose(JPEGCompression(65)(flat), flat, atol=1 / 255)
+    assert torch.allclose(CropResize(0.2)(flat), flat)
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert (JPEGCompression(65)(x) - x).abs().mean() > (JPEGCompression(95)(x) - x).abs().mean()
+    ramp = torch.linspace(0, 1, 20).repeat(20, 1)[None, None]
+    cropped = CropResize(0.2)(ramp)  # keeps columns 2..17 and stretches them to 20
+    assert cropped[0, 0, 0, 0] > ramp[0, 0, 0, 1] and cropped[0, 0, 0, -1] < ramp[0, 0, 0, -2]
+    with pytest.raises(ValueError):
+        JPEGCompression(0)
+
+
+# --- the claims ---------------------------------------------------------------------------------------------------
+
+def synthetic_table(ldm_drop, pdm_drop, purified_drop, images=24):
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.6, 0.8, images)
+    rows = []
+
+    def add(attack, eps, editor, purifier, values):
+        rows.append(pd.DataFrame({"attack": attack, "eps": eps, "editor": editor, "purifier": purifier,
+                                  "strength": 0.3, "image": np.arange(images), "ssim": values}))
+
+    add("none", 0.0, "ldm", "none", base)
+    add("none", 0.0, "pdm", "none", base)
+    for eps in (0.1,):
+        add("random", eps, "ldm", "none", base - 0.01)
+        add("random", eps, "pdm", "none", base - 0.01)
+        add("advdm", eps, "ldm", "none", base - 0.01 - ldm_drop + rng.normal(0, 0.002, images))
+        add("advdm", eps, "pdm", "none", base - 0.01 - pdm_drop + rng.normal(0, 0.002, images))
+        add("advdm", eps, "ldm", "pdm_pure", base - purified_drop + rng.normal(0, 0.002, images))
+    return pd.concat(rows, ignore_index=True)
+
+
+def test_claims_verdicts_follow_the_numbers():
+    settings = {"budgets": [0.1], "edit": {"purified_strength": 0.3},
+                "claims": {"metric": "ssim", "pdm_margin": 0.05, "restore_margin": 0.05, "seed": 0}}
+    paper_like = pixel_barrier.claims(synthetic_table(0.3, 0.005, 0.01), settings, ["advdm"]).set_index("claim")
+    assert paper_like.loc["ldm_degrades", "verdict"] == "holds"
+    assert paper_like.loc["pdm_unaffected", "verdict"] == "holds"
+    assert paper_like.loc["pdm_pure_restores", "verdict"] == "holds"
+    assert paper_like.loc["ldm_degrades", "estimate"] == pytest.approx(-0.3, abs=0.01)
+    against = pixel_barrier.claims(synthetic_table(-0.02, 0.2, 0.3), settings, ["advdm"]).set_index("claim")
+    assert against.loc["ldm_degrades", "verdict"] == "fails"
+    assert against.loc["pdm_unaffected", "verdict"] == "fails"
+    assert against.loc["pdm_pure_restores", "verdict"] == "fails"
+    assert "advdm" in against.loc["pdm_unaffected", "sentence"]
+
+
+def test_checkerboard_target():
+    board = pixel_barrier.target_image({"target": {"period": 2}}, (1, 1, 8, 8))
+    assert board.shape == (1, 1, 8, 8)
+    assert board[0, 0, 0, :4].tolist() == [0, 0, 1, 1] and board[0, 0, 2, :4].tolist() == [1, 1, 0, 0]

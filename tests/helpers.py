@@ -13,6 +13,20 @@ def randomize(network, seed, scale=0.05):
     return network
 
 
+def class_distinct_edm(config, seed=0):
+    """A random EDMPrecond (an `edm_vp_songunet` config with precond 'edm') whose classes give clearly different
+    outputs: weights N(0, 0.3²), the conditioning path (map_label, map_layer0/1, every block's affine) 10x larger
+    (at `randomize`'s N(0, 0.05²) the classes agree to about 1e-6). Eval mode, frozen."""
+    from diffrobust.networks import edm
+
+    network = randomize(edm.build_edm_vp_songunet(config), seed, scale=0.3)
+    with torch.no_grad():
+        for name, parameter in network.model.named_parameters():
+            if name.startswith(("map_label.", "map_layer")) or ".affine." in name:
+                parameter.mul_(10.0)
+    return network.eval().requires_grad_(False)
+
+
 def tiny_mnist_project(root, attention_resolutions="16"):
     """A 20-image MNIST test split (`root/mnist`) and random-weight mini models (`root/diffusion.pt`, a
     class-conditional ADM UNet with a null class; `root/classifier.pt`, a small ResNet): what the stage tests run

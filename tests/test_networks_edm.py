@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import randomize
 from torch import nn
 from torch.nn import functional as F
 
@@ -296,6 +297,46 @@ def test_builder_rejects_unknown_keys_and_other_model_types():
         edm.build_edm_vp_songunet(dict(base, precond="vp", sigma_data=0.5))
     assert edm.build_edm_vp_songunet(dict(base, precond="edm", sigma_data=0.25, model_channels=16,
                                           channel_mult=[1], num_blocks=1)).sigma_data == 0.25
+
+
+# --- the multi-head wrapper (this project's, for RDC's multi-head classifier) ----------------------------------------
+
+MULTIHEAD = dict(img_resolution=8, img_channels=2, model_channels=8, channel_mult=[1, 1], num_blocks=1,
+                 attn_resolutions=[4], dropout=0.0)
+
+
+def test_each_head_of_the_multihead_wrapper_is_edm_precond_of_its_output_channels():
+    """Head k = EDMPrecond (no labels) whose U-Net output conv is channels 2k..2k+1 of the multi-head one."""
+    multihead = randomize(edm.build_edm_multihead_songunet(dict(MULTIHEAD, heads=3)), 0, scale=0.2).eval()
+    assert multihead.model.dec["8x8_aux_conv"].weight.shape[0] == 6 and multihead.label_dim == 0
+    x = torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(1))
+    sigma = torch.tensor([0.05, 2.5])
+    with torch.no_grad():
+        denoised, eps = multihead(x, sigma), multihead.noise_prediction(x, sigma)
+        assert denoised.shape == eps.shape == (2, 3, 2, 8, 8)
+        for k in range(3):
+            single = edm.build_edm_vp_songunet(dict(MULTIHEAD, precond="edm")).eval()
+            weights = dict(multihead.state_dict())
+            for name in ("model.dec.8x8_aux_conv.weight", "model.dec.8x8_aux_conv.bias"):
+                weights[name] = weights[name][2 * k:2 * k + 2]
+            single.load_state_dict(weights, strict=True)
+            torch.testing.assert_close(denoised[:, k], single(x, sigma), rtol=0, atol=0)
+            torch.testing.assert_close(eps[:, k], single.noise_prediction(x, sigma), rtol=0, atol=0)
+        torch.testing.assert_close(eps, (x[:, None] - denoised) / sigma.view(-1, 1, 1, 1, 1), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="no label input"):
+        multihead(x, sigma, torch.eye(3)[:2])
+
+
+def test_multihead_builder_needs_heads_and_refuses_a_label_input():
+    with pytest.raises(ValueError, match="'heads' must be a positive integer"):
+        edm.build_edm_multihead_songunet(MULTIHEAD)
+    with pytest.raises(ValueError, match="unknown edm_multihead_songunet config keys: label_dim"):
+        edm.build_edm_multihead_songunet(dict(MULTIHEAD, heads=3, label_dim=3))
+    with pytest.raises(ValueError, match="unknown edm_multihead_songunet config keys: precond"):
+        edm.build_edm_multihead_songunet(dict(MULTIHEAD, heads=3, precond="edm"))
+    network = models.build_architecture({"family": "edm_multihead_songunet", "config": dict(MULTIHEAD, heads=4)})
+    assert isinstance(network, edm.MultiheadEDMPrecond) and network.heads == 4 and network.precond == "edm"
+    assert models.FAMILIES["edm_multihead_songunet"].kind == "multihead_diffusion"
 
 
 # --- reading EDM's pickles ----------------------------------------------------------------------------------------

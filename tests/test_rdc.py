@@ -5,14 +5,14 @@ import math
 
 import pytest
 import torch
-from helpers import randomize
+from helpers import class_distinct_edm, randomize
 from torch import nn
 
 from diffrobust import diffusion as dp
 from diffrobust import models, seeds
 from diffrobust.attacks.gradients import with_gradient_mode
-from diffrobust.defenses import (ChainDenoiser, DiffusionClassifier, EDMDenoiser, LikelihoodMaximizer,
-                                 MultiheadDenoiser, PurifiedClassifier, denoiser_for)
+from diffrobust.defenses import (ChainDenoiser, DiffusionClassifier, EDMDenoiser, EDMMultiheadDenoiser,
+                                 LikelihoodMaximizer, MultiheadDenoiser, PurifiedClassifier, denoiser_for)
 from diffrobust.defenses import diffusion_classifier as dcm
 from diffrobust.networks import edm
 
@@ -237,6 +237,62 @@ def test_edm_denoiser_gives_edmprecond_d_with_one_hot_labels():
                                unconditional(x_noisy, sigma.float()))
     with pytest.raises(ValueError, match="unconditional"):
         EDMDenoiser(net).denoise(x_noisy, sigma)
+
+
+TINY_EDM_CONFIG = {"precond": "edm", "img_resolution": 8, "img_channels": 1, "label_dim": CLASSES, "model_channels": 8,
+                   "channel_mult": [1], "num_blocks": 1, "attn_resolutions": []}
+
+
+class EDMHeadCopies(nn.Module):
+    """A multi-head EDM network whose head k is the conditional EDM network at the one-hot label k (the interface
+    of networks.edm.MultiheadEDMPrecond: `heads`, `noise_prediction(x, sigma)` -> [N, heads, C, H, W])."""
+
+    def __init__(self, conditional):
+        super().__init__()
+        self.conditional, self.heads = conditional, conditional.label_dim
+
+    def noise_prediction(self, x, sigma):
+        labels = torch.eye(self.heads)
+        return torch.stack([self.conditional.noise_prediction(x, sigma, labels[k].expand(x.shape[0], -1))
+                            for k in range(self.heads)], dim=1)
+
+
+@pytest.mark.parametrize("weighting", ["edm_code", "uniform"])
+def test_edm_multihead_dc_equals_single_head_dc_when_every_head_copies_the_conditional_model(weighting):
+    teacher = class_distinct_edm(TINY_EDM_CONFIG)  # distinct classes: equal logits are not equal by accident
+    options = dict(sigma_steps=6, weighting=weighting, chunk_size=8)
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    dc_single = DiffusionClassifier(EDMDenoiser(teacher), **options)
+    dc_multi = DiffusionClassifier(EDMMultiheadDenoiser(EDMHeadCopies(teacher)), **options)
+    logits = dc_single(x)
+    torch.testing.assert_close(dc_multi(x), logits, rtol=1e-5, atol=1e-6)
+    assert (logits[:, 0] - logits[:, 1]).abs().min() > 1e-4
+    assert dc_single.network_evaluations() == CLASSES * dc_multi.network_evaluations() == CLASSES * 5
+    x_adv = x.clone().requires_grad_(True)  # and the input gradient an attack sees
+    grads = [torch.autograd.grad(dc(x_adv)[:, 1].sum(), x_adv)[0] for dc in (dc_single, dc_multi)]
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+
+
+def test_edm_multihead_denoiser_gives_every_head_of_the_network_in_one_pass():
+    from diffrobust import training
+
+    teacher = class_distinct_edm(TINY_EDM_CONFIG)
+    student, architecture = training.edm_multihead_from_conditional(teacher, TINY_EDM_CONFIG)
+    student.eval()
+    x_noisy = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.05, 2.0], dtype=torch.float64)
+    denoiser = EDMMultiheadDenoiser(student)
+    denoised = denoiser.denoise_all_classes(x_noisy, sigma)
+    torch.testing.assert_close(denoised, student(x_noisy, sigma.float()), rtol=1e-5, atol=1e-5)
+    mean_label = teacher(x_noisy, sigma.float(), torch.full((2, CLASSES), 1 / CLASSES))
+    torch.testing.assert_close(denoised, mean_label[:, None].expand(-1, CLASSES, -1, -1, -1), rtol=1e-5, atol=1e-5)
+    assert denoiser.num_classes == CLASSES and denoiser.evaluations_per_input == 1
+    with pytest.raises(ValueError, match="no unconditional"):
+        denoiser.denoise(x_noisy, sigma)
+    loaded = models.LoadedModel(student, "multihead_diffusion", architecture, extra={"num_classes": CLASSES})
+    assert isinstance(denoiser_for(loaded), EDMMultiheadDenoiser)
+    with pytest.raises(ValueError, match="multi-head"):
+        denoiser_for(loaded, unconditional=True)
 
 
 def test_denoiser_for_picks_the_adapter_of_each_model_kind():

@@ -1,6 +1,7 @@
 """diffrobust.training on a tiny synthetic dataset: learning, determinism, resuming after a kill, RDC's multi-head
 initialisation and fine-tuning, the classifier, and the sample grid."""
 
+import math
 import os
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import Interrupted, interrupt_at, randomize, write_toy_dataset
+from helpers import Interrupted, class_distinct_edm, interrupt_at, randomize, write_toy_dataset
 
 from diffrobust import data, models, training
 
@@ -277,6 +278,205 @@ def test_conditional_finetuning_continues_the_same_network(dataset_dir, tmp_path
     assert [step for step, _ in read_losses(tmp_path / "ft")] == [2, 4]
     with pytest.raises(ValueError, match="variant"):
         training.finetune_diffusion(base, dataset_dir, tmp_path / "x", variant="lora", steps=1, batch_size=8,
+                                    lr=1e-3, ema_decay=0.5, seed=0)
+
+
+# --- RDC's multi-head model distilled from EDM's conditional model (paper scale) --------------------------------------
+
+LABEL_KEYS = {"model.map_label.weight", "model.map_label.bias"}
+TINY_EDM = {"precond": "edm", "img_resolution": 8, "img_channels": 1, "label_dim": NUM_CLASSES, "model_channels": 8,
+            "channel_mult": [1], "num_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+
+
+def one_hot(classes, count):
+    return torch.nn.functional.one_hot(torch.as_tensor(classes), count).float()
+
+
+def fixture_teacher(fixtures_dir):
+    """The fixture's small EDMPrecond (16 px, 3 channels, 10 classes, augment_dim 9) with 40x class embeddings, its
+    config, and its three inputs at sigma 0.02, 0.5 and 3."""
+    from diffrobust.networks import edm
+
+    small = torch.load(fixtures_dir / "architectures" / "edm_precond_songunet_small.pt", weights_only=True)
+    config = {**small["config"], "precond": "edm"}
+    network = edm.build_edm_vp_songunet(config)
+    network.load_state_dict(small["state_dict"], strict=True)
+    with torch.no_grad():
+        network.model.map_label.weight.mul_(40.0)
+    return network.eval().requires_grad_(False), config, small["x"], small["sigma"]
+
+
+@pytest.mark.parametrize("decoder", ["standard", "skip"])
+def test_edm_student_copies_the_teacher_and_repeats_its_output_layers(fixtures_dir, decoder):
+    teacher, config, _, _ = fixture_teacher(fixtures_dir)
+    if decoder == "skip":  # an output convolution at every level, summed: each must be repeated per head
+        config = {**config, "decoder_type": "skip", "encoder_type": "residual"}
+        teacher = class_distinct_edm(config, seed=1)
+    student, architecture = training.edm_multihead_from_conditional(teacher, config)
+    assert architecture["family"] == "edm_multihead_songunet" and architecture["config"]["heads"] == 10
+    assert "label_dim" not in architecture["config"] and "precond" not in architecture["config"]
+    source, target = teacher.state_dict(), student.state_dict()
+    assert set(target) == set(source) - LABEL_KEYS
+    repeated = sorted(key for key in target if target[key].shape != source[key].shape)
+    levels = 2 if decoder == "skip" else 1  # of channel_mult [1, 2]; weight and bias each
+    assert repeated == sorted(key for key in source if "_aux_conv." in key) and len(repeated) == 2 * levels
+    for key in repeated:
+        for head in range(10):
+            assert torch.equal(target[key][3 * head:3 * head + 3], source[key]), key
+    # the fold: + W0·e with e the mean of the ten class embeddings (map_label of sqrt(10)·one-hot, SongUNet's scaling)
+    embeddings = teacher.model.map_label(one_hot(range(10), 10) * 10 ** 0.5)
+    expected = source["model.map_layer0.bias"] + source["model.map_layer0.weight"] @ embeddings.mean(dim=0)
+    torch.testing.assert_close(target["model.map_layer0.bias"], expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(target["model.map_layer0.bias"], source["model.map_layer0.bias"], atol=1e-3)
+    for key in set(target) - set(repeated) - {"model.map_layer0.bias"}:
+        assert torch.equal(target[key], source[key]), key
+
+
+def test_every_edm_head_starts_at_the_teacher_with_the_mean_label(fixtures_dir):
+    teacher, config, x, sigma = fixture_teacher(fixtures_dir)  # 3 images at sigma 0.02, 0.5, 3
+    student, _ = training.edm_multihead_from_conditional(teacher, config)
+    with torch.no_grad():
+        heads = student(x, sigma)
+        assert heads.shape == (3, 10, 3, 16, 16)
+        mean_label = teacher(x, sigma, torch.full((3, 10), 0.1))
+        assert (heads - mean_label[:, None]).abs().max().item() < 1e-5  # every head, to float rounding
+        eps = student.noise_prediction(x, sigma)
+        assert (eps - teacher.noise_prediction(x, sigma, torch.full((3, 10), 0.1))[:, None]).abs().max() < 1e-4
+        for k in (0, 4, 9):  # a real class has its own embedding: the heads do not start at its output ...
+            assert (heads[:, k] - teacher(x, sigma, one_hot([k] * 3, 10))).abs().max().item() > 1e-4
+        # ... and the mean embedding is nearer (in mean square) to the class embeddings than the all-zero label's
+        embeddings = teacher.model.map_label(one_hot(range(10), 10) * 10 ** 0.5)
+        to_mean = (embeddings - embeddings.mean(dim=0)).square().sum(dim=1).mean()
+        to_zero_label = (embeddings - teacher.model.map_label.bias).square().sum(dim=1).mean()
+        assert to_mean < 0.99 * to_zero_label
+
+
+def test_edm_distillation_refuses_teachers_it_cannot_distil():
+    from diffrobust.networks import edm
+
+    unconditional = edm.build_edm_vp_songunet({**TINY_EDM, "label_dim": 0})
+    with pytest.raises(ValueError, match="class-conditional EDMPrecond"):
+        training.edm_multihead_from_conditional(unconditional, {**TINY_EDM, "label_dim": 0})
+    vp = edm.build_edm_vp_songunet({**TINY_EDM, "precond": "vp"})
+    with pytest.raises(ValueError, match="class-conditional EDMPrecond"):
+        training.edm_multihead_from_conditional(vp, {**TINY_EDM, "precond": "vp"})
+
+
+def test_edm_sigma_draws_follow_edms_training_distribution_and_the_weight_is_lambda():
+    x0 = torch.zeros(20000, 1, 1, 1)
+    x_noisy, sigma = training.edm_noisy(x0, torch.Generator().manual_seed(0))
+    log_sigma = sigma.log()
+    assert abs(log_sigma.mean().item() + 1.2) < 0.03 and abs(log_sigma.std().item() - 1.2) < 0.03
+    torch.testing.assert_close((x_noisy[:, 0, 0, 0] / sigma).std(), torch.tensor(1.0), atol=0.02, rtol=0)
+    # lambda(sigma)·c_out² = 1: the weighted error of D is the error of the U-Net output
+    s = torch.tensor([0.002, 0.3, 5.0])
+    c_out = s * 0.5 / (s ** 2 + 0.25).sqrt()
+    torch.testing.assert_close(training.edm_loss_weight(s, 0.5) * c_out ** 2, torch.ones(3), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("weighting", ["edm_code", "edm_textbook"])
+def test_the_dc_weighted_error_of_a_head_is_at_most_its_distillation_loss(weighting):
+    """docs/fidelity.md: with F-space error e(sigma) = lambda·mean (D_student - D_teacher)², the DC's sum
+    sum_i w_i·mean (D_student - D_teacher)² = sum_i w_i·c_out_i²·e_i is at most E[e] under the training draws
+    (ln sigma ~ N(-1.2, 1.2²)): equal for the textbook density, at most for the code's (whose log-density is
+    N(-1.2, 1/1.2²) over P_std², a ratio <= P_std² to the training one)."""
+    from diffrobust.defenses import diffusion_classifier as dcm
+
+    sigma, dt = dcm.edm_sigma_grid(1e-4, 3.0, 1001)
+    w = dcm.WEIGHTINGS[weighting](sigma, dt, -1.2, 1.2, 0.5) / sigma ** 2
+    c_out_squared = (sigma * 0.5) ** 2 / (sigma ** 2 + 0.25)
+    u = torch.linspace(-15.0, 8.0, 400_001, dtype=torch.float64)  # ln sigma, for E[e] by quadrature
+    density = torch.exp(-((u + 1.2) ** 2) / (2 * 1.2 ** 2)) / (1.2 * math.sqrt(2 * math.pi))
+    errors = {"constant": lambda s: torch.ones_like(s), "small sigma": lambda s: 1 / s,
+              "large sigma": lambda s: s ** 2, "only below 0.05": lambda s: (s < 0.05).double()}
+    ratios = {}
+    for name, e in errors.items():
+        dc_weighted = (w * c_out_squared * e(sigma)).sum()
+        expected_loss = torch.trapezoid(density * e(u.exp()), u)
+        ratios[name] = (dc_weighted / expected_loss).item()
+    assert all(ratio <= 1.0 + 1e-3 for ratio in ratios.values()), ratios
+    if weighting == "edm_textbook":  # the same distribution, truncated to the grid [1e-4, 3]: Phi(1.916) = 0.972
+        assert ratios["constant"] == pytest.approx(0.972, abs=2e-3)
+    else:  # 1/P_std² = 0.694 times its mass inside the grid, Phi((ln 3 + 1.2)·1.2) = 0.997
+        assert ratios["constant"] == pytest.approx(0.6924, abs=1e-3)
+
+
+def distillation_loss(student, teacher, seeds=range(20)):
+    """The pure distillation loss (every head against the teacher) on fixed inputs and draws."""
+    x0 = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    labels = torch.arange(8) % NUM_CLASSES
+    with torch.no_grad():
+        return np.mean([training.edm_multihead_loss(student.eval(), teacher, x0, labels,
+                                                    torch.Generator().manual_seed(seed), true_class_weight=0.0).item()
+                        for seed in seeds])
+
+
+@pytest.fixture(scope="module")
+def distilled(dataset_dir, tmp_path_factory):
+    """(teacher, its model file, the distilled LoadedModel, its folder): 30 steps of EDM distillation."""
+    root = tmp_path_factory.mktemp("edm_distillation")
+    teacher = class_distinct_edm(TINY_EDM, seed=3)
+    architecture = {"family": "edm_vp_songunet", "config": TINY_EDM}
+    path = models.save_model(root / "teacher.pt", teacher, kind="diffusion", architecture=architecture,
+                             diffusion=models.registry_diffusion_settings(architecture))
+    loaded = training.finetune_diffusion(path, dataset_dir, root / "mh", variant="multihead", steps=30, batch_size=8,
+                                         lr=2e-3, ema_decay=0.5, seed=0, log_every=10, true_class_weight=0.0)
+    return teacher, path, loaded, root / "mh"
+
+
+def test_a_few_distillation_steps_lower_the_distillation_loss(distilled):
+    teacher, _, loaded, out_dir = distilled
+    initial, _ = training.edm_multihead_from_conditional(teacher, TINY_EDM)
+    before, after = distillation_loss(initial, teacher), distillation_loss(loaded.network, teacher)
+    assert before > 1e-3 and after < 0.25 * before  # measured: 0.0080 -> 0.0010
+    assert [step for step, _ in read_losses(out_dir)] == [10, 20, 30]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["loss.tsv", "model.pt"]
+    training_config = loaded.extra["training"]
+    assert training_config["recipe"] == "edm_distillation" and training_config["P_mean"] == -1.2
+    assert training_config["init"] == training.network_digest(teacher)
+
+
+def test_the_distilled_model_loads_as_a_multihead_edm_model_and_the_dc_picks_its_denoiser(distilled):
+    from diffrobust.defenses import EDMMultiheadDenoiser, denoiser_for
+
+    teacher, path, _, out_dir = distilled
+    loaded = models.load_source(str(out_dir / "model.pt"))
+    assert loaded.kind == "multihead_diffusion" and loaded.architecture["family"] == "edm_multihead_songunet"
+    assert loaded.extra["num_classes"] == NUM_CLASSES and loaded.diffusion_settings["null_class"] is None
+    assert loaded.diffusion_settings == {**models.load_model(path).diffusion_settings, "null_class": None}
+    assert models.num_label_classes(loaded) == NUM_CLASSES and training.image_shape(loaded) == (1, 8, 8)
+    denoiser = denoiser_for(loaded)
+    assert isinstance(denoiser, EDMMultiheadDenoiser) and denoiser.num_classes == NUM_CLASSES
+    assert denoiser.evaluations_per_input == 1
+    with pytest.raises(ValueError, match="multi-head"):
+        denoiser_for(loaded, unconditional=True)
+    x_noisy = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.1, 1.0], dtype=torch.float64)
+    eps = denoiser.eps_all_classes(x_noisy, sigma)
+    torch.testing.assert_close(eps, loaded.network.noise_prediction(x_noisy, sigma.float()), rtol=0, atol=0)
+    # on the chain (eps_model, all_class_eps): x_t = x / sqrt(1 + sigma²) at the level's sigma, one pass for all
+    x_t, t_model = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([99.0, 499.0])
+    per_class = models.all_class_eps(loaded, x_t, t_model)
+    chain = models.eps_model(loaded)
+    level_sigma = chain.sigma(t_model, x_t).float()
+    expected = loaded.network.noise_prediction(x_t * (1 + level_sigma.view(-1, 1, 1, 1) ** 2).sqrt(), level_sigma)
+    torch.testing.assert_close(per_class, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(chain(x_t, t_model, torch.tensor([2, 0])), per_class[[0, 1], [2, 0]], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="unconditional"):
+        models.eps_model(loaded, unconditional=True)
+
+
+def test_edm_distillation_refuses_label_dropout_and_a_class_count_mismatch(distilled, dataset_dir, tmp_path):
+    _, path, _, _ = distilled
+    with pytest.raises(ValueError, match="label_dropout"):
+        training.finetune_diffusion(path, dataset_dir, tmp_path, variant="multihead", steps=1, batch_size=8, lr=1e-3,
+                                    ema_decay=0.5, seed=0, label_dropout=0.1)
+    other = class_distinct_edm({**TINY_EDM, "label_dim": 5})
+    architecture = {"family": "edm_vp_songunet", "config": {**TINY_EDM, "label_dim": 5}}
+    loaded = models.LoadedModel(other, "diffusion", architecture,
+                                diffusion_settings=models.registry_diffusion_settings(architecture))
+    with pytest.raises(ValueError, match="5 classes"):
+        training.finetune_diffusion(loaded, dataset_dir, tmp_path, variant="multihead", steps=1, batch_size=8,
                                     lr=1e-3, ema_decay=0.5, seed=0)
 
 

@@ -75,10 +75,13 @@ def test_lint(repo_copy):
     # variants); 1 shard each; 2 + 2 transfer scores
     ("mini", {"prepare_dataset": 1, "train_diffusion": 1, "train_classifier": 1, "train_adversarial": 1, "attack": 36,
               "evaluate": 4, "sigma_sweep": 1, "render_report": 5}),
-    # paper scale: downloads instead of training; 500 images in shards of 10, 3 sigmas, 2 methods; RDC's
-    # adversarially trained row: 2 threats x 2 attacks x 16 shards, each on its threat's RobustBench WRN-70-16
+    # paper scale: downloads instead of training; 500 images in shards of 10, 3 sigmas, 2 methods
+    # attacks: DiffPure's 128 and RDC's 2 threats x 16 shards x (2 on the undefended classifier + 4 on RDC + 2 on each
+    # of DC, the two multi-head variants and the adversarially trained row, each on its threat's RobustBench
+    # WRN-70-16); the multi-head network is distilled from EDM's conditional model
     ("cifar10", {"download_cifar10": 1, "download_checkpoint": 10, "prepare_dataset": 1, "certify_shard": 300,
-                 "merge_votes": 27, "attack": 448, "evaluate": 4, "render_report": 5}),
+                 "merge_votes": 27, "attack": 576, "evaluate": 4, "finetune_multihead": 1, "sigma_sweep": 1,
+                 "render_report": 5}),
     ("imagenet", {"download_checkpoint": 9, "prepare_dataset": 1, "certify_shard": 120, "render_report": 3}),
 ])
 def test_dry_run_builds_the_full_dag(repo_copy, preset, jobs):
@@ -249,6 +252,29 @@ def test_path_override_with_digits_stays_a_string(repo_copy):
     result = snakemake(repo_copy, "-n", "-p", "--config", "preset=imagenet", "datasets={imagenet: {val_dir: /data/2012}}")
     settings = _shell_arguments(result.stdout, "prepare-dataset", "--settings")
     assert settings == [{"val_dir": "/data/2012", "image_size": 256}]
+
+
+def test_the_paper_scale_multihead_distillation_call_parses_and_claims_a_gpu(repo_copy):
+    """cifar10: the finetune_multihead job distils EDM's conditional model (no multi-head checkpoint is public). Its
+    planned command parses with the CLI's own parser, its settings are keywords of the training function, and the
+    rule claims a GPU as the other training rules do."""
+    import inspect
+
+    from diffrobust import cli, training
+
+    result = snakemake(repo_copy, "-n", "-p", "--config", "preset=cifar10", "device=cuda", "--",
+                       "results/cifar10/models/multihead/model.pt")
+    calls = [line for line in result.stdout.splitlines() if "diffrobust finetune-diffusion " in line]
+    assert len(calls) == 1
+    args = cli.build_parser().parse_args(shlex.split(calls[0].split(" -m diffrobust ", 1)[1].split(" 2>")[0]))
+    assert (args.variant, args.init, args.device, args.seed) == ("multihead", "edm_cifar10_cond_vp", "cuda", 0)
+    assert args.settings["steps"] == 40000 and args.settings["true_class_weight"] == 0.0
+    keywords = dict(seed=args.seed, device=args.device, **args.settings)
+    inspect.signature(training.finetune_diffusion).bind(None, args.dataset_dir, args.out_dir, variant=args.variant,
+                                                        **keywords)
+    inspect.signature(training.distill_edm_multihead).bind(None, args.dataset_dir, args.out_dir, **keywords)
+    rule = (repo_copy / "workflow/rules/train.smk").read_text().split("rule finetune_multihead:")[1].split("\nrule ")[0]
+    assert "gpu=GPU_PER_JOB" in rule
 
 
 @pytest.mark.parametrize("args, files, messages", [

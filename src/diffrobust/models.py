@@ -20,6 +20,9 @@ Kinds
   conditional and unconditional eps.
 - "multihead_diffusion": RDC's multi-head network, no label input; its output holds one eps head per class
   (``num_classes x C`` channels, head k at channels ``k*C .. (k+1)*C - 1``), so one pass gives every class's eps.
+  Two families: `adm_unet` with ``output_heads`` (the mini presets' fine-tune of their ADM model) and
+  `edm_multihead_songunet` (`networks.edm.MultiheadEDMPrecond`, distilled from EDM's conditional CIFAR-10 model at
+  paper scale: a denoiser D_k(x; sigma) per head, adapted by `EDMMultiheadEps`).
 
 Diffusion settings
 ------------------
@@ -149,8 +152,15 @@ def _small_resnet(config):
     return build_small_resnet(config)
 
 
+def _edm_multihead_songunet(config):
+    from diffrobust.networks.edm import build_edm_multihead_songunet
+
+    return build_edm_multihead_songunet(config)
+
+
 # Families defined by this project's own models; everything else goes to networks.build_network.
-LOCAL_BUILDERS = {"adm_unet": build_adm_unet, "small_resnet": _small_resnet}
+LOCAL_BUILDERS = {"adm_unet": build_adm_unet, "small_resnet": _small_resnet,
+                  "edm_multihead_songunet": _edm_multihead_songunet}
 
 
 def build_architecture(architecture):
@@ -513,6 +523,8 @@ class Family:
 FAMILIES = {
     "adm_unet": Family("diffusion", trainable=True),
     "small_resnet": Family("classifier", trainable=True),
+    # RDC's multi-head network on EDM's preconditioning, distilled by training.distill_edm_multihead (no checkpoint)
+    "edm_multihead_songunet": Family("multihead_diffusion", edm=True),
     "improved_diffusion_unet": Family("diffusion", lambda path, network: _read_state_dict(path),
                                       diffusion_settings=_adm_diffusion_settings, trainable=True),
     "guided_diffusion_unet": Family("diffusion", lambda path, network: _read_state_dict(path),
@@ -804,11 +816,31 @@ class EDMPrecondEps(nn.Module):
         tau = _edm_chain_time(t_model, x_t, self.num_timesteps, torch.float64)
         return torch.expm1(0.5 * self.beta_d * tau ** 2 + self.beta_min * tau).sqrt()
 
-    def forward(self, x_t, t_model, y=None):
+    def edm_inputs(self, x_t, t_model):
+        """(x, sigma) in EDM's space, float32: x = x_t·sqrt(1 + sigma²) at the chain level t_model queries."""
         sigma = self.sigma(t_model, x_t)
         scale = (1 + sigma ** 2).sqrt().to(torch.float32).reshape(-1, 1, 1, 1)
-        x = x_t.to(torch.float32) * scale
-        return self.network.noise_prediction(x, sigma.to(torch.float32), _edm_labels(self.network, x_t, y))
+        return x_t.to(torch.float32) * scale, sigma.to(torch.float32)
+
+    def forward(self, x_t, t_model, y=None):
+        x, sigma = self.edm_inputs(x_t, t_model)
+        return self.network.noise_prediction(x, sigma, _edm_labels(self.network, x_t, y))
+
+
+class EDMMultiheadEps(EDMPrecondEps):
+    """eps of a multi-head EDM network (`networks.edm.MultiheadEDMPrecond`) on the "vpsde" chain, as EDMPrecondEps
+    maps chain levels to sigma: `all_classes(x_t, t_model)` -> every head, [N, K, C, H, W] (one pass);
+    forward(x_t, t_model, y) -> head y[i] of sample i (labels required: there is no unconditional head)."""
+
+    def all_classes(self, x_t, t_model):
+        x, sigma = self.edm_inputs(x_t, t_model)
+        return self.network.noise_prediction(x, sigma)
+
+    def forward(self, x_t, t_model, y=None):
+        if y is None:
+            raise ValueError("a multi-head model has no unconditional output: pass labels y")
+        heads = self.all_classes(x_t, t_model)
+        return heads[torch.arange(x_t.shape[0], device=x_t.device), _labels(y, x_t)]
 
 
 # The eps adapter of an EDM network by its wrapper's `precond`: (network, diffusion settings) -> eps model.
@@ -820,7 +852,11 @@ EDM_EPS_ADAPTERS = {
 
 
 def _edm_eps(loaded):
-    """The eps adapter of an EDM network, chosen by its wrapper class (`precond`), not by the registry's word."""
+    """The eps adapter of an EDM network, chosen by its wrapper class (`precond`), not by the registry's word; a
+    multi-head EDM model (kind "multihead_diffusion") gets `EDMMultiheadEps`."""
+    if loaded.kind == "multihead_diffusion":
+        settings = loaded.diffusion_settings
+        return EDMMultiheadEps(loaded.network, settings["num_timesteps"], settings["beta_min"], settings["beta_d"])
     precond = loaded.network.precond
     if precond not in EDM_EPS_ADAPTERS:
         raise ValueError(f"no eps adapter for an EDM network with precond {precond!r}")
@@ -871,6 +907,8 @@ def eps_model(loaded, *, unconditional=False, guidance_scale=0.0):
     if _is_edm(loaded):
         if guidance_scale:
             raise ValueError("guidance needs a model with a null class; EDM models have none")
+        if unconditional and loaded.kind == "multihead_diffusion":
+            raise ValueError("a multi-head model has no unconditional prediction")
         return _edm_eps(loaded)
     if loaded.kind == "multihead_diffusion":
         if unconditional or guidance_scale:
@@ -912,7 +950,7 @@ def all_class_eps(loaded, x_t, t_model):
     """eps for every real class, [N, K, C_out, H, W]: one pass of a multi-head model, K passes otherwise (RDC's
     cost comparison)."""
     if loaded.kind == "multihead_diffusion":
-        return multihead_outputs(eps_network(loaded), x_t, t_model, loaded.extra["num_classes"])
+        return eps_model(loaded).all_classes(x_t, t_model)  # MultiheadEps (ADM) or EDMMultiheadEps: one pass
     model = eps_model(loaded)
     count = num_label_classes(loaded)
     if count is None:

@@ -1,8 +1,9 @@
 """Training the models that the CPU presets (mini, smoke) build themselves, resumably and reproducibly.
 
 Three jobs: a class-conditional diffusion model (`train_diffusion`), its fine-tuning, either continued as is or
-turned into RDC's multi-head model (`finetune_diffusion`), and a classifier (`train_classifier`), plainly or with
-PGD adversarial training (Madry et al.; `train_adversarial`, the same job with an `adversarial` block).
+turned into RDC's multi-head model (`finetune_diffusion`; from EDM's conditional CIFAR-10 model at paper scale by
+distillation, `distill_edm_multihead`), and a classifier (`train_classifier`), plainly or with PGD adversarial
+training (Madry et al.; `train_adversarial`, the same job with an `adversarial` block).
 
 Reproducibility
 ---------------
@@ -523,6 +524,16 @@ def teacher_all_class_eps(teacher, x_t, t_model, num_classes, channels):
     return teacher_class_eps(teacher, x_t, t_model, classes, channels)
 
 
+def distilled_classes(count, num_classes, distill_classes, generator):
+    """[count, m] class indices of the heads distilled for each of `count` samples: all K in order when
+    distill_classes is None or >= K, else m = distill_classes drawn uniformly without replacement per sample (drawn
+    on the generator's device)."""
+    if distill_classes is None or distill_classes >= num_classes:
+        return torch.arange(num_classes).repeat(count, 1)
+    draws = torch.rand(count, num_classes, generator=generator, device=generator_device(generator))
+    return draws.argsort(dim=1)[:, :distill_classes]
+
+
 def multihead_loss(student, teacher, table, x0, labels, generator, num_classes, true_class_weight=1.0,
                    distill_classes=None, prediction="eps"):
     """RDC's multi-head fine-tuning loss: heads match the frozen conditional teacher's eps(x_t, t, k) (mean squared
@@ -535,12 +546,7 @@ def multihead_loss(student, teacher, table, x0, labels, generator, num_classes, 
     channels, n = x0.shape[1], x0.shape[0]
     x_t, noise, t_model = table.noisy(x0, generator)
     heads = models.multihead_outputs(student, x_t, t_model, num_classes)[:, :, :channels]
-    if distill_classes is None or distill_classes >= num_classes:
-        classes = torch.arange(num_classes).repeat(n, 1)
-    else:
-        draws = torch.rand(n, num_classes, generator=generator, device=generator_device(generator))
-        classes = draws.argsort(dim=1)[:, :distill_classes]
-    classes = classes.to(x0.device)
+    classes = distilled_classes(n, num_classes, distill_classes, generator).to(x0.device)
     with torch.no_grad():
         targets = teacher_class_eps(teacher, x_t, t_model, classes, channels)
     rows = torch.arange(n, device=x0.device)
@@ -564,13 +570,23 @@ def finetune_diffusion(init_model, dataset_dir, out_dir, *, variant, steps, batc
         rate the init model was trained with; a model without a null class needs 0).
     variant="multihead": RDC's multi-head network (`multihead_from_conditional`, null class folded in when there
         is one), trained with `multihead_loss` against the frozen init model; saved as kind "multihead_diffusion"
-        with the init model's diffusion settings (null_class None: it has no unconditional output).
+        with the init model's diffusion settings (null_class None: it has no unconditional output). An EDM init
+        model (EDM's conditional CIFAR-10 network at paper scale) is distilled instead (`distill_edm_multihead`,
+        which takes the same keywords but label_dropout).
     device: where the networks (trained and frozen teacher) and batches go (module docstring, "Device").
     """
     device = prepare_device(device)
     loaded = _as_loaded(init_model)
+    if variant == "multihead" and models.family_of(loaded).edm:
+        if label_dropout is not None:
+            raise ValueError("label_dropout is a setting of variant 'conditional'; the multi-head model has no labels")
+        return distill_edm_multihead(
+            loaded, dataset_dir, out_dir, steps=steps, batch_size=batch_size, lr=lr, ema_decay=ema_decay, seed=seed,
+            true_class_weight=true_class_weight, distill_classes=distill_classes, checkpoint_every=checkpoint_every,
+            log_every=log_every, warmup_steps=warmup_steps, device=device, on_step=on_step)
     if loaded.kind != "diffusion" or not models.family_of(loaded).trainable:
-        raise ValueError("finetune_diffusion takes an ADM diffusion model (mini model or ADM checkpoint)")
+        raise ValueError("finetune_diffusion takes an ADM diffusion model (mini model or ADM checkpoint), or for "
+                         "variant 'multihead' a class-conditional EDM model")
     dataset = load_dataset(dataset_dir)
     _, _, num_classes = _dataset_shape(dataset)
     settings = dict(loaded.diffusion_settings)
@@ -617,14 +633,160 @@ def finetune_diffusion(init_model, dataset_dir, out_dir, *, variant, steps, batc
                           lr_schedule=warmup_constant(lr, warmup_steps), seed=seed, ema_decay=ema_decay,
                           checkpoint_every=checkpoint_every, log_every=log_every, data_stream=stream,
                           description=f"finetune ({variant})", on_step=on_step)
-    extra = {"num_classes": num_classes, "class_names": dataset.meta.get("class_names"), "training": config,
-             "init_training": loaded.extra.get("training"), "seconds": round(result.seconds, 2),
+    return _save_finetuned(out_dir, result, loaded=loaded, dataset=dataset, config=config, kind=kind,
+                           architecture=architecture, settings=settings, device=device)
+
+
+def _save_finetuned(out_dir, result, *, loaded, dataset, config, kind, architecture, settings, device):
+    """Write a fine-tuned model's outputs (model.pt of the EMA weights, loss.tsv), remove the resume file and
+    return the LoadedModel."""
+    extra = {"num_classes": int(dataset.meta["num_classes"]), "class_names": dataset.meta.get("class_names"),
+             "training": config, "init_training": loaded.extra.get("training"), "seconds": round(result.seconds, 2),
              "device": describe_device(device, "fp32")}
     path = models.save_model(Path(out_dir) / MODEL_FILE, result.ema, kind=kind, architecture=architecture,
                              diffusion=settings, extra=extra)
     _finish_outputs(out_dir, result.loss_log)
     _remove_resume(out_dir)
     return models.load_model(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RDC's multi-head model distilled from EDM's class-conditional model (paper scale; this project's recipe, an
+# inference: no official multi-head checkpoint or training code is public; docs/fidelity.md)
+# ---------------------------------------------------------------------------------------------------------------
+
+# EDM's training distribution of noise levels (Karras et al. 2022, EDMLoss): ln sigma ~ N(P_mean, P_std²).
+EDM_P_MEAN, EDM_P_STD = -1.2, 1.2
+# Teacher weights that the student has no place for: its label input (the label is the head instead).
+EDM_LABEL_KEYS = {"model.map_label.weight", "model.map_label.bias"}
+
+
+def mean_label_embedding(teacher):
+    """The teacher's label embedding of the soft label (1/K, ..., 1/K), as SongUNet.embed computes it (labels times
+    sqrt(K), then the affine map_label): the mean of the K class embeddings, [noise_channels]."""
+    k = teacher.label_dim
+    with torch.no_grad():
+        return teacher.model.map_label(torch.full((1, k), 1.0 / k) * np.sqrt(k))[0]
+
+
+def edm_multihead_from_conditional(teacher, config):
+    """RDC's multi-head network initialised from a class-conditional EDMPrecond network -> (student, architecture).
+
+    config: the teacher's `edm_vp_songunet` config. The student (`edm_multihead_songunet`) is the same SongUNet
+    without a label input and with K = label_dim heads (output channels K·C). Every teacher weight of the same shape
+    is copied; each output convolution (`*_aux_conv`, one per level with decoder_type 'skip') is repeated once per
+    head, head k = output channels k·C .. (k+1)·C - 1. The label only enters as map_label's embedding added to the
+    noise embedding before map_layer0, an input every block shares, so at step 0 all heads are one function;
+    folding the mean class embedding e (`mean_label_embedding`) into map_layer0's bias (+ W0·e) makes that function
+    exactly the teacher with the soft label (1/K, ..., 1/K): D_k(x; sigma) = D_teacher(x; sigma, 1/K) for every head
+    k, up to the float rounding of the moved addition. Why that point: the mean minimises the mean squared distance
+    to the K class embeddings, so it is the shared start nearest to every head's target at the layer where they
+    differ, and closer than the all-zero label EDM passes for "no label" (by the squared distance from the mean to
+    map_label's bias), which EDM's conditional model never saw (EDM's train.py sets no label dropout).
+    """
+    if getattr(teacher, "precond", None) != "edm" or not teacher.label_dim:
+        raise ValueError("multi-head distillation needs a class-conditional EDMPrecond teacher (precond 'edm', "
+                         "label_dim > 0), e.g. edm_cifar10_cond_vp")
+    heads = teacher.label_dim
+    dropped = ("precond", "label_dim", "label_dropout")  # always EDMPrecond, and no label input
+    student_config = {key: value for key, value in config.items() if key not in dropped}
+    architecture = {"family": "edm_multihead_songunet", "config": {**student_config, "heads": heads}}
+    student = models.build_architecture(architecture)
+    source, target = teacher.state_dict(), student.state_dict()
+    if set(source) - set(target) != EDM_LABEL_KEYS or set(target) - set(source):
+        raise ValueError("the teacher's weights do not map onto the multi-head student's (config mismatch)")
+    for key in target:
+        weight = source[key]
+        # head k owns output channels k·C .. (k+1)·C - 1: K copies of each output convolution
+        target[key] = weight.clone() if weight.shape == target[key].shape else \
+            weight.repeat(heads, *([1] * (weight.dim() - 1)))
+    fold = source["model.map_layer0.weight"] @ mean_label_embedding(teacher)
+    target["model.map_layer0.bias"] = source["model.map_layer0.bias"] + fold
+    student.load_state_dict(target, strict=True)
+    return student.train(teacher.training), architecture
+
+
+def edm_loss_weight(sigma, sigma_data):
+    """EDM's lambda(sigma) = (sigma² + sd²)/(sigma·sd)²: under it the squared error of D is that of the U-Net output
+    F (lambda·c_out² = 1), so every noise level's error counts in the same units."""
+    return (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
+
+
+def edm_noisy(x0, generator, P_mean=EDM_P_MEAN, P_std=EDM_P_STD):
+    """(x0 + sigma·n, sigma) with ln sigma ~ N(P_mean, P_std²) per sample and n ~ N(0, I), drawn on the generator's
+    device (sigma first) and moved to x0's."""
+    where = generator_device(generator)
+    sigma = (torch.randn(x0.shape[0], generator=generator, device=where) * P_std + P_mean).exp().to(x0.device)
+    noise = torch.randn(x0.shape, generator=generator, device=where).to(x0.device)
+    return x0 + sigma.view(-1, 1, 1, 1) * noise, sigma
+
+
+def teacher_class_denoised(teacher, x_noisy, sigma, classes):
+    """D(x_noisy[i]; sigma[i], classes[i, j]) of a class-conditional EDM network (one-hot labels) in one batched
+    pass: [N, M, C, H, W] for class indices of shape [N, M]."""
+    n, m = classes.shape
+    labels = F.one_hot(classes.reshape(-1), teacher.label_dim).to(x_noisy.dtype)
+    out = teacher(x_noisy.repeat_interleave(m, dim=0), sigma.repeat_interleave(m), labels)
+    return out.reshape(n, m, *x_noisy.shape[1:])
+
+
+def edm_multihead_loss(student, teacher, x0, labels, generator, true_class_weight=1.0, distill_classes=None):
+    """`multihead_loss` in EDM's space: sigma from EDM's training distribution (`edm_noisy`), every (or
+    `distill_classes` random) head's D_k(x0 + sigma·n; sigma) against the frozen teacher's D(·; sigma, k), plus
+    `true_class_weight` x EDM's own denoising loss of the true class's head against x0; both weighted by EDM's
+    lambda(sigma) and averaged over pixels (EDM sums them: a constant factor, which Adam does not see)."""
+    n = x0.shape[0]
+    x_noisy, sigma = edm_noisy(x0, generator)
+    classes = distilled_classes(n, student.heads, distill_classes, generator).to(x0.device)
+    heads = student(x_noisy, sigma)
+    with torch.no_grad():
+        targets = teacher_class_denoised(teacher, x_noisy, sigma, classes)
+    weight = edm_loss_weight(sigma, student.sigma_data).view(-1, 1, 1, 1)
+    rows = torch.arange(n, device=x0.device)
+    distillation = (weight[:, None] * (heads[rows[:, None], classes] - targets) ** 2).mean()
+    return distillation + true_class_weight * (weight * (heads[rows, labels] - x0) ** 2).mean()
+
+
+def distill_edm_multihead(loaded, dataset_dir, out_dir, *, steps, batch_size, lr, ema_decay, seed,
+                          true_class_weight=1.0, distill_classes=None, checkpoint_every=200, log_every=20,
+                          warmup_steps=0, device="cpu", on_step=None):
+    """RDC's multi-head model distilled from a class-conditional EDMPrecond model `loaded` (a LoadedModel; EDM's
+    CIFAR-10 network at paper scale) on the dataset's train split; writes model.pt (EMA weights, kind
+    "multihead_diffusion", family edm_multihead_songunet, the teacher's diffusion settings with null_class None)
+    and loss.tsv; returns the LoadedModel. The `finetune_diffusion(variant="multihead")` of an EDM model.
+
+    Student and init: `edm_multihead_from_conditional`; loss: `edm_multihead_loss` against the frozen teacher;
+    AdamW (no weight decay) with linear warm-up, EMA, resumable as every job here (module docstring). The student
+    keeps the teacher's dropout.
+    """
+    device = prepare_device(device)
+    dataset = load_dataset(dataset_dir)
+    _, _, num_classes = _dataset_shape(dataset)
+    if models.num_label_classes(loaded) != num_classes:
+        raise ValueError(f"the teacher knows {models.num_label_classes(loaded)} classes, the dataset has "
+                         f"{num_classes}")
+    config = {"job": "finetune_diffusion", "variant": "multihead", "recipe": "edm_distillation",
+              "init": network_digest(loaded.network), "dataset": _dataset_fingerprint(dataset_dir), "steps": steps,
+              "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay, "seed": seed, "warmup_steps": warmup_steps,
+              "log_every": log_every, "true_class_weight": true_class_weight, "distill_classes": distill_classes,
+              "P_mean": EDM_P_MEAN, "P_std": EDM_P_STD}
+    student, architecture = edm_multihead_from_conditional(loaded.network, loaded.architecture["config"])
+    student.requires_grad_(True).to(device)
+    teacher = loaded.network.eval().requires_grad_(False).to(device)
+    stream = BatchStream(dataset["train"].images, dataset["train"].labels, batch_size, seed, device)
+
+    def loss_fn(step, generator):
+        x01, labels = stream.batch(step)
+        return edm_multihead_loss(student, teacher, imagespace.to_model_space(x01), labels, generator,
+                                  true_class_weight, distill_classes)
+
+    result = run_training(out_dir, config=config, network=student, loss_fn=loss_fn, steps=steps,
+                          lr_schedule=warmup_constant(lr, warmup_steps), seed=seed, ema_decay=ema_decay,
+                          checkpoint_every=checkpoint_every, log_every=log_every, data_stream=stream,
+                          description="multi-head distillation (EDM)", on_step=on_step)
+    settings = {**loaded.diffusion_settings, "null_class": None}
+    return _save_finetuned(out_dir, result, loaded=loaded, dataset=dataset, config=config,
+                           kind="multihead_diffusion", architecture=architecture, settings=settings, device=device)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 # Models of the embedded default, trained inside the DAG (source: train). At paper scale the preset names official
-# checkpoints instead and these jobs are not needed; the multi-head fine-tune then starts from the official model.
+# checkpoints instead and these jobs are not needed, except the multi-head fine-tune: no multi-head checkpoint is
+# public, so it starts from the official model (models.multihead.init; on CIFAR-10 it distils EDM's conditional
+# model on the GPU, training.distill_edm_multihead).
 # train_adversarial (RDC's adversarial-training baseline) runs only when a target asks for it (adversarial_targets).
 
 
@@ -57,7 +59,7 @@ rule finetune_multihead:
         seed=CFG["seed"],
         device=CFG["device"],
     message:
-        "Fine-tuning RDC's multi-head diffusion model from {params.init}"
+        "Fine-tuning RDC's multi-head diffusion model from {params.init} (distilling it when that is an EDM model)"
     shell:
         "OMP_NUM_THREADS={threads} python -m diffrobust finetune-diffusion --variant multihead --init {params.init}"
         " --dataset-dir {params.dataset_dir} --out-dir {params.out_dir} --settings {params.settings:q}"

@@ -16,7 +16,8 @@ diffusion model: logit_y = -sum_i w(sigma_i)·mean||D(x~ + sigma_i eps_i, sigma_
 with its EDM weighting (or MultiHeadRDC's uniform one over the chain's timesteps), deterministic for its seed, batched
 and chunked, with exact input gradients. Any class-conditional network plugs in through a denoiser adapter:
 `EDMDenoiser` (EDMPrecond, one-hot labels), `ChainDenoiser` (the project's eps / v networks on a discrete chain, sigma
-converted to the chain's level), `MultiheadDenoiser` (one pass gives every class); `denoiser_for(loaded)` picks one.
+converted to the chain's level), `MultiheadDenoiser` and `EDMMultiheadDenoiser` (one pass gives every class);
+`denoiser_for(loaded)` picks one.
 `LikelihoodMaximizer` (`likelihood`) is RDC's LM purifier: a few Adam steps on the unconditional denoising loss,
 unrolled and differentiable (gradient mode `full`), or with the identity backward (`bpda`, RDC's choice).
 
@@ -27,10 +28,11 @@ are re-exported so that callers import them from `diffrobust.defenses`.
 
 from diffrobust.defenses.compose import PurifiedClassifier, VotingLabeler
 from diffrobust.defenses.diffusion_classifier import (SIGMA_GRIDS, WEIGHTINGS, ChainDenoiser, DiffusionClassifier,
-                                                      EDMDenoiser, MultiheadDenoiser, denoiser_for)
+                                                      EDMDenoiser, EDMMultiheadDenoiser, MultiheadDenoiser,
+                                                      denoiser_for)
 from diffrobust.defenses.likelihood import LikelihoodMaximizer
 from diffrobust.defenses.smoothing import REVERSE_PROCESSES, TSTAR_RULES, SmoothingDenoiser, tstar_time
 
-__all__ = ["ChainDenoiser", "DiffusionClassifier", "EDMDenoiser", "LikelihoodMaximizer", "MultiheadDenoiser",
-           "PurifiedClassifier", "REVERSE_PROCESSES", "SIGMA_GRIDS", "SmoothingDenoiser", "TSTAR_RULES",
-           "VotingLabeler", "WEIGHTINGS", "denoiser_for", "tstar_time"]
+__all__ = ["ChainDenoiser", "DiffusionClassifier", "EDMDenoiser", "EDMMultiheadDenoiser", "LikelihoodMaximizer",
+           "MultiheadDenoiser", "PurifiedClassifier", "REVERSE_PROCESSES", "SIGMA_GRIDS", "SmoothingDenoiser",
+           "TSTAR_RULES", "VotingLabeler", "WEIGHTINGS", "denoiser_for", "tstar_time"]

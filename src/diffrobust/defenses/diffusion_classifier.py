@@ -20,9 +20,11 @@ float64 so that a sigma of a chain's table maps back to exactly that level):
   single-head network, 1 for a multi-head one) and, for networks on a VP chain, ``chain_sigmas`` (float64 [T], the
   sigma of table index j = 0..T-1: sqrt(1/alpha_bar_j - 1)).
 
-Three adapters: `EDMDenoiser` (an EDMPrecond / VPPrecond network, D directly, one-hot labels), `ChainDenoiser` (a
-class-conditional eps or v network of the project on a discrete chain, e.g. the mini ADM model) and
-`MultiheadDenoiser` (one pass gives every class). `denoiser_for(loaded)` picks one for a `models.LoadedModel`.
+Four adapters: `EDMDenoiser` (an EDMPrecond / VPPrecond network, D directly, one-hot labels), `ChainDenoiser` (a
+class-conditional eps or v network of the project on a discrete chain, e.g. the mini ADM model),
+`MultiheadDenoiser` (a multi-head network on a chain: one pass gives every class) and `EDMMultiheadDenoiser` (a
+multi-head EDM network, `networks.edm.MultiheadEDMPrecond`: one pass of D per sigma gives every class).
+`denoiser_for(loaded)` picks one for a `models.LoadedModel` from its kind and family.
 
 On a chain, EDM's x = x~ + sigma·eps is the chain state x_t = x/sqrt(1 + sigma²) at alpha_bar = 1/(1 + sigma²)
 (sqrt(alpha_bar)·x~ + sqrt(1 - alpha_bar)·eps), and D = x - sigma·eps^(x_t, t). The network timestep t of a sigma
@@ -269,11 +271,36 @@ class MultiheadDenoiser(_ChainAdapter):
                          "another (unconditional) denoiser")
 
 
+class EDMMultiheadDenoiser(_Denoiser):
+    """A multi-head EDM network (`networks.edm.MultiheadEDMPrecond`, the distilled student of
+    `training.distill_edm_multihead`): one pass gives eps^ of every head in closed form, head k being class k, so
+    one network evaluation per input and sigma. Computes in float32 like `EDMDenoiser`; no unconditional
+    prediction (LM needs another denoiser)."""
+
+    def __init__(self, network):
+        super().__init__()
+        self.network = network
+        self.num_classes = int(network.heads)
+        self.evaluations_per_input = 1
+
+    def eps_all_classes(self, x_noisy, sigma):
+        return self.network.noise_prediction(x_noisy, sigma.to(torch.float32)).to(x_noisy.dtype)
+
+    def eps(self, x_noisy, sigma):
+        raise ValueError("a multi-head network has no unconditional prediction; give likelihood maximization "
+                         "another (unconditional) denoiser")
+
+
 def denoiser_for(loaded, *, unconditional=False):
-    """The denoiser adapter of a `models.LoadedModel`: EDM networks -> `EDMDenoiser`, multi-head models ->
-    `MultiheadDenoiser`, class-conditional project models (ADM, with their null class) -> `ChainDenoiser`.
-    `unconditional`: for likelihood maximization (an unconditional network, or a conditional one's null class)."""
+    """The denoiser adapter of a `models.LoadedModel`: EDM networks -> `EDMDenoiser`, multi-head EDM models ->
+    `EDMMultiheadDenoiser`, other multi-head models -> `MultiheadDenoiser`, class-conditional project models (ADM,
+    with their null class) -> `ChainDenoiser`. `unconditional`: for likelihood maximization (an unconditional
+    network, or a conditional one's null class)."""
     family = models.family_of(loaded)
+    if family.edm and loaded.kind == "multihead_diffusion":
+        if unconditional:
+            raise ValueError("a multi-head model has no unconditional prediction")
+        return EDMMultiheadDenoiser(loaded.network)
     if family.edm:
         denoiser = EDMDenoiser(loaded.network)
         if unconditional != (denoiser.num_classes is None):
@@ -303,7 +330,8 @@ def denoiser_for(loaded, *, unconditional=False):
 class DiffusionClassifier(nn.Module):
     """RDC's diffusion classifier: images in [0, 1] (N, C, H, W) -> logits (N, K) (module docstring).
 
-    denoiser: an adapter (`EDMDenoiser`, `ChainDenoiser`, `MultiheadDenoiser`, or any object with that interface).
+    denoiser: an adapter (`EDMDenoiser`, `ChainDenoiser`, `MultiheadDenoiser`, `EDMMultiheadDenoiser`, or any
+    object with that interface).
     sigma_grid: "edm" (sigma_min, sigma_max, sigma_steps: RDC's `torch.linspace(1e-4, 3, 1001)`, last point
     dropped) or "vp" (the denoiser's chain levels at table indices `timesteps`, default all: MultiHeadRDC's
     `ts = torch.arange(1000)`). weighting: one of `WEIGHTINGS` (default "edm_code" on "edm", "uniform" on "vp");

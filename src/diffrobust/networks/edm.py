@@ -18,6 +18,10 @@ Conventions (as in EDM): `x` is an image in the data space [-1, 1] plus Gaussian
 `net.noise_prediction(x, sigma, class_labels)` the noise estimate (x - D(x; sigma, y)) / sigma.
 `class_labels` are one-hot rows of width `label_dim`.
 
+`MultiheadEDMPrecond` (family `edm_multihead_songunet`) is this project's, not NVlabs': EDMPrecond around a SongUNet
+without label input whose output holds one image per class, RDC's multi-head idea on EDM's network; its forward and
+noise prediction return [N, heads, C, H, W]. `training.distill_edm_multihead` makes one from a conditional model.
+
 The published networks are pickles made with NVlabs' `torch_utils.persistence`, which embeds the Python source of
 the network classes and executes it on load. `read_edm_network_pickle` reads such a file with a restricted
 unpickler that never runs that source; it only rebuilds tensors and returns the network's class name, constructor
@@ -403,7 +407,7 @@ class _Preconditioned(nn.Module):
     precond = None
 
     def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, model_type="SongUNet",
-                 **model_kwargs):
+                 out_channels=None, **model_kwargs):
         super().__init__()
         if model_type != "SongUNet":
             raise ValueError(f"model_type {model_type!r} is not implemented here; only 'SongUNet' (DDPM++/NCSN++)")
@@ -411,7 +415,9 @@ class _Preconditioned(nn.Module):
         self.img_channels = img_channels
         self.label_dim = label_dim
         self.use_fp16 = use_fp16
-        self.model = SongUNet(img_resolution=img_resolution, in_channels=img_channels, out_channels=img_channels,
+        # out_channels: the U-Net's output width, img_channels in EDM; the multi-head wrapper asks for one per head
+        self.model = SongUNet(img_resolution=img_resolution, in_channels=img_channels,
+                              out_channels=img_channels if out_channels is None else out_channels,
                               label_dim=label_dim, **model_kwargs)
 
     def coefficients(self, sigma):
@@ -541,6 +547,49 @@ class EDMPrecond(_Preconditioned):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# RDC's multi-head idea on EDM's preconditioning (this project's; no official multi-head EDM network exists).
+
+
+class MultiheadEDMPrecond(EDMPrecond):
+    """EDMPrecond around a SongUNet without label input whose output holds one image per head: head k is U-Net
+    output channels k·C .. (k+1)·C - 1, and D_k(x; sigma) = c_skip·x + c_out·F_k(c_in·x; c_noise), EDM's
+    preconditioning applied to each head (the same float32 arithmetic as EDMPrecond's forward for one head). One
+    pass gives the denoised image of every class, so RDC's diffusion classifier needs one evaluation per sigma
+    instead of K. `forward` and `noise_prediction` return [N, heads, C, H, W]; they take no class labels.
+    """
+
+    def __init__(self, img_resolution, img_channels, heads, use_fp16=False, sigma_min=0, sigma_max=float("inf"),
+                 sigma_data=0.5, model_type="SongUNet", **model_kwargs):
+        super().__init__(img_resolution, img_channels, label_dim=0, use_fp16=use_fp16, sigma_min=sigma_min,
+                         sigma_max=sigma_max, sigma_data=sigma_data, model_type=model_type,
+                         out_channels=heads * img_channels, **model_kwargs)
+        self.heads = heads
+
+    def _heads(self, x, sigma, class_labels, force_fp32, model_kwargs):
+        """(x, sigma, F) with x and sigma shaped to broadcast over heads ([N, 1, C, H, W], [N, 1, 1, 1, 1]) and the
+        U-Net output split into heads, F [N, heads, C, H, W] in float32."""
+        if class_labels is not None:
+            raise ValueError("a multi-head EDM network has no label input: every head is one class")
+        x, sigma, _, dtype = self._inputs(x, sigma, None, force_fp32)
+        _, _, c_in, c_noise = self.coefficients(sigma)
+        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=None, **model_kwargs)
+        F_x = F_x.to(torch.float32).reshape(x.shape[0], self.heads, *x.shape[1:])
+        return x[:, None], sigma[:, None], F_x
+
+    def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
+        """Denoised D_k(x; sigma) of every head k: [N, heads, C, H, W]. `sigma`: scalar or (N,)."""
+        x, sigma, F_x = self._heads(x, sigma, class_labels, force_fp32, model_kwargs)
+        c_skip, c_out, _, _ = self.coefficients(sigma)
+        return c_skip * x + c_out * F_x
+
+    def noise_prediction(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
+        """The noise estimate (x - D_k(x; sigma)) / sigma of every head, in closed form: [N, heads, C, H, W]."""
+        x, sigma, F_x = self._heads(x, sigma, class_labels, force_fp32, model_kwargs)
+        a, b = self.eps_coefficients(sigma)
+        return a * x + b * F_x
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Building from a registry config.
 
 # NVlabs/edm train.py with --arch=ddpmpp (and its --dropout default). augment_dim is 0 here although train.py sets
@@ -602,6 +651,31 @@ def build_edm_vp_songunet(config):
     for key in ("channel_mult", "attn_resolutions", "resample_filter"):
         kwargs[key] = list(kwargs[key])
     return wrapper(**kwargs)
+
+
+# Keys of an `edm_multihead_songunet` config besides `heads`: the EDMPrecond ones without the label input.
+MULTIHEAD_KEYS = (set(REQUIRED_KEYS) | set(DDPMPP_DEFAULTS) | set(EDM_PRECOND_KEYS)) - {"label_dim", "label_dropout"}
+
+
+def build_edm_multihead_songunet(config):
+    """`MultiheadEDMPrecond` from a config with EDM's argument names (as `build_edm_vp_songunet` with precond
+    'edm', without label_dim and label_dropout) plus `heads` (a positive integer, one per class)."""
+    config = dict(config)
+    heads = config.pop("heads", None)
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+        raise ValueError(f"edm_multihead_songunet config key 'heads' must be a positive integer, got {heads!r}")
+    missing = [key for key in REQUIRED_KEYS if key not in config]
+    if missing:
+        raise ValueError(f"edm_multihead_songunet config lacks {', '.join(missing)}")
+    unknown = sorted(set(config) - MULTIHEAD_KEYS)
+    if unknown:
+        raise ValueError(f"unknown edm_multihead_songunet config keys: {', '.join(unknown)}; known: heads, "
+                         f"{', '.join(sorted(MULTIHEAD_KEYS))}")
+    kwargs = {key: value for key, value in {**DDPMPP_DEFAULTS, **config}.items()
+              if key not in ("label_dim", "label_dropout")}
+    for key in ("channel_mult", "attn_resolutions", "resample_filter"):
+        kwargs[key] = list(kwargs[key])
+    return MultiheadEDMPrecond(heads=heads, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------------------------

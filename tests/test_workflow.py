@@ -69,12 +69,14 @@ def test_lint(repo_copy):
     # smoke: 1 sigma x 2 methods x 2 shards; merges: DDS 1 vote, DensePure the 1- and 3-vote ablation
     ("smoke", {"prepare_dataset": 1, "train_diffusion": 1, "finetune_multihead": 1, "train_classifier": 1,
                "certify_shard": 4, "merge_votes": 3, "attack": 36, "evaluate": 4, "sigma_sweep": 1,
-               "train_adversarial": 1, "render_report": 5}),
+               "train_adversarial": 1, "train_ldm": 1, "protect": 6, "edit_protected": 6, "render_report": 6}),
     # DiffPure: 2 threats x (3 attacks on the undefended classifier + 5 on DiffPure); RDC: 2 threats x (2 on the
     # undefended classifier + 4 on RDC + 1 on each of the adversarially trained classifier, DC and the two multi-head
     # variants); 1 shard each; 2 + 2 transfer scores
+    # Pixel is a Barrier: one protect and one edit job per attack (8) and per pseudo-attack (none, random)
     ("mini", {"prepare_dataset": 1, "train_diffusion": 1, "train_classifier": 1, "train_adversarial": 1, "attack": 36,
-              "evaluate": 4, "sigma_sweep": 1, "render_report": 5}),
+              "evaluate": 4, "sigma_sweep": 1, "train_ldm": 1, "protect": 10, "edit_protected": 10,
+              "render_report": 6}),
     # paper scale: downloads instead of training; 500 images in shards of 10, 3 sigmas, 2 methods
     # attacks: DiffPure's 128 and RDC's 2 threats x 16 shards x (2 on the undefended classifier + 4 on RDC + 2 on each
     # of DC, the two multi-head variants and the adversarially trained row, each on its threat's RobustBench
@@ -82,7 +84,9 @@ def test_lint(repo_copy):
     ("cifar10", {"download_cifar10": 1, "download_checkpoint": 10, "prepare_dataset": 1, "certify_shard": 300,
                  "merge_votes": 27, "attack": 576, "evaluate": 4, "finetune_multihead": 1, "sigma_sweep": 1,
                  "render_report": 5}),
-    ("imagenet", {"download_checkpoint": 9, "prepare_dataset": 1, "certify_shard": 120, "render_report": 3}),
+    # ImageNet: Pixel is a Barrier on Stable Diffusion v1.4 (6 more files: its text encoder and tokenizer)
+    ("imagenet", {"download_checkpoint": 15, "prepare_dataset": 1, "certify_shard": 120, "protect": 10,
+                  "edit_protected": 10, "render_report": 4}),
 ])
 def test_dry_run_builds_the_full_dag(repo_copy, preset, jobs):
     result = snakemake(repo_copy, "-n", "--config", f"preset={preset}")
@@ -166,7 +170,7 @@ def test_smoke_run_then_dvc_push_pull_into_a_fresh_clone(repo_copy, tmp_path):
     run(["dvc", "repro"], repo_copy)
     report = repo_copy / "results/smoke/reports/data_report.html"
     assert "Splits: images per class" in report.read_text()
-    for name in ("models_report", "densepure_table1", "diffpure_table", "rdc_table"):
+    for name in ("models_report", "densepure_table1", "diffpure_table", "rdc_table", "pixel_barrier"):
         assert (repo_copy / f"results/smoke/reports/{name}.html").stat().st_size > 10000
     table = (repo_copy / "results/smoke/densepure/densepure/sigma0.5/votes3.tsv").read_text().splitlines()
     assert table[0].split("\t") == ["idx", "label", "predict", "radius", "correct", "time"] and len(table) == 3

@@ -82,31 +82,47 @@ def budget_key(index):
     return f"eps{index}"
 
 
+def in_batches(fn, x01, batch_size, seed):
+    """fn(batch, generator) over batches of `batch_size` images, batch b drawing from a generator seeded (seed, b):
+    the draws of an image depend on its position and the seed only, not on the set it belongs to."""
+    outputs = []
+    for b, start in enumerate(range(0, len(x01), batch_size)):
+        outputs.append(fn(x01[start:start + batch_size], torch.Generator().manual_seed(seed * 1000 + b)))
+    return torch.cat(outputs)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Protection
 # ---------------------------------------------------------------------------------------------------------------
 
 def protect_images(attack, x01, settings, models, seed):
     """{budget index: (protected images, objective before, after)} for one attack over every budget."""
-    out = {}
+    out, batch_size = {}, settings["batch_size"]
     for k, eps in enumerate(settings["budgets"]):
-        generator = torch.Generator().manual_seed(seed * 1000 + k)
+        stream = seed * 100 + k
         if attack == "none":
             out[k] = (x01.clone(), None, None)
             continue
         if attack == "random":
-            out[k] = (protective.random_sign_noise(x01, eps, generator), None, None)
+            out[k] = (in_batches(lambda x, g: protective.random_sign_noise(x, eps, g), x01, batch_size, stream),
+                      None, None)
             continue
         objective = protective.objective_for(
             attack, ldm=models["ldm"], pixel_eps_model=models["pixel_eps"], pixel_schedule=models["pixel_schedule"],
             target01=target_image(settings, x01.shape), rate=settings["mist_rate"])
         random_start = attack not in settings["no_random_start"]
-        with tqdm(total=settings["steps"], desc=f"{attack} eps {eps:g}", mininterval=5.0) as progress:
-            result = protective.protect(objective, x01, eps=eps, steps=settings["steps"],
-                                        relative_step_size=settings["relative_step_size"],
-                                        random_start=random_start, generator=generator,
-                                        measure_draws=settings["measure_draws"], progress=progress)
-        out[k] = (result.x_protected, result.objective_before, result.objective_after)
+        results = []
+        with tqdm(total=settings["steps"] * len(range(0, len(x01), batch_size)), desc=f"{attack} eps {eps:g}",
+                  mininterval=5.0) as progress:
+            def run(x, generator):
+                results.append(protective.protect(objective, x, eps=eps, steps=settings["steps"],
+                                                  relative_step_size=settings["relative_step_size"],
+                                                  random_start=random_start, generator=generator,
+                                                  measure_draws=settings["measure_draws"], progress=progress))
+                return results[-1].x_protected
+            protected = in_batches(run, x01, batch_size, stream)
+        out[k] = (protected, torch.cat([r.objective_before for r in results]),
+                  torch.cat([r.objective_after for r in results]))
     return out
 
 
@@ -155,12 +171,15 @@ def purifier_for(name, settings, loaded):
 
 def edit(editor, x01, strength, loaded, settings, seed):
     """SDEdit of x01 by the LDM or the PDM at `strength`, with the noise of (seed, strength) (paired across sets)."""
-    generator = torch.Generator().manual_seed(seed * 1000 + round(strength * 1000))
     steps = settings["edit"]["num_inference_steps"]
-    if editor == "ldm":
-        return ldm_sdedit(loaded["ldm"], x01, strength, num_inference_steps=steps, generator=generator)
-    return pixel_sdedit(loaded["pixel_eps"], loaded["pixel_schedule"], x01, strength, num_inference_steps=steps,
-                        sampler=settings["edit"]["pixel_sampler"], generator=generator)
+
+    def run(x, generator):
+        if editor == "ldm":
+            return ldm_sdedit(loaded["ldm"], x, strength, num_inference_steps=steps, generator=generator)
+        return pixel_sdedit(loaded["pixel_eps"], loaded["pixel_schedule"], x, strength, num_inference_steps=steps,
+                            sampler=settings["edit"]["pixel_sampler"], generator=generator)
+
+    return in_batches(run, x01, settings["batch_size"], seed * 1000 + round(strength * 1000))
 
 
 def image_metrics(edited01, clean01, labels, classifier, features_of):
@@ -211,8 +230,7 @@ def edit_job(attack, sets, *, settings, models, device="cpu", seed=0):
         for name in settings["purifier_list"]:
             if name == "none":
                 continue
-            generator = torch.Generator().manual_seed(seed * 1000 + 7)
-            purified = purifier_for(name, settings, loaded)(x, generator)
+            purified = in_batches(purifier_for(name, settings, loaded), x, settings["batch_size"], seed * 1000 + 7)
             edited = edit("ldm", purified, strength, loaded, settings, seed)
             add(image_metrics(edited, x_clean, labels, classifier, features_of), editor="ldm", purifier=name,
                 strength=strength)

@@ -166,34 +166,45 @@ fig.tight_layout()
 
 # %% [markdown]
 # ## (c) Pictures: clean, protected, LDM edit, PDM edit, PDM-Pure then LDM edit
-# The strongest budget; each block of rows is one attack, columns are the first images of the subset.
+# The strongest budget. One block per image: its rows are the protected (or clean) input, its LDM edit, its PDM edit
+# and PDM-Pure followed by the LDM edit; its columns are the clean image, the random control and every attack.
 
 # %%
 key = pixel_barrier.budget_key(len(settings["budgets"]) - 1)
-show = [name for name in ["random"] + attacks]
-columns = pixel_barrier.GRID_IMAGES
-row_kinds = [("x", "protected"), ("ldm", "LDM edit"), ("pdm", "PDM edit"), ("purified/pdm_pure", "PDM-Pure + LDM edit")]
-fig, axes = plt.subplots(len(show) * len(row_kinds) + 1, columns, figsize=(1.4 * columns, 1.4 * (len(show) * 4 + 1)),
+columns = ["none", "random"] + attacks
+row_kinds = [("x", "input"), ("ldm", "LDM edit"), ("pdm", "PDM edit"), ("purified/pdm_pure", "PDM-Pure + LDM")]
+shown = min(3, pixel_barrier.GRID_IMAGES)
+fig, axes = plt.subplots(shown * len(row_kinds), len(columns), figsize=(1.3 * len(columns), 1.35 * shown * len(row_kinds)),
                          squeeze=False)
-for j in range(columns):
-    axes[0, j].imshow(grids["none"]["x_clean"][j].transpose(1, 2, 0).squeeze(-1), cmap="gray", vmin=0, vmax=1)
-    axes[0, j].set_title("clean", fontsize=7)
-for block, name in enumerate(show):
+for image in range(shown):
     for r, (kind, title) in enumerate(row_kinds):
-        array = grids[name].get(f"{key}/{kind}")
-        for j in range(columns):
-            ax = axes[1 + block * len(row_kinds) + r, j]
+        for c, name in enumerate(columns):
+            ax = axes[image * len(row_kinds) + r, c]
+            source_key = "eps0" if name == "none" else key
+            array = grids[name].get(f"{source_key}/{kind}")
             if array is not None:
-                ax.imshow(array[j].transpose(1, 2, 0).squeeze(-1), cmap="gray", vmin=0, vmax=1)
-            ax.set_title(f"{name}: {title}", fontsize=6)
-for ax in axes.flat:
-    ax.axis("off")
+                ax.imshow(array[image].transpose(1, 2, 0).squeeze(-1), cmap="gray", vmin=0, vmax=1)
+            if image == 0 and r == 0:
+                ax.set_title(name, fontsize=7)
+            if c == 0:
+                ax.set_ylabel(title, fontsize=7)
+            ax.set_xticks([])
+            ax.set_yticks([])
 fig.tight_layout()
 
 # %% [markdown]
-# ## Set-level distances of the LDM edits to the clean images
-# Fréchet distance and KID on the classifier's penultimate features would need the feature arrays; with a few dozen
-# images they are dominated by their bias, so the per-image measures above carry the claims.
+# ## Set-level distances of the edits to the clean images
+# Fréchet distance and KID of the classifier's penultimate features (the mini stand-ins for FID and KID, whose
+# Inception weights are not downloaded here). With a few dozen images both are dominated by their bias: they rank
+# the conditions, the per-image measures above carry the claims.
+
+# %%
+set_columns = [m for m in pixel_barrier.SET_METRICS if m in table.columns]
+if set_columns:
+    sets_at = table[(np.isclose(table["strength"], strength) & (table["editor"] != "purified"))]
+    display(sets_at.groupby(["editor", "purifier", "attack", "eps"])[set_columns].first().round(3))
+else:
+    display(Markdown("No classifier: the set-level distances need its features."))
 
 # %% [markdown]
 # ## Published values

@@ -210,6 +210,9 @@ def test_sds_gradient_is_the_encoders_vjp_with_the_eps_error(ldm, images):
 
 
 def test_encoder_attack_amplifies_latent_distance_over_random_noise(images):
+    """Even an untrained VAE moves its latent 3-4x further under a PGD perturbation than under ±eps sign noise of
+    the same budget (attacks_rdc_pdm.md §4 measured 2.8-4.2x; here 3.7-4.2x over three seeds), and PhotoGuard's
+    pull toward the zero latent about 2.2-2.5x."""
     torch.manual_seed(4)
     untrained = ldm_lib.build_mini_ldm({**TINY, "image_size": 32, "vae_channels": [32, 32, 64]})
     x = torch.rand(4, 1, 32, 32, generator=torch.Generator().manual_seed(2)) * 0.8 + 0.1
@@ -219,12 +222,13 @@ def test_encoder_attack_amplifies_latent_distance_over_random_noise(images):
             return -(untrained.encode(x01) - untrained.encode(x)).flatten(1).norm(dim=1)
 
     eps = 8 / 255
-    result = protective.protect(LatentAway(), x, eps=eps, steps=20, relative_step_size=0.25,
-                                generator=torch.Generator().manual_seed(0), measure_draws=1)
     control = protective.random_sign_noise(x, eps, torch.Generator().manual_seed(0))
-    ratio = (protective.latent_distance(untrained, x, result.x_protected).mean()
-             / protective.latent_distance(untrained, x, control).mean())
-    assert ratio > 2.0
+    control_distance = protective.latent_distance(untrained, x, control).mean()
+    for objective, least in ((LatentAway(), 3.0), (protective.objective_for("photoguard", ldm=untrained), 1.8)):
+        result = protective.protect(objective, x, eps=eps, steps=20, relative_step_size=0.25,
+                                    generator=torch.Generator().manual_seed(0), measure_draws=1)
+        ratio = protective.latent_distance(untrained, x, result.x_protected).mean() / control_distance
+        assert ratio > least
 
 
 def test_random_control_is_plus_minus_eps(images):

@@ -35,6 +35,9 @@ PSEUDO_ATTACKS = ("none", "random")
 EDITORS = ("ldm", "pdm")
 PURIFIERS = ("none", "pdm_pure", "pdm_pure_released", "jpeg", "crop", "ldm_pure")
 METRICS = ("ssim", "psnr", "feature_distance", "correct")
+# Set-level distances of the edits' classifier features to the clean images' (with a few dozen images their bias
+# dominates: they rank conditions, the per-image METRICS carry the claims).
+SET_METRICS = ("set_frechet", "set_kid")
 GRID_IMAGES = 4
 
 
@@ -183,13 +186,18 @@ def edit(editor, x01, strength, loaded, settings, seed):
 
 
 def image_metrics(edited01, clean01, labels, classifier, features_of):
-    """Per-image metrics of edits against the clean images (see METRICS)."""
+    """Per-image metrics of edits against the clean images (see METRICS), with the set-level Fréchet distance and
+    KID of the edits' features to the clean images' (one value per set, repeated on its rows: `SET_METRICS`)."""
     rows = {"ssim": quality.ssim(edited01, clean01, grayscale=edited01.shape[1] == 3).numpy(),
             "psnr": np.minimum(quality.psnr(edited01, clean01).numpy(), 100.0)}
     if classifier is not None:
         with torch.no_grad():
             rows["correct"] = (classifier(edited01).argmax(1).cpu() == labels).numpy().astype(np.float64)
-            rows["feature_distance"] = quality.feature_distance(features_of(edited01), features_of(clean01)).numpy()
+            edited_features, clean_features = features_of(edited01), features_of(clean01)
+            rows["feature_distance"] = quality.feature_distance(edited_features, clean_features).numpy()
+            rows["set_frechet"] = quality.frechet_distance(edited_features, clean_features)
+            rows["set_kid"] = quality.kernel_inception_distance(edited_features, clean_features, subsets=50,
+                                                                subset_size=len(clean01)).mean
     return rows
 
 

@@ -339,3 +339,27 @@ def test_checkerboard_target():
     board = pixel_barrier.target_image({"target": {"period": 2}}, (1, 1, 8, 8))
     assert board.shape == (1, 1, 8, 8)
     assert board[0, 0, 0, :4].tolist() == [0, 0, 1, 1] and board[0, 0, 2, :4].tolist() == [1, 1, 0, 0]
+
+
+def test_gridpure_tiles_cover_the_image_and_blend_the_input():
+    from diffrobust.defenses.sdedit import GrIDPure, tile_starts
+
+    assert tile_starts(512, 256, 128) == [0, 128, 256] and tile_starts(30, 16, 8) == [0, 8, 14]
+    assert tile_starts(16, 32, 8) == [0]
+    schedule = dl.GaussianDiffusion.linear(1000, variance="fixed_small")
+    c = 0.2  # the oracle's belief: every tile is the constant image 0.2 in [-1, 1] units (0.6 in [0, 1])
+
+    def oracle(x_t, t_model, y=None):  # its exact eps: the last ancestral step then returns the constant exactly
+        a = float(schedule.alphas_cumprod[int(t_model[0])])
+        return (x_t - a ** 0.5 * c) / (1 - a) ** 0.5
+
+    x01 = 0.6 + 0.1 * torch.rand(2, 1, 24, 24, generator=torch.Generator().manual_seed(0))
+    purifier = GrIDPure(oracle, schedule, tile_size=16, stride=8, t_star=0.01, passes=1, gamma=0.25)
+    assert purifier.network_evaluations(24) == 1 * 4 * 10
+    torch.testing.assert_close(purifier.purify_once(x01, torch.Generator().manual_seed(0)),
+                               torch.full_like(x01, 0.6), atol=1e-5, rtol=0)
+    torch.testing.assert_close(purifier(x01, torch.Generator().manual_seed(0)), 0.75 * 0.6 + 0.25 * x01,
+                               atol=1e-5, rtol=0)
+    twice = GrIDPure(oracle, schedule, tile_size=16, stride=8, passes=2, gamma=0.25)
+    torch.testing.assert_close(twice(x01, torch.Generator().manual_seed(0)), 0.75 * 0.6 + 0.25 * x01,
+                               atol=1e-5, rtol=0)

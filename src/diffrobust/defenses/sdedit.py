@@ -130,3 +130,53 @@ class LDMPure:
     def __call__(self, x01, generator=None):
         return ldm_sdedit(self.ldm, x01, self.strength, num_inference_steps=self.num_inference_steps,
                           generator=generator)
+
+
+def tile_starts(size, tile, stride):
+    """Top-left offsets of tiles of `tile` pixels every `stride` pixels covering [0, size) (the last tile flush with
+    the edge)."""
+    if tile >= size:
+        return [0]
+    starts = list(range(0, size - tile + 1, stride))
+    if starts[-1] != size - tile:
+        starts.append(size - tile)
+    return starts
+
+
+class GrIDPure:
+    """GrIDPure (Zhao et al., CVPR'24; Pixel is a Barrier's strongest baseline): the pixel model's SDEdit on
+    overlapping `tile_size` tiles every `stride` pixels at a small t (`t_star`·T, DiffPure-like ancestral steps),
+    overlaps averaged, repeated `passes` times, each pass's result blended with the input as
+    x ← (1 − γ)·purified + γ·x_input (attacks_rdc_pdm.md §4: tiles 256, stride 128, t = 10/1000, 20 passes, γ 0.1;
+    the blend's exact form is UNVERIFIED: docs/fidelity.md)."""
+
+    def __init__(self, eps_model, schedule, *, tile_size=256, stride=128, t_star=0.01, passes=20, gamma=0.1,
+                 num_steps=None):
+        self.eps_model, self.schedule = eps_model, schedule
+        self.tile_size, self.stride, self.t_star = int(tile_size), int(stride), float(t_star)
+        self.passes, self.gamma = int(passes), float(gamma)
+        self.num_steps = int(num_steps) if num_steps else max(1, round(t_star * schedule.num_levels))
+
+    def network_evaluations(self, image_size):
+        tiles = len(tile_starts(image_size, self.tile_size, self.stride)) ** 2
+        return self.passes * tiles * self.num_steps
+
+    def purify_once(self, x01, generator):
+        size = x01.shape[-1]
+        starts = tile_starts(size, self.tile_size, self.stride)
+        total, count = torch.zeros_like(x01), torch.zeros_like(x01)
+        tile = min(self.tile_size, size)
+        for top in starts:
+            for left in starts:
+                window = (..., slice(top, top + tile), slice(left, left + tile))
+                total[window] += pixel_sdedit(self.eps_model, self.schedule, x01[window], self.t_star,
+                                              num_inference_steps=round(self.num_steps / self.t_star),
+                                              sampler="ddpm", generator=generator)
+                count[window] += 1
+        return total / count
+
+    def __call__(self, x01, generator=None):
+        x = x01
+        for _ in range(self.passes):
+            x = (1 - self.gamma) * self.purify_once(x, generator) + self.gamma * x01
+        return x.clamp(0, 1)

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from diffrobust import imagespace, quality
 from diffrobust.attacks import protective
 from diffrobust.data import load_dataset, subset_indices
-from diffrobust.defenses.sdedit import LDMPure, PDMPure, ldm_sdedit, pixel_sdedit
+from diffrobust.defenses.sdedit import GrIDPure, LDMPure, PDMPure, ldm_sdedit, pixel_sdedit
 from diffrobust.defenses.transforms import CropResize, JPEGCompression, identity
 from diffrobust.models import eps_model, load_source
 from diffrobust.networks.ldm import load_ldm
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 PSEUDO_ATTACKS = ("none", "random")
 EDITORS = ("ldm", "pdm")
-PURIFIERS = ("none", "pdm_pure", "pdm_pure_released", "jpeg", "crop", "ldm_pure")
+PURIFIERS = ("none", "pdm_pure", "pdm_pure_released", "jpeg", "crop", "ldm_pure", "gridpure")
 METRICS = ("ssim", "psnr", "feature_distance", "correct")
 # Set-level distances of the edits' classifier features to the clean images' (with a few dozen images their bias
 # dominates: they rank conditions, the per-image METRICS carry the claims).
@@ -169,6 +169,8 @@ def purifier_for(name, settings, loaded):
         return CropResize(**spec)
     if name == "ldm_pure":
         return LDMPure(loaded["ldm"], **spec)
+    if name == "gridpure":
+        return GrIDPure(loaded["pixel_eps"], loaded["pixel_schedule"], **spec)
     raise ValueError(f"unknown purifier {name!r}; choose one of {PURIFIERS}")
 
 

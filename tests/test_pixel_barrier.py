@@ -363,3 +363,31 @@ def test_gridpure_tiles_cover_the_image_and_blend_the_input():
     twice = GrIDPure(oracle, schedule, tile_size=16, stride=8, passes=2, gamma=0.25)
     torch.testing.assert_close(twice(x01, torch.Generator().manual_seed(0)), 0.75 * 0.6 + 0.25 * x01,
                                atol=1e-5, rtol=0)
+
+
+def test_clip_image_encoder_loads_from_a_hugging_face_clip_folder(tmp_path):
+    """A tiny CLIPModel saved as openai/clip-vit-base-patch32 is (config.json + the whole model's weights): the
+    image encoder loads without the text tower, checks its structure and returns unit-cosine embeddings for x, x."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from diffrobust import quality
+    from diffrobust.networks.pretrained import load_hf_clip_vision
+
+    vision = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
+              "image_size": 32, "patch_size": 8, "projection_dim": 12}
+    config = CLIPConfig(text_config={"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                     "intermediate_size": 32, "vocab_size": 40, "max_position_embeddings": 8},
+                        vision_config=vision, projection_dim=12)
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(tmp_path)
+    spec = {**vision, "input": {"size": 32, "mean": [0.5] * 3, "std": [0.25] * 3,
+                                                      "interpolation": "bicubic"}}
+    encoder = load_hf_clip_vision(spec, tmp_path).eval()
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        features = encoder(x)
+    assert features.shape == (3, 12)
+    assert torch.allclose(quality.cosine_similarity(features, features), torch.ones(3, dtype=torch.float64))
+    assert quality.cosine_similarity(features[:1].expand(2, -1), features[1:]).abs().max() < 1
+    with pytest.raises(ValueError, match="patch_size"):
+        load_hf_clip_vision({**spec, "patch_size": 16}, tmp_path)

@@ -12,6 +12,7 @@ config/checkpoints.yaml lists (ADM `.pt` state dicts, EDM `.pkl` snapshots, Robu
 Kinds
 -----
 - "classifier": [0, 1] images -> logits.
+- "features": [0, 1] images -> embeddings (official image encoders only, e.g. CLIP's, for image similarity).
 - "diffusion": an eps-predicting network ``net(x_t, t_model, y=None)`` in [-1, 1] space (or, for EDM, a denoiser
   D(x; sigma) behind EDMPrecond or VPPrecond that `eps_model` adapts; for score_sde's NCSN++, ``net(x_t, label)``
   with a continuous time label, adapted by `ScoreSDEEps`). How a network reads time is its family's `time_input`
@@ -46,7 +47,7 @@ from diffrobust import diffusion as diffusion_lib
 from diffrobust.io import atomic_path
 from diffrobust.errors import DiffrobustError
 
-KINDS = ("diffusion", "multihead_diffusion", "classifier")
+KINDS = ("diffusion", "multihead_diffusion", "classifier", "features")
 FILE_FORMAT = "diffrobust-model"
 FILE_VERSION = 1
 SCHEDULES = ("linear", "cosine", "vpsde")
@@ -271,7 +272,7 @@ def save_model(path, network, *, kind, architecture, diffusion=None, extra=None)
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if (diffusion is None) != (kind == "classifier"):
+    if (diffusion is None) != (kind in ("classifier", "features")):
         raise ValueError(f"a {kind!r} model {'needs' if kind != 'classifier' else 'takes no'} diffusion settings")
     if "family" not in architecture:
         raise ValueError("architecture must be a {'family': ..., 'config': {...}} block")
@@ -486,6 +487,15 @@ def _hf_vit_network(architecture, path):
         raise ModelFileError(f"{path.parent}: cannot load the Hugging Face ViT ({error})") from error
 
 
+def _hf_clip_vision_network(architecture, path):
+    from diffrobust.networks.pretrained import load_hf_clip_vision
+
+    try:
+        return load_hf_clip_vision(architecture["config"], path.parent)
+    except (OSError, ValueError) as error:
+        raise ModelFileError(f"{path.parent}: cannot load the CLIP image encoder ({error})") from error
+
+
 def _timm_beit_state_dict(path, network):
     from diffrobust.networks.pretrained import timm_beit_state_dict
 
@@ -536,6 +546,8 @@ FAMILIES = {
     "robustbench_wrn": Family("classifier", lambda path, network: _read_state_dict(path)),
     "robustbench_dm_wrn": Family("classifier", lambda path, network: _read_state_dict(path)),
     "hf_vit": Family("classifier", load=_hf_vit_network),
+    # image embeddings, not logits: Pixel is a Barrier's CLIP image similarity and Frechet distance
+    "hf_clip_vision": Family("features", load=_hf_clip_vision_network),
     "timm_beit": Family("classifier", _timm_beit_state_dict),
 }
 # Families official checkpoints come in (config/checkpoints.yaml), with the kind of model each one is.

@@ -414,6 +414,7 @@ def pixel_barrier_source(role):
 def pixel_barrier_models():
     models = {role: pixel_barrier_source(role) for role in ("ldm", "pixel")}
     models["classifier"] = pixel_barrier_source("classifier") if PIXEL_BARRIER["models"]["classifier"] else None
+    models["features"] = PIXEL_BARRIER["models"]["features"]  # "classifier", a registry name or None
     return models
 
 
@@ -426,6 +427,8 @@ def pixel_barrier_model_files(wildcards):
         if source is None:
             continue
         files[role] = model_files(dag_role) if source == "train" else registry_files(source)
+    if PIXEL_BARRIER["models"]["features"] not in (None, "classifier"):
+        files["features"] = registry_files(PIXEL_BARRIER["models"]["features"])
     return files
 
 

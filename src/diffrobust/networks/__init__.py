@@ -16,6 +16,7 @@ BUILDERS = {
     "robustbench_wrn": "diffrobust.networks.wrn:build_robustbench_wrn",
     "robustbench_dm_wrn": "diffrobust.networks.dm_wrn:build_robustbench_dm_wrn",
     "hf_vit": "diffrobust.networks.pretrained:build_hf_vit",
+    "hf_clip_vision": "diffrobust.networks.pretrained:build_hf_clip_vision",
     "timm_beit": "diffrobust.networks.pretrained:build_timm_beit",
 }
 

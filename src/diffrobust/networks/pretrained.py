@@ -173,6 +173,51 @@ def load_hf_vit(config, folder):
     return PretrainedClassifier(preprocess, network)
 
 
+# --- CLIP image encoder (Pixel is a Barrier's image similarity at paper scale) ------------------------------------
+
+class ImageFeatures(nn.Module):
+    """preprocess, then a Hugging Face CLIP vision tower with its projection: [0, 1] images -> image embeddings."""
+
+    def __init__(self, preprocess, network):
+        super().__init__()
+        self.preprocess = preprocess
+        self.network = network
+
+    def forward(self, x01):
+        return self.network(pixel_values=self.preprocess(x01)).image_embeds
+
+
+def build_hf_clip_vision(config):
+    """An untrained CLIPVisionModelWithProjection from its vision-config fields, behind ResizeNormalize."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    config, preprocess = _split_input(config, "hf_clip_vision")
+    return ImageFeatures(preprocess, CLIPVisionModelWithProjection(CLIPVisionConfig(**config)))
+
+
+def load_hf_clip_vision(config, folder):
+    """The CLIP image encoder of a Hugging Face CLIP folder (openai/clip-vit-base-patch32: config.json and the whole
+    CLIPModel's weights; the text tower's weights are the only ones left unused), offline."""
+    from transformers import CLIPVisionModelWithProjection
+
+    config, preprocess = _split_input(config, "hf_clip_vision")
+    network, info = CLIPVisionModelWithProjection.from_pretrained(str(folder), local_files_only=True,
+                                                                  output_loading_info=True)
+    unexpected = [key for key in info.get("unexpected_keys", []) if not key.startswith(("text_model.",
+                                                                                        "text_projection", "logit_scale"))]
+    problems = {name: value for name, value in (("missing_keys", info.get("missing_keys")),
+                                                ("unexpected_keys", unexpected),
+                                                ("mismatched_keys", info.get("mismatched_keys"))) if value}
+    if problems:
+        raise ValueError(f"{folder}: the weights do not fit CLIPVisionModelWithProjection: {problems}")
+    for key, expected in config.items():
+        actual = getattr(network.config, key, None)
+        if actual != expected:
+            raise ValueError(f"{folder}/config.json: vision {key} = {actual!r}, but the registry's architecture says "
+                             f"{expected!r}; fix config/checkpoints.yaml or the download")
+    return ImageFeatures(preprocess, network)
+
+
 # --- timm BEiT -----------------------------------------------------------------------------------------------------
 
 def build_timm_beit(config):

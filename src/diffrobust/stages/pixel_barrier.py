@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 PSEUDO_ATTACKS = ("none", "random")
 EDITORS = ("ldm", "pdm")
 PURIFIERS = ("none", "pdm_pure", "pdm_pure_released", "jpeg", "crop", "ldm_pure", "gridpure")
-METRICS = ("ssim", "psnr", "feature_distance", "correct")
+METRICS = ("ssim", "psnr", "feature_distance", "feature_cosine", "correct")
 # Set-level distances of the edits' classifier features to the clean images' (with a few dozen images their bias
 # dominates: they rank conditions, the per-image METRICS carry the claims).
 SET_METRICS = ("set_frechet", "set_kid")
@@ -46,13 +46,20 @@ GRID_IMAGES = 4
 # ---------------------------------------------------------------------------------------------------------------
 
 def load_models(models, settings, device="cpu"):
-    """{"ldm", "pixel_eps", "pixel_schedule", "classifier"} from the stage's model sources (classifier may be None)."""
+    """{"ldm", "pixel_eps", "pixel_schedule", "classifier", "features"} from the stage's model sources: classifier
+    may be None; features is the classifier's penultimate layer (models.features "classifier"), an official image
+    encoder (e.g. CLIP's), or None."""
     ldm = load_ldm(models["ldm"], prompt=settings.get("prompt"), device=device)
     pixel = load_source(models["pixel"], device=device)
     unconditional = pixel.null_class is not None
     classifier = load_source(models["classifier"], device=device).network if models.get("classifier") else None
+    features = models.get("features", "classifier")
+    if features == "classifier":
+        features = quality.penultimate_features(classifier) if classifier is not None else None
+    elif features:
+        features = load_source(features, device=device).network
     return {"ldm": ldm, "pixel_eps": eps_model(pixel, unconditional=unconditional), "pixel_schedule": pixel.diffusion,
-            "classifier": classifier}
+            "classifier": classifier, "features": features}
 
 
 def evaluation_images(dataset_dir, subset):
@@ -195,7 +202,10 @@ def image_metrics(edited01, clean01, labels, classifier, features_of):
     if classifier is not None:
         with torch.no_grad():
             rows["correct"] = (classifier(edited01).argmax(1).cpu() == labels).numpy().astype(np.float64)
+    if features_of is not None:
+        with torch.no_grad():
             edited_features, clean_features = features_of(edited01), features_of(clean01)
+            rows["feature_cosine"] = quality.cosine_similarity(edited_features, clean_features).numpy()
             rows["feature_distance"] = quality.feature_distance(edited_features, clean_features).numpy()
             rows["set_frechet"] = quality.frechet_distance(edited_features, clean_features)
             rows["set_kid"] = quality.kernel_inception_distance(edited_features, clean_features, subsets=50,
@@ -206,11 +216,13 @@ def image_metrics(edited01, clean01, labels, classifier, features_of):
 def edit_job(attack, sets, *, settings, models, device="cpu", seed=0):
     """(per-image metrics DataFrame, grid arrays) of one attack's protected sets (`sets`: protect_job's arrays)."""
     loaded = load_models(models, settings, device)
-    classifier = loaded["classifier"]
-    extractor = quality.penultimate_features(classifier) if classifier is not None else None
+    classifier, extractor = loaded["classifier"], loaded["features"]
 
     def features_of(images):
         return quality.extract_features(extractor, images)
+
+    if extractor is None:
+        features_of = None
 
     x_clean = torch.from_numpy(sets["x_clean"]).to(device)
     labels = torch.from_numpy(sets["labels"])

@@ -391,3 +391,47 @@ def test_clip_image_encoder_loads_from_a_hugging_face_clip_folder(tmp_path):
     assert quality.cosine_similarity(features[:1].expand(2, -1), features[1:]).abs().max() < 1
     with pytest.raises(ValueError, match="patch_size"):
         load_hf_clip_vision({**spec, "patch_size": 16}, tmp_path)
+
+
+def tiny_if_stage2(folder):
+    """A tiny DeepFloyd-IF-II-shaped UNet (6 channels in and out, noise-level class embedding, text projection) with
+    IF's two schedulers, saved as the IF-II folder's unet/, scheduler/ and image_noising_scheduler/."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    UNet2DConditionModel(
+        sample_size=32, layers_per_block=1, block_out_channels=[32, 32],
+        down_block_types=["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"],
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn", up_block_types=["SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"],
+        in_channels=6, out_channels=6, cross_attention_dim=32, encoder_hid_dim=12, attention_head_dim=8,
+        addition_embed_type="text", addition_embed_type_num_heads=2, cross_attention_norm="group_norm",
+        resnet_time_scale_shift="scale_shift", act_fn="gelu", class_embed_type="timestep", mid_block_scale_factor=1.414,
+        time_embedding_act_fn="gelu", time_embedding_dim=32, norm_num_groups=8).save_pretrained(folder / "unet")
+    DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", thresholding=True,
+                  dynamic_thresholding_ratio=0.95, sample_max_value=1.0, variance_type="learned_range"
+                  ).save_pretrained(folder / "scheduler")
+    DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2").save_pretrained(
+        folder / "image_noising_scheduler")
+
+
+def test_if_stage2_pdm_pure_runs_the_released_schedule_offline(tmp_path):
+    from diffrobust.defenses.sdedit import IFStageIIPure, load_if_stage2
+
+    tiny_if_stage2(tmp_path)
+    pipeline, embeds = load_if_stage2(tmp_path)
+    assert embeds.shape == (1, 77, 12) and embeds.abs().sum() == 0
+    purifier = IFStageIIPure(pipeline, embeds, low_res=8)
+    assert purifier.network_evaluations() == 20  # 10 steps, each with the guidance pair
+    for channels in (3, 1):
+        x = torch.rand(2, channels, 24, 24, generator=torch.Generator().manual_seed(0))
+        out = purifier(x, torch.Generator().manual_seed(1))
+        assert out.shape == x.shape and 0 <= out.min() and out.max() <= 1
+        assert (out - x).abs().mean() > 0
+    assert pipeline.scheduler.timesteps[90].item() == 90  # strength 0.1 of 100: the loop runs 90, 80, ..., 0
+    again = purifier(x, torch.Generator().manual_seed(1))
+    assert torch.equal(again, out)  # deterministic for its generator
+    embeds_file = tmp_path / "zero_t5.npy"
+    np.save(embeds_file, np.ones((77, 12), dtype=np.float32))
+    assert load_if_stage2(tmp_path, prompt_embeds_file=embeds_file)[1].shape == (1, 77, 12)
+    with pytest.raises(FileNotFoundError, match="image_noising_scheduler"):
+        load_if_stage2(tmp_path / "unet")

@@ -180,3 +180,71 @@ class GrIDPure:
         for _ in range(self.passes):
             x = (1 - self.gamma) * self.purify_once(x, generator) + self.gamma * x01
         return x.clamp(0, 1)
+
+
+class IFStageIIPure:
+    """PDM-Pure as released: DeepFloyd IF stage II's image-to-image super-resolution (diffusers'
+    IFImg2ImgSuperResolutionPipeline) from the input's 64 px bicubic (the low-res condition) and the input itself
+    at the UNet's resolution, strength 0.1 of 100 steps (timesteps 90 ... 0: 10 steps), guidance 7, noise level 250
+    (attacks_rdc_pdm.md §4). The prompt is `prompt_embeds` (T5-XXL's embedding of "a picture", or deepfloyd-if's
+    zero_t5 vector; without either, zeros: docs/fidelity.md); the same embedding serves as the negative prompt, so
+    guidance leaves the prediction unchanged when they are equal. Stage III (the x4 upscaler) is not run: the output
+    is resized back to the input's size. Grayscale inputs are repeated to 3 channels and averaged back."""
+
+    def __init__(self, pipeline, prompt_embeds, *, strength=0.1, num_inference_steps=100, guidance_scale=7.0,
+                 noise_level=250, low_res=64):
+        self.pipeline, self.prompt_embeds = pipeline, prompt_embeds
+        self.strength, self.num_inference_steps = float(strength), int(num_inference_steps)
+        self.guidance_scale, self.noise_level, self.low_res = float(guidance_scale), int(noise_level), int(low_res)
+
+    def network_evaluations(self):
+        steps = min(int(self.num_inference_steps * self.strength), self.num_inference_steps)
+        return steps * (2 if self.guidance_scale > 1 else 1)
+
+    def __call__(self, x01, generator=None):
+        from torch.nn import functional as F
+
+        channels, size = x01.shape[1], x01.shape[-1]
+        rgb = x01.expand(-1, 3, -1, -1) if channels == 1 else x01
+        unet_size = int(self.pipeline.unet.config.sample_size)
+
+        def resized(x, to):
+            return x if x.shape[-1] == to else F.interpolate(x, size=(to, to), mode="bicubic", antialias=True,
+                                                              align_corners=False).clamp(0, 1)
+
+        embeds = self.prompt_embeds.to(x01.device).expand(len(x01), -1, -1)
+        out = self.pipeline(image=imagespace.to_model_space(resized(rgb, self.low_res)),
+                            original_image=imagespace.to_model_space(resized(rgb, unet_size)),
+                            strength=self.strength, num_inference_steps=self.num_inference_steps,
+                            guidance_scale=self.guidance_scale, noise_level=self.noise_level, prompt_embeds=embeds,
+                            negative_prompt_embeds=embeds, generator=generator, output_type="pt").images
+        out = resized(imagespace.to_image_space(out).clamp(0, 1), size)
+        return out.mean(1, keepdim=True) if channels == 1 else out
+
+
+def load_if_stage2(folder, *, prompt_embeds_file=None, device="cpu"):
+    """(diffusers IFImg2ImgSuperResolutionPipeline, prompt embeddings (1, L, D)) from a local IF-II folder (unet/,
+    scheduler/, image_noising_scheduler/; no T5, no safety checker, no watermarker), offline. prompt_embeds_file: a
+    .npy of shape (L, D) or (1, L, D); None gives zeros (77 tokens) of the UNet's encoder_hid_dim."""
+    from pathlib import Path
+
+    import numpy as np
+    from diffusers import DDPMScheduler, IFImg2ImgSuperResolutionPipeline, UNet2DConditionModel
+
+    folder = Path(folder)
+    missing = [name for name in ("unet", "scheduler", "image_noising_scheduler") if not (folder / name).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{folder}: not a DeepFloyd IF stage II folder (missing {', '.join(missing)}/); see "
+                                "config/checkpoints.yaml deepfloyd_if_stage2_large for the by-hand download")
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet").to(device).eval().requires_grad_(False)
+    pipeline = IFImg2ImgSuperResolutionPipeline(
+        tokenizer=None, text_encoder=None, unet=unet, scheduler=DDPMScheduler.from_pretrained(folder / "scheduler"),
+        image_noising_scheduler=DDPMScheduler.from_pretrained(folder / "image_noising_scheduler"),
+        safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    if prompt_embeds_file:
+        embeds = torch.from_numpy(np.load(prompt_embeds_file)).float()
+        embeds = embeds[None] if embeds.ndim == 2 else embeds
+    else:
+        embeds = torch.zeros(1, 77, int(unet.config.encoder_hid_dim))
+    return pipeline, embeds

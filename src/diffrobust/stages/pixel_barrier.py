@@ -24,7 +24,8 @@ from tqdm import tqdm
 from diffrobust import imagespace, quality
 from diffrobust.attacks import protective
 from diffrobust.data import load_dataset, subset_indices
-from diffrobust.defenses.sdedit import GrIDPure, LDMPure, PDMPure, ldm_sdedit, pixel_sdedit
+from diffrobust.defenses.sdedit import (GrIDPure, IFStageIIPure, LDMPure, PDMPure, ldm_sdedit, load_if_stage2,
+                                        pixel_sdedit)
 from diffrobust.defenses.transforms import CropResize, JPEGCompression, identity
 from diffrobust.models import eps_model, load_source
 from diffrobust.networks.ldm import load_ldm
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 
 PSEUDO_ATTACKS = ("none", "random")
 EDITORS = ("ldm", "pdm")
-PURIFIERS = ("none", "pdm_pure", "pdm_pure_released", "jpeg", "crop", "ldm_pure", "gridpure")
+PURIFIERS = ("none", "pdm_pure", "pdm_pure_released", "pdm_pure_if", "jpeg", "crop", "ldm_pure", "gridpure")
 METRICS = ("ssim", "psnr", "feature_distance", "feature_cosine", "correct")
 # Set-level distances of the edits' classifier features to the clean images' (with a few dozen images their bias
 # dominates: they rank conditions, the per-image METRICS carry the claims).
@@ -58,8 +59,14 @@ def load_models(models, settings, device="cpu"):
         features = quality.penultimate_features(classifier) if classifier is not None else None
     elif features:
         features = load_source(features, device=device).network
+    if_stage2 = None
+    if "pdm_pure_if" in settings.get("purifier_list", ()):
+        if not models.get("if_stage2"):
+            raise ValueError("purifier pdm_pure_if needs DeepFloyd IF stage II: set pixel_barrier.models.if_stage2")
+        if_stage2 = load_if_stage2(models["if_stage2"], device=device,
+                                   prompt_embeds_file=settings["purifiers"]["pdm_pure_if"].get("prompt_embeds_file"))
     return {"ldm": ldm, "pixel_eps": eps_model(pixel, unconditional=unconditional), "pixel_schedule": pixel.diffusion,
-            "classifier": classifier, "features": features}
+            "classifier": classifier, "features": features, "if_stage2": if_stage2}
 
 
 def evaluation_images(dataset_dir, subset):
@@ -176,6 +183,9 @@ def purifier_for(name, settings, loaded):
         return CropResize(**spec)
     if name == "ldm_pure":
         return LDMPure(loaded["ldm"], **spec)
+    if name == "pdm_pure_if":
+        pipeline, embeds = loaded["if_stage2"]
+        return IFStageIIPure(pipeline, embeds, **{key: value for key, value in spec.items() if key != "prompt_embeds_file"})
     if name == "gridpure":
         return GrIDPure(loaded["pixel_eps"], loaded["pixel_schedule"], **spec)
     raise ValueError(f"unknown purifier {name!r}; choose one of {PURIFIERS}")

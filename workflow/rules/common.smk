@@ -443,6 +443,12 @@ def pixel_barrier_targets():
 # --- reports -----------------------------------------------------------------------------------------------------
 
 
+def multihead_report_files():
+    """The multi-head model the models report shows: only where a report of RDC asks for the network anyway (the
+    imagenet preset has no class-conditional model to fine-tune one from)."""
+    return [model_source("multihead")] if "rdc_table" in CFG["reports"] else []
+
+
 def report_inputs(wildcards):
     inputs = {"notebook": f"notebooks/{wildcards.notebook}.py"}
     if wildcards.notebook == "data_report":
@@ -450,7 +456,7 @@ def report_inputs(wildcards):
         inputs["checkpoints"] = checkpoint_targets(only_automatic=True)
     elif wildcards.notebook == "models_report":
         inputs.update(dataset_files())
-        inputs["models"] = model_files("diffusion") + model_files("classifier") + [model_source("multihead")]
+        inputs["models"] = model_files("diffusion") + model_files("classifier") + multihead_report_files()
     elif wildcards.notebook == "densepure_table1":
         inputs["tables"] = densepure_targets()
         inputs["published"] = "config/published_values.yaml"
@@ -486,10 +492,10 @@ def report_parameters(wildcards):
             "preset": PRESET,
             "dataset_dir": DATASET_DIR,
             "diffusion": model_source("diffusion"),
-            "multihead": model_source("multihead"),
+            "multihead": model_source("multihead") if multihead_report_files() else None,
             "classifier": model_source("classifier"),
             "loss_logs": {role: path("losses", role=role) for role in ("diffusion", "multihead", "classifier")
-                          if model_source(role).endswith(".pt")},
+                          if model_source(role).endswith(".pt") and (role != "multihead" or multihead_report_files())},
             "sigmas": [0.25, 0.5, 1.0],
             "seed": CFG["seed"],
             "device": CFG["device"],

@@ -151,10 +151,13 @@ class LatentDiffusion(nn.Module):
 
 def build_mini_ldm(config):
     """Untrained mini LDM from a config dict: {"image_channels", "image_size", "latent_channels", "vae_channels",
-    "unet_channels", "num_classes", "prompt_tokens", "cross_attention_dim", "norm_num_groups", "attention_head_dim"}.
+    "unet_channels", "cross_attention_levels", "num_classes", "prompt_tokens", "cross_attention_dim",
+    "norm_num_groups", "attention_head_dim"}.
 
-    The VAE halves the resolution once per block after the first (3 blocks: 32 -> 8); the UNet has one
-    cross-attention level and one plain level, as the sizes measured in attacks_rdc_pdm.md §4.
+    The VAE halves the resolution once per block after the first (3 blocks: 32 -> 8). The UNet's levels listed in
+    `cross_attention_levels` (default: the last, lowest-resolution one; the mid block always has it) carry
+    (self- and cross-) attention, the others are plain ResNet levels: at the 8x8 level attention cost half of
+    every UNet call (64 tokens) for a 1-token prompt.
     """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
@@ -167,10 +170,12 @@ def build_mini_ldm(config):
         layers_per_block=1, latent_channels=config["latent_channels"], norm_num_groups=groups,
         sample_size=config["image_size"], mid_block_add_attention=False, scaling_factor=1.0)
     latent_size = config["image_size"] // 2 ** (len(vae_channels) - 1)
+    attention = set(config.get("cross_attention_levels", [len(unet_channels) - 1]))
+    down = tuple("CrossAttnDownBlock2D" if level in attention else "DownBlock2D" for level in range(len(unet_channels)))
+    up = tuple(name.replace("Down", "Up") for name in reversed(down))
     unet = UNet2DConditionModel(
         sample_size=latent_size, in_channels=config["latent_channels"], out_channels=config["latent_channels"],
-        down_block_types=("CrossAttnDownBlock2D",) + ("DownBlock2D",) * (len(unet_channels) - 1),
-        up_block_types=("UpBlock2D",) * (len(unet_channels) - 1) + ("CrossAttnUpBlock2D",),
+        down_block_types=down, up_block_types=up,
         block_out_channels=unet_channels, layers_per_block=1, cross_attention_dim=config["cross_attention_dim"],
         norm_num_groups=groups, attention_head_dim=int(config.get("attention_head_dim", 8)))
     prompts = ClassPrompts(config["num_classes"], config.get("prompt_tokens", 1), config["cross_attention_dim"])

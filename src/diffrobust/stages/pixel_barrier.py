@@ -243,6 +243,8 @@ def edit_job(attack, sets, *, settings, models, device="cpu", seed=0):
         x = torch.from_numpy(sets[f"{key}/x"]).to(device)
         grids[f"{key}/x"] = sets[f"{key}/x"][:GRID_IMAGES]
         base = {"attack": attack, "eps": 0.0 if attack == "none" else float(eps)}
+        log.info("%s at eps %g: LDM and PDM edits at %s, then %s", attack, base["eps"],
+                 settings["edit"]["strengths"], ", ".join(settings["purifier_list"]))
 
         def add(rows, **labels_of_rows):
             frame = pd.DataFrame(rows)

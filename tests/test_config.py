@@ -33,9 +33,10 @@ def test_presets_follow_the_papers_protocols():
 
 
 def test_overrides_win_over_the_preset_and_merge_deeply():
-    config = load_config({"preset": "mini", "datasets": {"mnist": {"split_seed": 3}}, "subsets": {"rdc": {"stop": 10}}})
+    config = load_config({"preset": "mini", "datasets": {"mnist": {"split_seed": 3}},
+                          "subsets": {"densepure": {"stop": 10}}})
     assert config["datasets"]["mnist"] == {"test_per_class": 100, "split_seed": 3, "pad_to": 32}
-    assert config["subsets"]["rdc"] == {"start": 0, "stop": 10}
+    assert config["subsets"]["densepure"] == {"start": 0, "stop": 10, "step": 25}
     assert deep_merge({"a": {"b": 1, "c": 2}}, {"a": {"c": 3}}) == {"a": {"b": 1, "c": 3}}
 
 

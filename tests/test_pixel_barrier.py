@@ -86,12 +86,10 @@ def test_mini_ldm_saves_and_loads_offline(ldm, images, tmp_path):
         ldm_lib.load_ldm(tmp_path)
 
 
-def tiny_stable_diffusion(folder):
-    """A tiny SD v1 pipeline (3 channels, CLIP text encoder, local tokenizer) saved in diffusers' layout."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionImg2ImgPipeline, UNet2DConditionModel
+def tiny_clip_text(folder, hidden_size=8):
+    """A local CLIP tokenizer (letters only, no merges) and a one-layer CLIP text encoder."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    torch.manual_seed(0)
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for letter in "abcdefghijklmnopqrstuvwxyz":
         vocab[letter] = len(vocab)
@@ -101,10 +99,19 @@ def tiny_stable_diffusion(folder):
     (folder / "merges.txt").write_text("#version: 0.2\n")
     tokenizer = CLIPTokenizer(vocab_file=str(folder / "vocab.json"), merges_file=str(folder / "merges.txt"),
                               model_max_length=8)
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=8, intermediate_size=16,
-                                                num_attention_heads=2, num_hidden_layers=1,
-                                                max_position_embeddings=8, bos_token_id=0, eos_token_id=1,
-                                                pad_token_id=1))
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=hidden_size,
+                                                intermediate_size=2 * hidden_size, num_attention_heads=2,
+                                                num_hidden_layers=1, max_position_embeddings=8, bos_token_id=0,
+                                                eos_token_id=1, pad_token_id=1))
+    return tokenizer, text_encoder
+
+
+def tiny_stable_diffusion(folder):
+    """A tiny SD v1 pipeline (3 channels, CLIP text encoder, local tokenizer) saved in diffusers' layout."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionImg2ImgPipeline, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    tokenizer, text_encoder = tiny_clip_text(folder)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
                         latent_channels=4, norm_num_groups=4, sample_size=16, scaling_factor=0.18215)
@@ -435,3 +442,32 @@ def test_if_stage2_pdm_pure_runs_the_released_schedule_offline(tmp_path):
     assert load_if_stage2(tmp_path, prompt_embeds_file=embeds_file)[1].shape == (1, 77, 12)
     with pytest.raises(FileNotFoundError, match="image_noising_scheduler"):
         load_if_stage2(tmp_path / "unet")
+
+
+def test_noisy_upscaling_runs_the_x4_upscaler_offline(tmp_path):
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+
+    from diffrobust.defenses.upscaling import NoisyUpscaling, load_sd_upscaler
+
+    torch.manual_seed(0)
+    tokenizer, text_encoder = tiny_clip_text(tmp_path / "vocab", hidden_size=32)
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    text_encoder.save_pretrained(tmp_path / "text_encoder")
+    UNet2DConditionModel(block_out_channels=(32, 32), layers_per_block=1, sample_size=8, in_channels=7,
+                         out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                         attention_head_dim=8, num_class_embeds=400, norm_num_groups=8).save_pretrained(tmp_path / "unet")
+    AutoencoderKL(block_out_channels=[16, 16, 16], in_channels=3, out_channels=3, latent_channels=4,
+                  down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
+                  norm_num_groups=8, scaling_factor=0.08333).save_pretrained(tmp_path / "vae")
+    DDPMScheduler().save_pretrained(tmp_path / "low_res_scheduler")
+    DDIMScheduler(prediction_type="v_prediction").save_pretrained(tmp_path / "scheduler")
+    purifier = NoisyUpscaling(load_sd_upscaler(tmp_path), prompt="a photo", num_inference_steps=3)
+    assert purifier.network_evaluations() == 6
+    for channels in (3, 1):
+        x = torch.rand(2, channels, 8, 8, generator=torch.Generator().manual_seed(0))
+        out = purifier(x, torch.Generator().manual_seed(1))
+        assert out.shape == x.shape and 0 <= out.min() and out.max() <= 1
+    assert torch.equal(purifier(x, torch.Generator().manual_seed(1)), out)
+    with pytest.raises(FileNotFoundError, match="low_res_scheduler"):
+        load_sd_upscaler(tmp_path / "unet")

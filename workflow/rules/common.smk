@@ -415,8 +415,9 @@ def pixel_barrier_models():
     models = {role: pixel_barrier_source(role) for role in ("ldm", "pixel")}
     models["classifier"] = pixel_barrier_source("classifier") if PIXEL_BARRIER["models"]["classifier"] else None
     models["features"] = PIXEL_BARRIER["models"]["features"]  # "classifier", a registry name or None
-    if PIXEL_BARRIER["models"]["if_stage2"]:
-        models["if_stage2"] = f"data/checkpoints/{PIXEL_BARRIER['models']['if_stage2']}"
+    for role in ("if_stage2", "upscaler"):  # diffusers folders under data/checkpoints
+        if PIXEL_BARRIER["models"][role]:
+            models[role] = f"data/checkpoints/{PIXEL_BARRIER['models'][role]}"
     return models
 
 
@@ -431,8 +432,9 @@ def pixel_barrier_model_files(wildcards):
         files[role] = model_files(dag_role) if source == "train" else registry_files(source)
     if PIXEL_BARRIER["models"]["features"] not in (None, "classifier"):
         files["features"] = registry_files(PIXEL_BARRIER["models"]["features"])
-    if PIXEL_BARRIER["models"]["if_stage2"]:
-        files["if_stage2"] = registry_files(PIXEL_BARRIER["models"]["if_stage2"])
+    for role in ("if_stage2", "upscaler"):
+        if PIXEL_BARRIER["models"][role]:
+            files[role] = registry_files(PIXEL_BARRIER["models"][role])
     return files
 
 

@@ -27,6 +27,7 @@ from diffrobust.data import load_dataset, subset_indices
 from diffrobust.defenses.sdedit import (GrIDPure, IFStageIIPure, LDMPure, PDMPure, ldm_sdedit, load_if_stage2,
                                         pixel_sdedit)
 from diffrobust.defenses.transforms import CropResize, JPEGCompression, identity
+from diffrobust.defenses.upscaling import NoisyUpscaling, load_sd_upscaler
 from diffrobust.models import eps_model, load_source
 from diffrobust.networks.ldm import load_ldm
 
@@ -34,7 +35,8 @@ log = logging.getLogger(__name__)
 
 PSEUDO_ATTACKS = ("none", "random")
 EDITORS = ("ldm", "pdm")
-PURIFIERS = ("none", "pdm_pure", "pdm_pure_released", "pdm_pure_if", "jpeg", "crop", "ldm_pure", "gridpure")
+PURIFIERS = ("none", "pdm_pure", "pdm_pure_released", "pdm_pure_if", "jpeg", "crop", "ldm_pure", "gridpure",
+             "noisy_upscaling")
 METRICS = ("ssim", "psnr", "feature_distance", "feature_cosine", "correct")
 # Set-level distances of the edits' classifier features to the clean images' (with a few dozen images their bias
 # dominates: they rank conditions, the per-image METRICS carry the claims).
@@ -65,8 +67,13 @@ def load_models(models, settings, device="cpu"):
             raise ValueError("purifier pdm_pure_if needs DeepFloyd IF stage II: set pixel_barrier.models.if_stage2")
         if_stage2 = load_if_stage2(models["if_stage2"], device=device,
                                    prompt_embeds_file=settings["purifiers"]["pdm_pure_if"].get("prompt_embeds_file"))
+    upscaler = None
+    if "noisy_upscaling" in settings.get("purifier_list", ()):
+        if not models.get("upscaler"):
+            raise ValueError("purifier noisy_upscaling needs the x4 upscaler: set pixel_barrier.models.upscaler")
+        upscaler = load_sd_upscaler(models["upscaler"], device=device)
     return {"ldm": ldm, "pixel_eps": eps_model(pixel, unconditional=unconditional), "pixel_schedule": pixel.diffusion,
-            "classifier": classifier, "features": features, "if_stage2": if_stage2}
+            "classifier": classifier, "features": features, "if_stage2": if_stage2, "upscaler": upscaler}
 
 
 def evaluation_images(dataset_dir, subset):
@@ -186,6 +193,8 @@ def purifier_for(name, settings, loaded):
     if name == "pdm_pure_if":
         pipeline, embeds = loaded["if_stage2"]
         return IFStageIIPure(pipeline, embeds, **{key: value for key, value in spec.items() if key != "prompt_embeds_file"})
+    if name == "noisy_upscaling":
+        return NoisyUpscaling(loaded["upscaler"], prompt=settings.get("prompt") or "", **spec)
     if name == "gridpure":
         return GrIDPure(loaded["pixel_eps"], loaded["pixel_schedule"], **spec)
     raise ValueError(f"unknown purifier {name!r}; choose one of {PURIFIERS}")

@@ -47,7 +47,8 @@ from diffrobust import diffusion as diffusion_lib
 from diffrobust.io import atomic_path
 from diffrobust.errors import DiffrobustError
 
-KINDS = ("diffusion", "multihead_diffusion", "classifier", "features")
+# Kinds a model file holds (`save_model`); official image encoders load as a fourth kind, "features" (never saved).
+KINDS = ("diffusion", "multihead_diffusion", "classifier")
 FILE_FORMAT = "diffrobust-model"
 FILE_VERSION = 1
 SCHEDULES = ("linear", "cosine", "vpsde")
@@ -272,7 +273,7 @@ def save_model(path, network, *, kind, architecture, diffusion=None, extra=None)
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if (diffusion is None) != (kind in ("classifier", "features")):
+    if (diffusion is None) != (kind == "classifier"):
         raise ValueError(f"a {kind!r} model {'needs' if kind != 'classifier' else 'takes no'} diffusion settings")
     if "family" not in architecture:
         raise ValueError("architecture must be a {'family': ..., 'config': {...}} block")

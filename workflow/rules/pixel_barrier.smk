@@ -51,7 +51,7 @@ rule protect:
     conda:
         "../envs/diffrobust.yaml"
     params:
-        settings=as_json(PIXEL_BARRIER),
+        settings=pixel_barrier_job_settings("protect"),
         subset=as_json(CFG["subsets"]["pdm_pure"]),
         models=as_json(pixel_barrier_models()),
         dataset_dir=input_dataset_folder,
@@ -84,7 +84,7 @@ rule edit_protected:
     conda:
         "../envs/diffrobust.yaml"
     params:
-        settings=as_json(PIXEL_BARRIER),
+        settings=pixel_barrier_job_settings("edit"),
         models=as_json(pixel_barrier_models()),
         device=CFG["device"],
     message:

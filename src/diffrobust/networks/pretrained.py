@@ -154,23 +154,31 @@ def build_hf_vit(config):
     return PretrainedClassifier(preprocess, ViTForImageClassification(ViTConfig(**config)))
 
 
-def load_hf_vit(config, folder):
-    """The HF ViT in `folder` (config.json + weights) via transformers' from_pretrained, offline and strict."""
-    from transformers import ViTForImageClassification
-
-    config, preprocess = _split_input(config, "hf_vit")
-    network, info = ViTForImageClassification.from_pretrained(str(folder), local_files_only=True,
-                                                              output_loading_info=True)
+def from_pretrained_checked(model_class, folder, config, unused_prefixes=()):
+    """`model_class.from_pretrained(folder)` offline and strict: every weight must fit (weights under
+    `unused_prefixes`, e.g. CLIP's text tower for its image encoder, may be left over), and every structural field
+    of the registry's `config` must equal the downloaded config.json's."""
+    network, info = model_class.from_pretrained(str(folder), local_files_only=True, output_loading_info=True)
+    info = {**info, "unexpected_keys": [key for key in info.get("unexpected_keys", [])
+                                        if not key.startswith(tuple(unused_prefixes))]}
     problems = {name: info.get(name) for name in ("missing_keys", "unexpected_keys", "mismatched_keys")
                 if info.get(name)}
     if problems:
-        raise ValueError(f"{folder}: the weights do not fit ViTForImageClassification: {problems}")
+        raise ValueError(f"{folder}: the weights do not fit {model_class.__name__}: {problems}")
     for key, expected in config.items():
         actual = getattr(network.config, key, None)
         if actual != expected:
             raise ValueError(f"{folder}/config.json: {key} = {actual!r}, but the registry's architecture says "
                              f"{expected!r}; fix config/checkpoints.yaml or the download")
-    return PretrainedClassifier(preprocess, network)
+    return network
+
+
+def load_hf_vit(config, folder):
+    """The HF ViT in `folder` (config.json + weights) via transformers' from_pretrained, offline and strict."""
+    from transformers import ViTForImageClassification
+
+    config, preprocess = _split_input(config, "hf_vit")
+    return PretrainedClassifier(preprocess, from_pretrained_checked(ViTForImageClassification, folder, config))
 
 
 # --- CLIP image encoder (Pixel is a Barrier's image similarity at paper scale) ------------------------------------
@@ -201,20 +209,8 @@ def load_hf_clip_vision(config, folder):
     from transformers import CLIPVisionModelWithProjection
 
     config, preprocess = _split_input(config, "hf_clip_vision")
-    network, info = CLIPVisionModelWithProjection.from_pretrained(str(folder), local_files_only=True,
-                                                                  output_loading_info=True)
-    unexpected = [key for key in info.get("unexpected_keys", []) if not key.startswith(("text_model.",
-                                                                                        "text_projection", "logit_scale"))]
-    problems = {name: value for name, value in (("missing_keys", info.get("missing_keys")),
-                                                ("unexpected_keys", unexpected),
-                                                ("mismatched_keys", info.get("mismatched_keys"))) if value}
-    if problems:
-        raise ValueError(f"{folder}: the weights do not fit CLIPVisionModelWithProjection: {problems}")
-    for key, expected in config.items():
-        actual = getattr(network.config, key, None)
-        if actual != expected:
-            raise ValueError(f"{folder}/config.json: vision {key} = {actual!r}, but the registry's architecture says "
-                             f"{expected!r}; fix config/checkpoints.yaml or the download")
+    network = from_pretrained_checked(CLIPVisionModelWithProjection, folder, config,
+                                      unused_prefixes=("text_model.", "text_projection", "logit_scale"))
     return ImageFeatures(preprocess, network)
 
 

@@ -471,3 +471,61 @@ def test_noisy_upscaling_runs_the_x4_upscaler_offline(tmp_path):
     assert torch.equal(purifier(x, torch.Generator().manual_seed(1)), out)
     with pytest.raises(FileNotFoundError, match="low_res_scheduler"):
         load_sd_upscaler(tmp_path / "unet")
+
+
+def test_lpips_reads_alexnet_from_a_file_and_measures_distance(tmp_path):
+    import torchvision
+
+    from diffrobust.networks.pretrained import load_lpips_alex
+
+    torch.manual_seed(0)
+    torch.save(torchvision.models.alexnet(weights=None).state_dict(), tmp_path / "alexnet.pth")
+    model = load_lpips_alex(tmp_path / "alexnet.pth")
+    saved = torch.load(tmp_path / "alexnet.pth", weights_only=True)
+    assert torch.equal(getattr(model.net.slice3, "6").weight, saved["features.6.weight"])  # features 5..7: slice 3
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        same = model(x * 2 - 1, x * 2 - 1).flatten()
+        other = model(x * 2 - 1, x.flip(-1) * 2 - 1).flatten()
+    assert torch.allclose(same, torch.zeros(2), atol=1e-6) and (other > 0).all()
+
+
+def test_fid_inception_loads_its_weights_from_a_file_offline(tmp_path, monkeypatch):
+    from pytorch_fid import inception as fid
+
+    from diffrobust import quality
+    from diffrobust.networks.pretrained import FID_WEIGHTS_FILE, load_fid_inception
+
+    # a weights file of the right structure: pytorch-fid's own network, its loading skipped once
+    monkeypatch.setattr(fid, "load_state_dict_from_url", lambda *args, **kwargs: None)
+    monkeypatch.setattr(torch.nn.Module, "load_state_dict", lambda self, state, *a, **k: None)
+    torch.manual_seed(0)
+    state = fid.fid_inception_v3().state_dict()
+    monkeypatch.undo()
+    torch.save(state, tmp_path / FID_WEIGHTS_FILE)
+    hub = torch.hub.get_dir()
+    extractor = load_fid_inception(tmp_path / FID_WEIGHTS_FILE)
+    assert torch.hub.get_dir() == hub
+    x = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    features = quality.extract_features(extractor, x)
+    assert features.shape == (3, 2048)
+    assert quality.frechet_distance(features, features) == pytest.approx(0.0, abs=1e-3)
+    with pytest.raises(FileNotFoundError, match="pytorch_fid_inception"):
+        load_fid_inception(tmp_path / "missing.pth")
+
+
+def test_image_metrics_adds_lpips_on_minus_one_one_and_fid_when_their_networks_are_loaded():
+    seen = []
+
+    def fake_lpips(a, b):
+        seen.append((float(a.min()), a.shape[1]))
+        return (a - b).abs().mean((1, 2, 3), keepdim=True)
+
+    clean = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    edited = (clean + 0.1).clamp(0, 1)
+    rows = pixel_barrier.image_metrics(edited, clean, torch.zeros(4, dtype=torch.long), None, None,
+                                       {"lpips": fake_lpips, "fid_features": torch.nn.Flatten()})
+    assert seen[0][0] < 0 and seen[0][1] == 3  # [-1, 1], grayscale repeated to RGB
+    expected = ((edited - clean) * 2).abs().mean((1, 2, 3)).double().numpy()
+    np.testing.assert_allclose(rows["lpips"], expected, rtol=1e-6)
+    assert rows["set_fid"] > 0 and "correct" not in rows and "feature_distance" not in rows

@@ -85,8 +85,9 @@ def test_lint(repo_copy):
                  "merge_votes": 27, "attack": 576, "evaluate": 4, "finetune_multihead": 1, "sigma_sweep": 1,
                  "render_report": 5}),
     # ImageNet: Pixel is a Barrier on Stable Diffusion v1.4 (+6 files: its text encoder and tokenizer), CLIP (+2),
-    # DeepFloyd IF stage II's schedulers (+2) and the x4 upscaler of Noisy Upscaling (+13)
-    ("imagenet", {"download_checkpoint": 32, "prepare_dataset": 1, "certify_shard": 120, "protect": 10,
+    # DeepFloyd IF stage II's schedulers (+2), the x4 upscaler of Noisy Upscaling (+13), LPIPS' AlexNet and FID's
+    # Inception (+2)
+    ("imagenet", {"download_checkpoint": 34, "prepare_dataset": 1, "certify_shard": 120, "protect": 10,
                   "edit_protected": 10, "render_report": 4}),
 ])
 def test_dry_run_builds_the_full_dag(repo_copy, preset, jobs):

@@ -418,6 +418,9 @@ def pixel_barrier_models():
     for role in ("if_stage2", "upscaler"):  # diffusers folders under data/checkpoints
         if PIXEL_BARRIER["models"][role]:
             models[role] = f"data/checkpoints/{PIXEL_BARRIER['models'][role]}"
+    for role in ("lpips", "fid_inception"):  # single weight files
+        if PIXEL_BARRIER["models"][role]:
+            models[role] = registry_files(PIXEL_BARRIER["models"][role])[0]
     return models
 
 
@@ -432,7 +435,7 @@ def pixel_barrier_model_files(wildcards):
         files[role] = model_files(dag_role) if source == "train" else registry_files(source)
     if PIXEL_BARRIER["models"]["features"] not in (None, "classifier"):
         files["features"] = registry_files(PIXEL_BARRIER["models"]["features"])
-    for role in ("if_stage2", "upscaler"):
+    for role in ("if_stage2", "upscaler", "lpips", "fid_inception"):
         if PIXEL_BARRIER["models"][role]:
             files[role] = registry_files(PIXEL_BARRIER["models"][role])
     return files

@@ -233,3 +233,71 @@ def timm_beit_state_dict(checkpoint, classifier):
 
     filtered = checkpoint_filter_fn(checkpoint, classifier.network)
     return {f"network.{key}": value for key, value in filtered.items()}
+
+
+# --- LPIPS and FID's Inception (Pixel is a Barrier's perceptual metrics at paper scale) -----------------------------
+
+def _slice_of(index, bounds=(2, 5, 8, 10, 12)):
+    return next(k for k, bound in enumerate(bounds, start=1) if index < bound)
+
+
+def load_lpips_alex(alexnet_file, device="cpu"):
+    """LPIPS (Zhang et al., the `lpips` package's v0.1 linear heads, which its wheel ships) on AlexNet features read
+    from torchvision's `alexnet-owt-7be5be79.pth` at `alexnet_file` (the package would download it). Returns the
+    lpips.LPIPS module: it takes images in [-1, 1]."""
+    import lpips
+
+    model = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False)
+    state = torch.load(alexnet_file, map_location="cpu", weights_only=True)
+    # torchvision's features.<i>.<p> live in lpips' five slices as slice<k>.<i>.<p>
+    features = {f"slice{_slice_of(int(key.split('.')[1]))}.{key.split('.', 1)[1]}": value
+                for key, value in state.items() if key.startswith("features.")}
+    model.net.load_state_dict(features, strict=True)
+    return model.to(device).eval().requires_grad_(False)
+
+
+FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
+
+
+class FIDInceptionFeatures(nn.Module):
+    """pytorch-fid's InceptionV3 (the TF FID Inception's weights) as a feature extractor: [0, 1] images ->
+    (N, 2048) pool features, resized to 299 inside, as pytorch-fid computes FID."""
+
+    def __init__(self, inception):
+        super().__init__()
+        self.inception = inception
+
+    def forward(self, x01):
+        x = x01.expand(-1, 3, -1, -1) if x01.shape[1] == 1 else x01
+        return self.inception(x)[0].flatten(1)
+
+
+def load_fid_inception(weights_file, device="cpu"):
+    """FIDInceptionFeatures with pytorch-fid's weights read from `weights_file` (pytorch-fid fetches them through
+    torch.hub: the file is put where torch.hub looks, a `checkpoints/` folder of a private hub directory, so nothing
+    is downloaded)."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from pytorch_fid.inception import InceptionV3
+
+    weights_file = Path(weights_file)
+    if not weights_file.is_file():
+        raise FileNotFoundError(f"FID Inception weights {weights_file} not found; see config/checkpoints.yaml "
+                                "pytorch_fid_inception")
+    previous = torch.hub.get_dir()
+    with tempfile.TemporaryDirectory() as hub:
+        (Path(hub) / "checkpoints").mkdir()
+        target = Path(hub) / "checkpoints" / FID_WEIGHTS_FILE
+        try:
+            target.symlink_to(weights_file.resolve())
+        except OSError:
+            shutil.copyfile(weights_file, target)
+        torch.hub.set_dir(hub)
+        try:
+            inception = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]], resize_input=True, normalize_input=True,
+                                    use_fid_inception=True)
+        finally:
+            torch.hub.set_dir(previous)
+    return FIDInceptionFeatures(inception).to(device).eval().requires_grad_(False)

@@ -37,10 +37,10 @@ PSEUDO_ATTACKS = ("none", "random")
 EDITORS = ("ldm", "pdm")
 PURIFIERS = ("none", "pdm_pure", "pdm_pure_released", "pdm_pure_if", "jpeg", "crop", "ldm_pure", "gridpure",
              "noisy_upscaling")
-METRICS = ("ssim", "psnr", "feature_distance", "feature_cosine", "correct")
+METRICS = ("ssim", "psnr", "lpips", "feature_distance", "feature_cosine", "correct")
 # Set-level distances of the edits' classifier features to the clean images' (with a few dozen images their bias
 # dominates: they rank conditions, the per-image METRICS carry the claims).
-SET_METRICS = ("set_frechet", "set_kid")
+SET_METRICS = ("set_frechet", "set_kid", "set_fid")
 GRID_IMAGES = 4
 
 
@@ -67,13 +67,23 @@ def load_models(models, settings, device="cpu"):
             raise ValueError("purifier pdm_pure_if needs DeepFloyd IF stage II: set pixel_barrier.models.if_stage2")
         if_stage2 = load_if_stage2(models["if_stage2"], device=device,
                                    prompt_embeds_file=settings["purifiers"]["pdm_pure_if"].get("prompt_embeds_file"))
+    lpips_model = fid_features = None
+    if models.get("lpips"):
+        from diffrobust.networks.pretrained import load_lpips_alex
+
+        lpips_model = load_lpips_alex(models["lpips"], device=device)
+    if models.get("fid_inception"):
+        from diffrobust.networks.pretrained import load_fid_inception
+
+        fid_features = load_fid_inception(models["fid_inception"], device=device)
     upscaler = None
     if "noisy_upscaling" in settings.get("purifier_list", ()):
         if not models.get("upscaler"):
             raise ValueError("purifier noisy_upscaling needs the x4 upscaler: set pixel_barrier.models.upscaler")
         upscaler = load_sd_upscaler(models["upscaler"], device=device)
     return {"ldm": ldm, "pixel_eps": eps_model(pixel, unconditional=unconditional), "pixel_schedule": pixel.diffusion,
-            "classifier": classifier, "features": features, "if_stage2": if_stage2, "upscaler": upscaler}
+            "classifier": classifier, "features": features, "if_stage2": if_stage2, "upscaler": upscaler,
+            "lpips": lpips_model, "fid_features": fid_features}
 
 
 def evaluation_images(dataset_dir, subset):
@@ -213,7 +223,7 @@ def edit(editor, x01, strength, loaded, settings, seed):
     return in_batches(run, x01, settings["batch_size"], seed * 1000 + round(strength * 1000))
 
 
-def image_metrics(edited01, clean01, labels, classifier, features_of):
+def image_metrics(edited01, clean01, labels, classifier, features_of, loaded=None):
     """Per-image metrics of edits against the clean images (see METRICS), with the set-level Fréchet distance and
     KID of the edits' features to the clean images' (one value per set, repeated on its rows: `SET_METRICS`)."""
     rows = {"ssim": quality.ssim(edited01, clean01, grayscale=edited01.shape[1] == 3).numpy(),
@@ -221,6 +231,15 @@ def image_metrics(edited01, clean01, labels, classifier, features_of):
     if classifier is not None:
         with torch.no_grad():
             rows["correct"] = (classifier(edited01).argmax(1).cpu() == labels).numpy().astype(np.float64)
+    loaded = loaded or {}
+    with torch.no_grad():
+        if loaded.get("lpips") is not None:
+            # LPIPS takes [-1, 1] (Diff-Protect's eval_gen.py feeds it [0, 1]: attacks_rdc_pdm.md §4)
+            rgb = [x.expand(-1, 3, -1, -1) for x in (edited01, clean01)]
+            rows["lpips"] = loaded["lpips"](rgb[0] * 2 - 1, rgb[1] * 2 - 1).flatten().double().cpu().numpy()
+        if loaded.get("fid_features") is not None:
+            rows["set_fid"] = quality.frechet_distance(quality.extract_features(loaded["fid_features"], edited01),
+                                                       quality.extract_features(loaded["fid_features"], clean01))
     if features_of is not None:
         with torch.no_grad():
             edited_features, clean_features = features_of(edited01), features_of(clean01)
@@ -265,7 +284,7 @@ def edit_job(attack, sets, *, settings, models, device="cpu", seed=0):
         for editor in EDITORS:
             for strength in settings["edit"]["strengths"]:
                 edited = edit(editor, x, strength, loaded, settings, seed)
-                add(image_metrics(edited, x_clean, labels, classifier, features_of), editor=editor,
+                add(image_metrics(edited, x_clean, labels, classifier, features_of, loaded), editor=editor,
                     purifier="none", strength=strength)
                 if strength == settings["edit"]["purified_strength"]:
                     grids[f"{key}/{editor}"] = edited[:GRID_IMAGES].cpu().numpy()
@@ -275,10 +294,10 @@ def edit_job(attack, sets, *, settings, models, device="cpu", seed=0):
                 continue
             purified = in_batches(purifier_for(name, settings, loaded), x, settings["batch_size"], seed * 1000 + 7)
             edited = edit("ldm", purified, strength, loaded, settings, seed)
-            add(image_metrics(edited, x_clean, labels, classifier, features_of), editor="ldm", purifier=name,
+            add(image_metrics(edited, x_clean, labels, classifier, features_of, loaded), editor="ldm", purifier=name,
                 strength=strength)
             # the purified images themselves, against the clean ones: how much of the image the purifier keeps
-            add(image_metrics(purified, x_clean, labels, classifier, features_of), editor="purified", purifier=name,
+            add(image_metrics(purified, x_clean, labels, classifier, features_of, loaded), editor="purified", purifier=name,
                 strength=0.0)
             grids[f"{key}/purified/{name}"] = edited[:GRID_IMAGES].cpu().numpy()
     table = pd.concat(frames, ignore_index=True)

@@ -73,3 +73,42 @@ def test_purifiers_leave_autograd_to_the_caller():
         assert grad.abs().sum() > 0, reverse
     with torch.no_grad():  # and a caller that needs none can still switch them off
         assert not SmoothingDenoiser(model, schedule, 0.25, tstar_rule="nearest")(x).requires_grad
+
+
+def test_votes_branched_after_the_shared_first_call_equal_the_per_vote_loop():
+    """DensePure's K reverse runs together (one first network call, then one batch of K·B) give the images and
+    labels of K separate runs with the same streams, for the mini-like learned-variance network and fixed variance."""
+    from diffrobust import seeds
+    from diffrobust.models import build_adm_unet
+
+    torch.manual_seed(0)
+    network = build_adm_unet({"image_size": 8, "in_channels": 1, "num_channels": 32, "num_res_blocks": 1,
+                              "channel_mult": "1,1", "attention_resolutions": "4", "num_head_channels": 16,
+                              "learn_sigma": True}).eval()
+
+    def eps_model(x_t, t, y=None):
+        return network(x_t, t)
+
+    class Threshold(torch.nn.Module):
+        def forward(self, x):
+            score = x.mean(dim=(1, 2, 3))
+            return torch.stack([score - 0.5, 0.5 - score], dim=1) * 50
+
+    x = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    for variance in ("learned_range", "fixed_small"):
+        schedule = dp.GaussianDiffusion.linear(1000, variance=variance)
+        denoiser = SmoothingDenoiser(eps_model, schedule, 0.5, tstar_rule="nearest", reverse="respaced", num_steps=3)
+        streams = [seeds.generator(7, k) for k in range(4)]
+        with torch.no_grad():
+            together = denoiser.purify_votes(x, streams)
+            one_by_one = torch.stack([denoiser(x, seeds.generator(7, k)) for k in range(4)])
+            labels = VotingLabeler(denoiser, Threshold(), 4)(x, torch.Generator().manual_seed(3))
+            loop = VotingLabeler(lambda images, g: denoiser(images, g), Threshold(), 4)(x, torch.Generator().manual_seed(3))
+        assert together.shape == (4, 5, 1, 8, 8)
+        torch.testing.assert_close(together, one_by_one, atol=1e-5, rtol=0)
+        assert not torch.allclose(together[0], together[1])  # the votes differ
+        assert torch.equal(labels, loop)
+    assert denoiser.network_evaluations_of_votes(10) == 1 + 10 * 2  # against 10 x 3 vote by vote
+    one_shot = SmoothingDenoiser(eps_model, schedule, 0.5, tstar_rule="nearest")
+    with torch.no_grad():
+        assert torch.equal(one_shot.purify_votes(x, streams)[2], one_shot(x))

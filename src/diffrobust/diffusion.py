@@ -358,6 +358,38 @@ def _ancestral_chain(model, chain, x, top_level, generator, clip_denoised, y):
     return x
 
 
+def branched_ancestral_chains(model, chain, x, top_level, generators, clip_denoised=True, y=None):
+    """K ancestral chains from the same x_t, one per generator: the same samples as `_ancestral_chain` run once per
+    generator (each generator draws exactly the noise it would draw alone, step by step), at fewer network calls. All
+    chains start from the same x_t, so the first step's network call is the same for every chain: it is made once,
+    and the chains branch at its noise draw; the other steps run the K chains as one batch of K·B images.
+    Returns (K, B, ...): S steps cost 1 + K·(S - 1) network evaluations per image instead of K·S."""
+    votes, batch = len(generators), len(x)
+
+    def step(out, current, level):
+        noise = torch.cat([noise_like(current[k * batch:(k + 1) * batch], g) for k, g in enumerate(generators)])
+        if int(level) == 1:
+            return out["mean"]
+        return out["mean"] + torch.exp(0.5 * out["log_variance"]) * noise
+
+    first = chain.p_mean_variance(model, x, top_level, clip_denoised=clip_denoised, y=y)
+    repeat = [votes] + [1] * (x.dim() - 1)
+    xs = step({key: value.repeat(*repeat) if torch.is_tensor(value) and value.shape[:1] == x.shape[:1] else value
+               for key, value in first.items()}, x.repeat(*repeat), top_level)
+    ys = None if y is None else y.repeat(votes)
+    for level in range(top_level - 1, 0, -1):
+        xs = step(chain.p_mean_variance(model, xs, level, clip_denoised=clip_denoised, y=ys), xs, level)
+    return xs.view(votes, batch, *x.shape[1:])
+
+
+def respaced_reverse_votes(model, diffusion, x_t, t, num_steps, generators, clip_denoised=True, y=None):
+    """`respaced_reverse` once per generator, branched after the shared first call (branched_ancestral_chains)."""
+    if float(t) == 0.0:
+        return x_t.unsqueeze(0).repeat(len(generators), *([1] * x_t.dim()))
+    chain = diffusion.respace(respaced_times(t, num_steps))
+    return branched_ancestral_chains(model, chain, x_t, chain.num_levels, generators, clip_denoised, y)
+
+
 def respaced_reverse(model, diffusion, x_t, t, num_steps, generator=None, clip_denoised=True, y=None):
     """DensePure's fast sampling: DDPM ancestral steps over `respaced_times(t, num_steps)` with respaced betas."""
     if float(t) == 0.0:

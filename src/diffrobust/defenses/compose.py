@@ -37,6 +37,10 @@ class VotingLabeler:
         # One draw from the caller's stream per batch; vote k draws from the stream k of that base (diffrobust.seeds),
         # so the first K votes do not depend on how many votes are run.
         base = int(torch.randint(0, 2**62, (1,), generator=generator))
+        if hasattr(self.purifier, "purify_votes"):  # the K runs together (same draws, fewer network calls)
+            purified = self.purifier.purify_votes(x_noisy01, [seeds.generator(base, k) for k in range(self.votes)])
+            logits = self.classifier(purified.flatten(0, 1))
+            return logits.argmax(dim=1).view(self.votes, len(x_noisy01))
         labels = []
         for k in range(self.votes):
             reverse_stream = seeds.generator(base, k)

@@ -4,6 +4,8 @@ A purifier maps images in [0, 1] to images in [0, 1]: ``purifier(x01, generator)
 process and its step count are constructor arguments, named as the papers name them, and come from the config.
 """
 
+import torch
+
 from diffrobust import diffusion as dp
 from diffrobust import imagespace
 
@@ -54,6 +56,27 @@ class SmoothingDenoiser:
         if self.reverse == "full":
             return len(dp.full_times(self.t_star)) - 1
         return len(dp.respaced_times(self.t_star, self.num_steps)) - 1
+
+    def network_evaluations_of_votes(self, votes):
+        """Network calls per image of `purify_votes` with `votes` reverse runs."""
+        if self.reverse in ("one_shot", "ddim"):
+            return self.network_evaluations()  # deterministic: one run serves every vote
+        if self.reverse == "respaced":
+            return 1 + votes * (self.network_evaluations() - 1)
+        return votes * self.network_evaluations()
+
+    def purify_votes(self, x_noisy01, generators):
+        """(K, B, ...) purifications, the k-th equal to self(x_noisy01, generators[k]), computed together: the
+        deterministic reverse processes run once, DensePure's respaced chain shares its first network call and runs
+        the rest as one batch (diffusion.branched_ancestral_chains); the full chain runs vote by vote."""
+        if self.reverse in ("one_shot", "ddim"):
+            x0 = self(x_noisy01, generators[0])
+            return x0.unsqueeze(0).repeat(len(generators), *([1] * x0.dim()))
+        if self.reverse == "full":
+            return torch.stack([self(x_noisy01, g) for g in generators])
+        x_t = imagespace.to_model_space(x_noisy01) * self.alpha_bar ** 0.5
+        x0 = dp.respaced_reverse_votes(self.eps_model, self.schedule, x_t, self.t_star, self.num_steps, generators)
+        return imagespace.to_image_space(x0).clamp(0, 1)
 
     def __call__(self, x_noisy01, generator=None):
         # No torch.no_grad() here: a purifier leaves autograd to its caller (attacks backpropagate through it;

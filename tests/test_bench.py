@@ -362,3 +362,13 @@ def test_the_rdc_bench_counts_k_times_fewer_evaluations_for_the_multi_head_class
     assert single["dc_forward_s"] > 0 and multi["dc_gradient_s"] > multi["dc_forward_s"] > 0
     assert single["rdc_forward_s"] > single["dc_forward_s"]
     assert "single/multi" in bench_rdc.format_rows(rows)
+
+
+def test_bench_certify_compares_branched_votes_with_the_per_vote_loop_in_one_run():
+    from diffrobust.bench import certify as bench_certify
+
+    row = bench_certify.measure_votes("mini", votes=3, num_steps=2, batch_size=2, repeats=1)
+    assert row["labels_agree"]
+    assert row["call_ratio"] == pytest.approx(6 / 4)  # K·S = 6 calls against 1 + K(S - 1) = 4
+    assert row["per_vote_seconds"] > 0 and row["branched_seconds"] > 0
+    assert "branched" in bench_certify.format_vote_rows([row]).splitlines()[0]

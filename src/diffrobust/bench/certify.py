@@ -111,6 +111,41 @@ def measure(size, batch_size=32, sigma=0.5, reverse="one_shot", num_steps=None, 
             "classifier_parameters": sum(p.numel() for p in classifier.parameters())}
 
 
+@torch.no_grad()
+def measure_votes(size, votes=10, num_steps=2, batch_size=4, sigma=0.5, repeats=3, device="cpu"):
+    """DensePure's K-vote labeler two ways in one run: the K reverse runs branched after their shared first network
+    call (`SmoothingDenoiser.purify_votes`) against the per-vote loop, with the same streams. Returns the median
+    seconds of each, their ratio, the network-call ratio K·S / (1 + K(S - 1)) and whether the labels agree."""
+    from diffrobust.defenses import VotingLabeler
+
+    denoiser, classifier, image = build_pipeline(size, sigma, "respaced", num_steps, device)
+    noisy = torch.rand(batch_size, *image, generator=torch.Generator().manual_seed(1)).to(device)
+    together = VotingLabeler(denoiser, classifier, votes)
+    loop = VotingLabeler(lambda x, generator: denoiser(x, generator), classifier, votes)  # no purify_votes
+
+    def labels(labeler):
+        return labeler(noisy, torch.Generator().manual_seed(0))
+
+    branched = median_seconds(_synchronized(lambda: labels(together), device), repeats)
+    per_vote = median_seconds(_synchronized(lambda: labels(loop), device), repeats)
+    calls = votes * denoiser.network_evaluations()
+    return {"size": size, "votes": votes, "steps": denoiser.network_evaluations(), "batch_size": batch_size,
+            "per_vote_seconds": per_vote, "branched_seconds": branched, "speedup": per_vote / branched,
+            "call_ratio": calls / denoiser.network_evaluations_of_votes(votes),
+            "labels_agree": bool(torch.equal(labels(together), labels(loop)))}
+
+
+def format_vote_rows(rows):
+    header = (f"{'size':8} {'K':>3} {'S':>2} {'batch':>5} {'per-vote s':>10} {'branched s':>10} {'speedup':>7} "
+              f"{'call ratio':>10} {'labels':>7}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(f"{r['size']:8} {r['votes']:3d} {r['steps']:2d} {r['batch_size']:5d} {r['per_vote_seconds']:10.3f} "
+                     f"{r['branched_seconds']:10.3f} {r['speedup']:6.2f}x {r['call_ratio']:9.2f}x "
+                     f"{'same' if r['labels_agree'] else 'DIFFER':>7}")
+    return "\n".join(lines)
+
+
 def format_rows(rows):
     header = (f"{'size':8} {'reverse':9} {'net evals':>9} {'batch':>5} {'samples/s':>10} {'diffusion':>9} "
               f"{'classifier':>10} {'params (diff / clf)':>22}")
@@ -128,6 +163,8 @@ def add_arguments(parser):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sigma", type=float, default=0.5)
     parser.add_argument("--densepure-steps", type=int, default=2, help="S of the DensePure (respaced) row")
+    parser.add_argument("--votes", type=int, default=10, help="K of the vote comparison (0: skip it)")
+    parser.add_argument("--votes-batch-size", type=int, default=4, help="noisy images per vote-comparison batch")
     return parser
 
 
@@ -137,4 +174,10 @@ def run(args):
         rows.append(measure(size, args.batch_size, args.sigma, "one_shot", None, args.repeats))
         rows.append(measure(size, args.batch_size, args.sigma, "respaced", args.densepure_steps, args.repeats))
     print(format_rows(rows))
+    if args.votes:
+        vote_rows = [measure_votes(size, args.votes, args.densepure_steps, args.votes_batch_size, args.sigma,
+                                   args.repeats) for size in args.sizes.split(",")]
+        print("\nDensePure's K votes: branched after the shared first call vs one reverse run per vote")
+        print(format_vote_rows(vote_rows))
+        rows += vote_rows
     return rows

@@ -13,6 +13,7 @@ import logging
 import torch
 
 from diffrobust import imagespace, training
+from diffrobust.diffusion import noise_like
 from diffrobust.io import atomic_write_text
 from diffrobust.networks import ldm as ldm_lib
 
@@ -48,7 +49,7 @@ def latent_statistics(ldm, x01, batch_size=256):
 
 def unet_loss(ldm, latent_mean, latent_std, labels, generator, label_dropout):
     """eps MSE of the UNet on a sampled, scaled latent at t ~ U{0..T-1}, labels dropped to the null class."""
-    z = (latent_mean + latent_std * torch.randn(latent_mean.shape, generator=generator).to(latent_mean.device))
+    z = latent_mean + latent_std * noise_like(latent_mean, generator)
     z = z * ldm.scaling_factor
     labels = training.drop_labels(labels, label_dropout, ldm.prompts.null_class, generator)
     condition = ldm.prompts(labels)

@@ -29,6 +29,7 @@ import torch
 
 from diffrobust import imagespace
 from diffrobust.attacks.budget import check_inside_budget, project
+from diffrobust.diffusion import noise_like
 
 LATENT_ATTACKS = ("photoguard", "texture_only", "advdm", "advdm_minus", "mist", "sds", "sds_minus")
 PIXEL_ATTACKS = ("pixel_advdm", "pixel_advdm_minus", "pixel_sds", "pixel_sds_minus")
@@ -114,7 +115,7 @@ def sds_pullback(ldm, x01, generator):
     with torch.no_grad():
         condition = ldm.condition(len(x), device=z.device)
         t = torch.randint(0, ldm.num_train_timesteps, (len(z),), generator=generator).to(z.device)
-        noise = torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device)
+        noise = noise_like(z, generator)
         error = ldm.eps(ldm.q_sample(z, t, noise), t, condition) - noise
     (grad,) = torch.autograd.grad(z, [x], grad_outputs=error)
     return grad
@@ -130,7 +131,7 @@ class PixelSemantic(Objective):
     def _error(self, x01, generator):
         x0 = imagespace.to_model_space(x01)
         level = int(torch.randint(1, self.schedule.num_levels + 1, (1,), generator=generator))
-        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+        noise = noise_like(x0, generator)
         x_t = self.schedule.q_sample(x0, level, noise)
         t_model = torch.full((len(x0),), float(self.schedule.model_timestep(level)), device=x0.device)
         eps = self.eps_model(x_t, t_model)

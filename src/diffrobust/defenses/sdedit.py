@@ -40,7 +40,7 @@ def ldm_sdedit(ldm, x01, strength, *, num_inference_steps=100, eta=0.0, generato
     z = ldm.encode(x01, generator=generator)
     if len(timesteps) == 0:
         return ldm.decode(z)
-    noise = torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device)
+    noise = dl.noise_like(z, generator)
     z = scheduler.add_noise(z, noise, timesteps[:1])
     condition = ldm.condition(len(x01), labels, device=z.device)
     for t in timesteps:

@@ -4,8 +4,9 @@ Diffusion's x4 upscaler (diffusers' StableDiffusionUpscalePipeline) at `noise_le
 size (attacks_rdc_pdm.md §4: sigma 0.1, noise level 320; the step count and guidance are diffusers' defaults, 75 and
 9, UNVERIFIED against the authors' code). A purifier: (x01, generator) -> x01."""
 
-import torch
 from torch.nn import functional as F
+
+from diffrobust.diffusion import noise_like
 
 UPSCALER_FOLDERS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler", "low_res_scheduler")
 
@@ -26,7 +27,7 @@ class NoisyUpscaling:
     def __call__(self, x01, generator=None):
         channels, size = x01.shape[1], x01.shape[-2:]
         rgb = x01.expand(-1, 3, -1, -1) if channels == 1 else x01
-        noise = torch.randn(rgb.shape, generator=generator, dtype=rgb.dtype).to(rgb.device)
+        noise = noise_like(rgb, generator)
         noisy = (rgb + self.sigma * noise).clamp(0, 1)
         out = self.pipeline(prompt=[self.prompt] * len(x01), image=noisy, noise_level=self.noise_level,
                             num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,

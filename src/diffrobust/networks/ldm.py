@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from diffrobust import imagespace
+from diffrobust.diffusion import noise_like
 
 SUBFOLDERS = ("vae", "unet", "scheduler")
 CLASS_PROMPTS = "class_prompts"
@@ -140,7 +141,7 @@ class LatentDiffusion(nn.Module):
         AdvDM maximises as its "semantic loss". Returns (loss per image, t, noise)."""
         if t is None:
             t = torch.randint(0, self.num_train_timesteps, (len(z0),), generator=generator).to(z0.device)
-        noise = torch.randn(z0.shape, generator=generator, dtype=z0.dtype).to(z0.device)
+        noise = noise_like(z0, generator)
         eps = self.eps(self.q_sample(z0, t, noise), t, condition)
         return (eps - noise).pow(2).flatten(1).mean(1), t, noise
 

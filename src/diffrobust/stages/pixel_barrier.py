@@ -223,9 +223,12 @@ def edit(editor, x01, strength, loaded, settings, seed):
     return in_batches(run, x01, settings["batch_size"], seed * 1000 + round(strength * 1000))
 
 
-def image_metrics(edited01, clean01, labels, classifier, features_of, loaded=None):
+def image_metrics(edited01, clean01, labels, classifier, features_of, loaded=None, clean_features=None,
+                  clean_fid_features=None):
     """Per-image metrics of edits against the clean images (see METRICS), with the set-level Fréchet distance and
-    KID of the edits' features to the clean images' (one value per set, repeated on its rows: `SET_METRICS`)."""
+    KID of the edits' features to the clean images' (one value per set, repeated on its rows: `SET_METRICS`).
+    clean_features / clean_fid_features: the clean images' features, when the caller computed them once for every
+    set it measures."""
     rows = {"ssim": quality.ssim(edited01, clean01, grayscale=edited01.shape[1] == 3).numpy(),
             "psnr": np.minimum(quality.psnr(edited01, clean01).numpy(), 100.0)}
     if classifier is not None:
@@ -238,11 +241,15 @@ def image_metrics(edited01, clean01, labels, classifier, features_of, loaded=Non
             rgb = [x.expand(-1, 3, -1, -1) for x in (edited01, clean01)]
             rows["lpips"] = loaded["lpips"](rgb[0] * 2 - 1, rgb[1] * 2 - 1).flatten().double().cpu().numpy()
         if loaded.get("fid_features") is not None:
+            if clean_fid_features is None:
+                clean_fid_features = quality.extract_features(loaded["fid_features"], clean01)
             rows["set_fid"] = quality.frechet_distance(quality.extract_features(loaded["fid_features"], edited01),
-                                                       quality.extract_features(loaded["fid_features"], clean01))
+                                                       clean_fid_features)
     if features_of is not None:
         with torch.no_grad():
-            edited_features, clean_features = features_of(edited01), features_of(clean01)
+            edited_features = features_of(edited01)
+            if clean_features is None:
+                clean_features = features_of(clean01)
             rows["feature_cosine"] = quality.cosine_similarity(edited_features, clean_features).numpy()
             rows["feature_distance"] = quality.feature_distance(edited_features, clean_features).numpy()
             rows["set_frechet"] = quality.frechet_distance(edited_features, clean_features)
@@ -264,6 +271,10 @@ def edit_job(attack, sets, *, settings, models, device="cpu", seed=0):
 
     x_clean = torch.from_numpy(sets["x_clean"]).to(device)
     labels = torch.from_numpy(sets["labels"])
+    # every edit and purification is measured against the same clean images: their features once per job
+    clean = {"clean_features": None if features_of is None else features_of(x_clean),
+             "clean_fid_features": None if loaded["fid_features"] is None
+             else quality.extract_features(loaded["fid_features"], x_clean)}
     budgets = sets["budgets"] if attack != "none" else sets["budgets"][:1]
     frames, grids = [], {"x_clean": sets["x_clean"][:GRID_IMAGES]}
     for k, eps in enumerate(budgets):
@@ -284,7 +295,7 @@ def edit_job(attack, sets, *, settings, models, device="cpu", seed=0):
         for editor in EDITORS:
             for strength in settings["edit"]["strengths"]:
                 edited = edit(editor, x, strength, loaded, settings, seed)
-                add(image_metrics(edited, x_clean, labels, classifier, features_of, loaded), editor=editor,
+                add(image_metrics(edited, x_clean, labels, classifier, features_of, loaded, **clean), editor=editor,
                     purifier="none", strength=strength)
                 if strength == settings["edit"]["purified_strength"]:
                     grids[f"{key}/{editor}"] = edited[:GRID_IMAGES].cpu().numpy()
@@ -294,10 +305,10 @@ def edit_job(attack, sets, *, settings, models, device="cpu", seed=0):
                 continue
             purified = in_batches(purifier_for(name, settings, loaded), x, settings["batch_size"], seed * 1000 + 7)
             edited = edit("ldm", purified, strength, loaded, settings, seed)
-            add(image_metrics(edited, x_clean, labels, classifier, features_of, loaded), editor="ldm", purifier=name,
+            add(image_metrics(edited, x_clean, labels, classifier, features_of, loaded, **clean), editor="ldm", purifier=name,
                 strength=strength)
             # the purified images themselves, against the clean ones: how much of the image the purifier keeps
-            add(image_metrics(purified, x_clean, labels, classifier, features_of, loaded), editor="purified", purifier=name,
+            add(image_metrics(purified, x_clean, labels, classifier, features_of, loaded, **clean), editor="purified", purifier=name,
                 strength=0.0)
             grids[f"{key}/purified/{name}"] = edited[:GRID_IMAGES].cpu().numpy()
     table = pd.concat(frames, ignore_index=True)

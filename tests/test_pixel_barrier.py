@@ -529,3 +529,14 @@ def test_image_metrics_adds_lpips_on_minus_one_one_and_fid_when_their_networks_a
     expected = ((edited - clean) * 2).abs().mean((1, 2, 3)).double().numpy()
     np.testing.assert_allclose(rows["lpips"], expected, rtol=1e-6)
     assert rows["set_fid"] > 0 and "correct" not in rows and "feature_distance" not in rows
+
+
+def test_protect_cli_names_missing_settings_and_writes_nothing(tmp_path, capsys):
+    from diffrobust import cli
+
+    out = tmp_path / "sets" / "advdm.npz"
+    code = cli.main(["protect", "--attack", "advdm", "--settings", '{"budgets": [0.1]}', "--subset",
+                     '{"start": 0, "stop": 2}', "--models", "{}", "--dataset-dir", str(tmp_path), "--out", str(out)])
+    assert code == 1
+    assert "--settings lacks steps" in capsys.readouterr().err
+    assert not out.parent.exists()

@@ -255,9 +255,14 @@ def cmd_train_ldm(args):
     log.info("trained the mini latent diffusion model -> %s/model", args.out_dir)
 
 
-def _pixel_barrier_settings(args):
+def _pixel_barrier_settings(args, kind):
+    from diffrobust.config import missing_job_keys
     from diffrobust.errors import DiffrobustError
 
+    missing = missing_job_keys(args.settings, kind)
+    if missing:
+        raise DiffrobustError(f"--settings lacks {', '.join(missing)}: pass the {kind} job's settings as the workflow "
+                              "does (diffrobust.config.pixel_barrier_job_settings of the merged pixel_barrier block)")
     problems = schema_problems(args.settings, "pixel_barrier")
     if getattr(args, "subset", None) is not None:
         problems += schema_problems(args.subset, "subsets.pdm_pure")
@@ -270,7 +275,7 @@ def cmd_protect(args):
     from diffrobust.provenance import run_record
     from diffrobust.stages import pixel_barrier
 
-    settings = _pixel_barrier_settings(args)
+    settings = _pixel_barrier_settings(args, "protect")
     with run_record(args.run_record, config={"attack": args.attack, "settings": settings, "subset": args.subset,
                                              "models": args.models, "device": args.device},
                     seed=settings["seed"]) as record:
@@ -284,7 +289,7 @@ def cmd_edit_protected(args):
     from diffrobust.provenance import run_record
     from diffrobust.stages import pixel_barrier
 
-    settings = _pixel_barrier_settings(args)
+    settings = _pixel_barrier_settings(args, "edit")
     with run_record(args.run_record, config={"attack": args.attack, "settings": settings, "models": args.models,
                                              "set": args.set, "device": args.device},
                     seed=settings["seed"]) as record:

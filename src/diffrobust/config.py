@@ -681,3 +681,28 @@ def load_checkpoint_registry(path=CHECKPOINTS_REGISTRY, schema_path=CHECKPOINTS_
 def checkpoint_files(registry, names):
     """(name, file entry) for every file of the named checkpoints, in registry order."""
     return [(name, entry) for name in names for entry in registry[name]["files"]]
+
+
+# What each Pixel-is-a-Barrier job reads from the pixel_barrier block: a job's params are its identity (a changed value
+# reruns it), so a protect job does not carry the purifiers' settings, nor an edit job the attacks'.
+PIXEL_BARRIER_JOB_KEYS = {
+    "protect": ("budgets", "steps", "relative_step_size", "no_random_start", "mist_rate", "measure_draws", "target",
+                "batch_size", "seed", "prompt"),
+    "edit": ("edit", "purifier_list", "purifiers", "batch_size", "seed", "prompt"),
+}
+
+
+def pixel_barrier_job_settings(block, kind):
+    """The settings a protect or edit job takes, from the merged pixel_barrier block (see PIXEL_BARRIER_JOB_KEYS):
+    the edit job gets only the purifiers it runs, the protect job none."""
+    settings = {key: block[key] for key in PIXEL_BARRIER_JOB_KEYS[kind]}
+    if kind == "protect":
+        settings["purifier_list"] = []
+    else:
+        settings["purifiers"] = {name: block["purifiers"][name] for name in block["purifier_list"]}
+    return settings
+
+
+def missing_job_keys(settings, kind):
+    """Keys of PIXEL_BARRIER_JOB_KEYS[kind] that `settings` lacks (a direct CLI call with a partial block)."""
+    return [key for key in PIXEL_BARRIER_JOB_KEYS[kind] if key not in settings]

@@ -441,19 +441,11 @@ def pixel_barrier_model_files(wildcards):
     return files
 
 
-# What each job of the stage reads from the pixel_barrier block: a job's params are its identity (a changed value
-# reruns it), so a protect job does not carry the purifiers' settings, nor an edit job the attacks'.
-PROTECT_KEYS = ("budgets", "steps", "relative_step_size", "no_random_start", "mist_rate", "measure_draws", "target",
-                "batch_size", "seed", "prompt")
-EDIT_KEYS = ("edit", "purifier_list", "batch_size", "seed", "prompt")
-
-
 def pixel_barrier_job_settings(kind):
-    """The CLI --settings of a protect or edit job (see PROTECT_KEYS, EDIT_KEYS)."""
-    if kind == "protect":
-        return as_json({**{key: PIXEL_BARRIER[key] for key in PROTECT_KEYS}, "purifier_list": []})
-    purifiers = {name: PIXEL_BARRIER["purifiers"][name] for name in PIXEL_BARRIER["purifier_list"]}
-    return as_json({**{key: PIXEL_BARRIER[key] for key in EDIT_KEYS}, "purifiers": purifiers})
+    """The CLI --settings of a protect or edit job (diffrobust.config.PIXEL_BARRIER_JOB_KEYS)."""
+    from diffrobust.config import pixel_barrier_job_settings as job_settings
+
+    return as_json(job_settings(PIXEL_BARRIER, kind))
 
 
 def pixel_barrier_targets():

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from diffrobust import imagespace
+from diffrobust.errors import DiffrobustError
 from diffrobust.diffusion import noise_like
 
 SUBFOLDERS = ("vae", "unet", "scheduler")
@@ -34,7 +35,7 @@ SD_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0
                "beta_schedule": "scaled_linear", "steps_offset": 1, "clip_sample": False, "set_alpha_to_one": False}
 
 
-class LDMError(ValueError):
+class LDMError(DiffrobustError, ValueError):
     """A latent-diffusion folder that cannot be used, with what to do about it."""
 
 

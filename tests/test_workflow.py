@@ -32,8 +32,8 @@ def _env():
     return env
 
 
-def run(args, cwd, check=True):
-    result = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True)
+def run(args, cwd, check=True, env=None, timeout=None):
+    result = subprocess.run(args, cwd=cwd, env=env or _env(), capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
@@ -280,7 +280,7 @@ def test_the_paper_scale_multihead_distillation_call_parses_and_claims_a_gpu(rep
                                                         **keywords)
     inspect.signature(training.distill_edm_multihead).bind(None, args.dataset_dir, args.out_dir, **keywords)
     rule = (repo_copy / "workflow/rules/train.smk").read_text().split("rule finetune_multihead:")[1].split("\nrule ")[0]
-    assert "gpu=GPU_PER_JOB" in rule
+    assert "gpu=gpu_request" in rule
 
 
 @pytest.mark.parametrize("args, files, messages", [

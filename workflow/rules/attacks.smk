@@ -22,7 +22,8 @@ rule attack:
         shard="[0-9]+",
     threads: attack_threads
     resources:
-        gpu=GPU_PER_JOB,
+        gpu=gpu_request,
+        local_gpu=local_gpu_claim,
     conda:
         "../envs/diffrobust.yaml"
     params:
@@ -59,7 +60,8 @@ rule evaluate:
         threat="linf|l2",
     threads: attack_threads
     resources:
-        gpu=GPU_PER_JOB,
+        gpu=gpu_request,
+        local_gpu=local_gpu_claim,
     conda:
         "../envs/diffrobust.yaml"
     params:
@@ -91,7 +93,8 @@ rule sigma_sweep:
         threat="linf|l2",
     threads: attack_threads_of("rdc")
     resources:
-        gpu=GPU_PER_JOB,
+        gpu=gpu_request,
+        local_gpu=local_gpu_claim,
     conda:
         "../envs/diffrobust.yaml"
     params:

@@ -38,7 +38,6 @@ for note in RESOLVED.notes:
     logger.warning(f"Config: {note}")
 
 
-
 def check_local_device():
     """Called when a run starts (not in dry runs): if jobs run on this machine, a CUDA device that is not here is an
     error now, not in the first job. On a cluster the DAG is built on a login node and the jobs run elsewhere; there
@@ -53,19 +52,27 @@ def check_local_device():
         raise WorkflowError(f"Configuration error:\n{error}") from None
 
 
-def gpus_per_job():
-    """What a job that runs networks claims of the `gpu` resource. One GPU, so that the default profile's cap runs
-    them one at a time on a one-GPU machine and SLURM gets a GPU request; but 0 where they will run on this
-    machine's CPU (device cpu, or device auto without a GPU here), so that CPU jobs run side by side."""
+def gpu_request(wildcards):
+    """The cluster's GPU request of a job that runs networks: `gpu=1`, which the SLURM executor turns into
+    `sbatch --gpus=1` (profiles/slurm adds a model or another mechanism); 0 when the job runs here, or on the CPU.
+    A function of the job, not a value computed when the Snakefile is read: Snakemake reads the Snakefile before it
+    picks the executor, and only at job time says whether jobs go to a cluster (whose nodes have the GPUs)."""
+    return int(not workflow.local_exec and CFG["device"] != "cpu")
+
+
+def local_gpu_claim(wildcards):
+    """What a job that runs networks on this machine's GPU claims of `local_gpu`, which the default profile caps at 1
+    so that such jobs run one at a time; 0 for jobs that will run on this machine's CPU (device cpu, or device auto
+    without a GPU here), so that they run side by side, and for jobs sent to a cluster. Its own name, not `gpu`:
+    Snakemake always adds profiles/default (the workflow profile) to `--profile profiles/slurm`, and a cap on `gpu`
+    there would let a cluster run one GPU job at a time."""
     from diffrobust.gpus import visible_nvidia_gpus
 
-    local = workflow.executor_plugin is None or workflow.executor_plugin.common_settings.local_exec
-    if CFG["device"] == "cpu" or (local and CFG["device"] == "auto" and visible_nvidia_gpus() == 0):
+    if not workflow.local_exec or CFG["device"] == "cpu" or (CFG["device"] == "auto" and visible_nvidia_gpus() == 0):
         return 0
     return 1
 
 
-GPU_PER_JOB = gpus_per_job()
 PRESET = CFG["preset"]
 DATASET = CFG["dataset"]
 RESULTS = f"results/{PRESET}"

@@ -23,7 +23,8 @@ rule certify_shard:
         shard="[0-9]+",
     threads: certify_threads
     resources:
-        gpu=GPU_PER_JOB,
+        gpu=gpu_request,
+        local_gpu=local_gpu_claim,
     conda:
         "../envs/diffrobust.yaml"
     params:

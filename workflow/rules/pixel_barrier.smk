@@ -16,7 +16,8 @@ rule train_ldm:
         f"{BENCHMARKS}/train_ldm.tsv"
     threads: workflow.cores
     resources:
-        gpu=GPU_PER_JOB,
+        gpu=gpu_request,
+        local_gpu=local_gpu_claim,
     conda:
         "../envs/diffrobust.yaml"
     params:
@@ -47,7 +48,8 @@ rule protect:
         attack="|".join(PIXEL_BARRIER_SETS),
     threads: attack_threads_of("pixel_barrier")
     resources:
-        gpu=GPU_PER_JOB,
+        gpu=gpu_request,
+        local_gpu=local_gpu_claim,
     conda:
         "../envs/diffrobust.yaml"
     params:
@@ -80,7 +82,8 @@ rule edit_protected:
         attack="|".join(PIXEL_BARRIER_SETS),
     threads: attack_threads_of("pixel_barrier")
     resources:
-        gpu=GPU_PER_JOB,
+        gpu=gpu_request,
+        local_gpu=local_gpu_claim,
     conda:
         "../envs/diffrobust.yaml"
     params:

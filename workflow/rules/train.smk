@@ -18,7 +18,8 @@ rule train_diffusion:
         f"{BENCHMARKS}/train_diffusion.tsv"
     threads: workflow.cores
     resources:
-        gpu=GPU_PER_JOB,
+        gpu=gpu_request,
+        local_gpu=local_gpu_claim,
     conda:
         "../envs/diffrobust.yaml"
     params:
@@ -48,7 +49,8 @@ rule finetune_multihead:
         f"{BENCHMARKS}/finetune_multihead.tsv"
     threads: workflow.cores
     resources:
-        gpu=GPU_PER_JOB,
+        gpu=gpu_request,
+        local_gpu=local_gpu_claim,
     conda:
         "../envs/diffrobust.yaml"
     params:
@@ -80,7 +82,8 @@ rule train_classifier:
         f"{BENCHMARKS}/train_classifier.tsv"
     threads: workflow.cores
     resources:
-        gpu=GPU_PER_JOB,
+        gpu=gpu_request,
+        local_gpu=local_gpu_claim,
     conda:
         "../envs/diffrobust.yaml"
     params:
@@ -110,7 +113,8 @@ rule train_adversarial:
         f"{BENCHMARKS}/train_adversarial.tsv"
     threads: workflow.cores
     resources:
-        gpu=GPU_PER_JOB,
+        gpu=gpu_request,
+        local_gpu=local_gpu_claim,
     conda:
         "../envs/diffrobust.yaml"
     params:

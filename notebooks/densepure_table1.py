@@ -40,8 +40,8 @@ import seaborn as sns
 import yaml
 from IPython.display import Markdown, display
 
-from diffrobust.certify import (certified_accuracy, max_certifiable_radius, paired_certified_difference,
-                               read_certification_tsv)
+from diffrobust.certify import certified_accuracy, max_certifiable_radius
+from diffrobust.stages import densepure
 from diffrobust.stages.densepure import calls_per_draw
 
 sns.set_theme(style="whitegrid")
@@ -49,7 +49,7 @@ known = yaml.safe_load(open(published))
 
 
 def table(method, sigma, k):
-    return read_certification_tsv(f"{results_dir}/{method}/sigma{sigma}/votes{k}.tsv")
+    return densepure.merged_table(results_dir, method, sigma, k)
 
 
 def cell(row):
@@ -84,14 +84,9 @@ ours
 # per-image outcomes (normal approximation to the difference of paired proportions).
 
 # %%
-rows = []
-for sigma in sigmas:
-    dds, dense = table("dds", sigma, 1), table("densepure", sigma, votes)
-    for r in radii:
-        paired = paired_certified_difference(dds, dense, r)
-        rows.append({"sigma": sigma, "radius": r, "DDS": paired["a"], "DensePure": paired["b"],
-                     "difference": paired["difference"],
-                     "95% interval": f"[{paired['ci_low']:+.3f}, {paired['ci_high']:+.3f}]"})
+rows = [{"sigma": paired["sigma"], "radius": paired["radius"], "DDS": paired["a"], "DensePure": paired["b"],
+         "difference": paired["difference"], "95% interval": f"[{paired['ci_low']:+.3f}, {paired['ci_high']:+.3f}]"}
+        for paired in densepure.comparison(table, sigmas, radii, votes)]
 comparison = pd.DataFrame(rows)
 display(comparison.round(3))
 worse = comparison[comparison.difference < 0]

@@ -33,7 +33,6 @@ published = "config/published_values.yaml"
 
 # %%
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 import torch
 import yaml
@@ -42,13 +41,12 @@ from IPython.display import Markdown, display
 from diffrobust import data, imagespace, seeds
 from diffrobust.attacks import masking
 from diffrobust.models import load_source
-from diffrobust.stages import diffpure
+from diffrobust.stages import diffpure, robustness
 
 known = yaml.safe_load(open(published))
 threats = list(settings["threats"])
 sets = {threat: diffpure.load_table_sets(results_dir, settings, shards, threat) for threat in threats}
-transfers = {threat: dict(np.load(f"{results_dir}/evaluations/diffpure/from-undefended/{transfer_attack}/{threat}.npz"))
-             for threat in threats}
+transfers = {threat: robustness.load_transfer(results_dir, "diffpure", transfer_attack, threat) for threat in threats}
 images = len(next(iter(sets[threats[0]].values()))["idx"])
 display(Markdown(f"Preset `{preset}` on `{dataset}`: {images} images (subset {subset}); diffusion model "
                  f"`{models['diffusion']}`, classifier `{models['classifier']}`."))

@@ -95,7 +95,7 @@ summary = verdicts.pivot_table(index="claim", columns="verdict", values="attack"
 display(summary)
 strongest = max(settings["budgets"])
 for claim in ("ldm_degrades", "pdm_unaffected", "pdm_pure_restores"):
-    rows = verdicts[(verdicts["claim"] == claim) & np.isclose(verdicts["eps"], strongest)]
+    rows = pixel_barrier.at_budget(verdicts, claim, strongest)
     counts = rows["verdict"].value_counts().to_dict()
     display(Markdown(f"**{claim}** at eps {strongest:g}: " + ", ".join(f"{k} {v}" for k, v in counts.items())))
     for sentence in rows["sentence"]:

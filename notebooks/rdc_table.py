@@ -36,7 +36,6 @@ published = "config/published_values.yaml"
 
 # %%
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 import seaborn as sns
 import yaml
@@ -49,8 +48,7 @@ sns.set_theme(style="whitegrid")
 known = yaml.safe_load(open(published))
 threats = list(settings["threats"])
 sets = {threat: rdc.load_table_sets(results_dir, settings, shards, threat) for threat in threats}
-transfers = {threat: dict(np.load(f"{results_dir}/evaluations/rdc/from-undefended/{transfer_attack}/{threat}.npz"))
-             for threat in threats}
+transfers = {threat: robustness.load_transfer(results_dir, "rdc", transfer_attack, threat) for threat in threats}
 attacks = list(settings["attacks"])
 images = len(next(iter(sets[threats[0]].values()))["idx"])
 display(Markdown(f"Preset `{preset}` on `{dataset}`: {images} images (subset {subset}); models {models}."))
@@ -104,6 +102,10 @@ def interval(values):
 rows, strongest = [], {}
 for threat in threats:
     eps = settings["threats"][threat]["eps"]
+    same_budget = diffpure_settings["threats"].get(threat, {}).get("eps") == eps
+    dp_sets = (diffpure.load_table_sets(results_dir, diffpure_settings, diffpure_shards, threat) if same_budget
+               else None)
+    worst = rdc.worst_cases(sets[threat], settings, dp_sets)
     for defense in settings["defenses"]:
         per_attack = {a: sets[threat][(defense, a)] for a in attacks if (defense, a) in sets[threat]}
         clean = interval(next(iter(per_attack.values()))["clean_correct"])[0]
@@ -111,18 +113,14 @@ for threat in threats:
         row = {"threat": f"{threat} {eps:g}", "defense": label, "clean": clean}
         for attack, arrays in per_attack.items():
             row[attack] = interval(robustness.robust(arrays))[0]
-        worst = np.logical_and.reduce([robustness.robust(a) for a in per_attack.values()])
-        row["worst case"], strongest[(threat, defense)] = interval(worst)
+        row["worst case"], strongest[(threat, defense)] = interval(worst[defense])
         row["doubt"] = "; ".join(r["name"] for r in failed if r["threat"] == threat and
                                  (defense == "rdc" or r["name"].startswith("undefended")))
         rows.append(row)
-    same_budget = diffpure_settings["threats"].get(threat, {}).get("eps") == eps
     if same_budget:
-        dp_sets = diffpure.load_table_sets(results_dir, diffpure_settings, diffpure_shards, threat)
-        both = robustness.robust(dp_sets[("diffpure", "standard")]) & robustness.robust(dp_sets[("diffpure", "rand")])
         clean = interval(dp_sets[("diffpure", "standard")]["clean_correct"])[0]
         row = {"threat": f"{threat} {eps:g}", "defense": "diffpure (its table)", "clean": clean}
-        row["worst case"], strongest[(threat, "diffpure")] = interval(both)
+        row["worst case"], strongest[(threat, "diffpure")] = interval(worst["diffpure"])
         rows.append(row)
 ours = pd.DataFrame(rows).set_index(["threat", "defense"]).fillna("")
 ours
@@ -133,11 +131,11 @@ ours
 # %%
 order = []
 for threat in threats:
-    values = {d: strongest.get((threat, d)) for d in ("rdc", "diffpure", "undefended")}
-    if None in values.values():
+    values = {d: strongest.get((threat, d)) for d in rdc.ORDER}
+    holds = rdc.ordering(values)
+    if holds is None:
         order.append({"threat": threat, "holds": "n/a (DiffPure ran at another budget)"})
         continue
-    holds = values["rdc"] >= values["diffpure"] >= values["undefended"]
     order.append({"threat": threat, **{d: f"{v:.3f}" for d, v in values.items()},
                   "RDC - DiffPure": f"{values['rdc'] - values['diffpure']:+.3f}", "holds": holds})
 display(pd.DataFrame(order).set_index("threat"))

@@ -69,26 +69,27 @@ def test_lint(repo_copy):
     # smoke: 1 sigma x 2 methods x 2 shards; merges: DDS 1 vote, DensePure the 1- and 3-vote ablation
     ("smoke", {"prepare_dataset": 1, "train_diffusion": 1, "finetune_multihead": 1, "train_classifier": 1,
                "certify_shard": 4, "merge_votes": 3, "attack": 36, "evaluate": 4, "sigma_sweep": 1,
-               "train_adversarial": 1, "train_ldm": 1, "protect": 6, "edit_protected": 6, "render_report": 6}),
+               "train_adversarial": 1, "train_ldm": 1, "protect": 6, "edit_protected": 6, "render_report": 6,
+               "render_summary": 1}),
     # DiffPure: 2 threats x (3 attacks on the undefended classifier + 5 on DiffPure); RDC: 2 threats x (2 on the
     # undefended classifier + 4 on RDC + 1 on each of the adversarially trained classifier, DC and the two multi-head
     # variants); 1 shard each; 2 + 2 transfer scores
     # Pixel is a Barrier: one protect and one edit job per attack (8) and per pseudo-attack (none, random)
     ("mini", {"prepare_dataset": 1, "train_diffusion": 1, "train_classifier": 1, "train_adversarial": 1, "attack": 36,
               "evaluate": 4, "sigma_sweep": 1, "train_ldm": 1, "protect": 10, "edit_protected": 10,
-              "render_report": 6}),
+              "render_report": 6, "render_summary": 1}),
     # paper scale: downloads instead of training; 500 images in shards of 10, 3 sigmas, 2 methods
     # attacks: DiffPure's 128 and RDC's 2 threats x 16 shards x (2 on the undefended classifier + 4 on RDC + 2 on each
     # of DC, the two multi-head variants and the adversarially trained row, each on its threat's RobustBench
     # WRN-70-16); the multi-head network is distilled from EDM's conditional model
     ("cifar10", {"download_cifar10": 1, "download_checkpoint": 10, "prepare_dataset": 1, "certify_shard": 300,
                  "merge_votes": 27, "attack": 576, "evaluate": 4, "finetune_multihead": 1, "sigma_sweep": 1,
-                 "render_report": 5}),
+                 "render_report": 5, "render_summary": 1}),
     # ImageNet: Pixel is a Barrier on Stable Diffusion v1.4 (+6 files: its text encoder and tokenizer), CLIP (+2),
     # DeepFloyd IF stage II's schedulers (+2), the x4 upscaler of Noisy Upscaling (+13), LPIPS' AlexNet and FID's
     # Inception (+2)
     ("imagenet", {"download_checkpoint": 34, "prepare_dataset": 1, "certify_shard": 120, "protect": 10,
-                  "edit_protected": 10, "render_report": 4}),
+                  "edit_protected": 10, "render_report": 4, "render_summary": 1}),
 ])
 def test_dry_run_builds_the_full_dag(repo_copy, preset, jobs):
     result = snakemake(repo_copy, "-n", "--config", f"preset={preset}")
@@ -174,6 +175,10 @@ def test_smoke_run_then_dvc_push_pull_into_a_fresh_clone(repo_copy, tmp_path):
     assert "Splits: images per class" in report.read_text()
     for name in ("models_report", "densepure_table1", "diffpure_table", "rdc_table", "pixel_barrier"):
         assert (repo_copy / f"results/smoke/reports/{name}.html").stat().st_size > 10000
+    # the summary of every claim is the folder's index, linking each paper report
+    summary = (repo_copy / "results/smoke/reports/index.html").read_text()
+    assert "Summary: every published claim" in summary and 'href="rdc_table.html#' in summary
+    assert "not run at this preset" in summary and "this preset's reports do not include" not in summary
     table = (repo_copy / "results/smoke/densepure/densepure/sigma0.5/votes3.tsv").read_text().splitlines()
     assert table[0].split("\t") == ["idx", "label", "predict", "radius", "correct", "time"] and len(table) == 3
     assert (repo_copy / "data/datasets/mnist/splits.npz").is_file()

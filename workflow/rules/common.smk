@@ -107,6 +107,9 @@ PATHS = {
     "edit_grid": f"{RESULTS}/pixel_barrier/edits/{{attack}}.grid.npz",
     "report_html": f"{RESULTS}/reports/{{notebook}}.html",
     "report_ipynb": f"{RESULTS}/reports/{{notebook}}.ipynb",
+    # the summary of every claim (notebooks/summary.py): the first page to open
+    "summary_html": f"{RESULTS}/reports/index.html",
+    "summary_ipynb": f"{RESULTS}/reports/summary.ipynb",
 }
 
 
@@ -468,26 +471,36 @@ def multihead_report_files():
     return [model_source("multihead")] if "rdc_table" in CFG["reports"] else []
 
 
+# The summary (notebooks/summary.py) judges the claims of these reports, from the files they read.
+PAPER_REPORTS = ["densepure_table1", "diffpure_table", "rdc_table", "pixel_barrier"]
+# The notebooks rendered by render_report (the summary has its own rule: its page is index.html).
+NOTEBOOK_REPORTS = [name for name in CFG["reports"] if name != "summary"]
+
+
 def report_inputs(wildcards):
-    inputs = {"notebook": f"notebooks/{wildcards.notebook}.py"}
-    if wildcards.notebook == "data_report":
+    return notebook_inputs(wildcards.notebook)
+
+
+def notebook_inputs(notebook):
+    inputs = {"notebook": f"notebooks/{notebook}.py"}
+    if notebook == "data_report":
         inputs.update(dataset_files())
         inputs["checkpoints"] = checkpoint_targets(only_automatic=True)
-    elif wildcards.notebook == "models_report":
+    elif notebook == "models_report":
         inputs.update(dataset_files())
         inputs["models"] = model_files("diffusion") + model_files("classifier") + multihead_report_files()
-    elif wildcards.notebook == "densepure_table1":
+    elif notebook == "densepure_table1":
         inputs["tables"] = densepure_targets()
         inputs["published"] = "config/published_values.yaml"
-    elif wildcards.notebook == "diffpure_table":
+    elif notebook == "diffpure_table":
         inputs.update(dataset_files())
         inputs["sets"] = diffpure_targets()
         inputs["published"] = "config/published_values.yaml"
-    elif wildcards.notebook == "rdc_table":
+    elif notebook == "rdc_table":
         inputs.update(dataset_files())
         inputs["sets"] = rdc_targets() + diffpure_targets()
         inputs["published"] = "config/published_values.yaml"
-    elif wildcards.notebook == "pixel_barrier":
+    elif notebook == "pixel_barrier":
         inputs["tables"] = pixel_barrier_targets()
         inputs["published"] = "config/published_values.yaml"
         if PIXEL_BARRIER["models"]["ldm"] == "train":
@@ -495,9 +508,31 @@ def report_inputs(wildcards):
     return inputs
 
 
+def summary_inputs(wildcards):
+    """The summary reads what the paper reports of this preset read (not their HTML: it links to them by name)."""
+    inputs = {"notebook": "notebooks/summary.py", "published": "config/published_values.yaml"}
+    for name in PAPER_REPORTS:
+        if name in CFG["reports"]:
+            inputs.update({f"{name}_{key}": value for key, value in notebook_inputs(name).items()
+                           if key not in ("notebook", "published")})
+    return inputs
+
+
+def summary_parameters(wildcards):
+    """The summary's `parameters` cell: each paper report's own parameters, for the stages' report_claims."""
+    return as_json({"preset": PRESET, "dataset": DATASET, "published": "config/published_values.yaml",
+                    "pages": NOTEBOOK_REPORTS,
+                    "reports": {name: notebook_parameters(name) for name in PAPER_REPORTS if name in CFG["reports"]}})
+
+
 def report_parameters(wildcards):
     """Values for the notebook's `parameters` cell, taken from the config."""
-    if wildcards.notebook == "data_report":
+    return as_json(notebook_parameters(wildcards.notebook))
+
+
+def notebook_parameters(notebook):
+    """The `parameters` cell of notebooks/<notebook>.py, from the config."""
+    if notebook == "data_report":
         parameters = {
             "preset": PRESET,
             "description": CFG["description"],
@@ -506,7 +541,7 @@ def report_parameters(wildcards):
             "checkpoint_names": CFG["checkpoints"],
             "checkpoint_lock": CHECKPOINT_LOCK,
         }
-    elif wildcards.notebook == "models_report":
+    elif notebook == "models_report":
         parameters = {
             "preset": PRESET,
             "dataset_dir": DATASET_DIR,
@@ -520,7 +555,7 @@ def report_parameters(wildcards):
             "device": CFG["device"],
             **CFG["models_report"],
         }
-    elif wildcards.notebook == "densepure_table1":
+    elif notebook == "densepure_table1":
         parameters = {
             "preset": PRESET,
             "dataset": DATASET,
@@ -534,7 +569,7 @@ def report_parameters(wildcards):
             "subset": CFG["subsets"]["densepure"],
             "published": "config/published_values.yaml",
         }
-    elif wildcards.notebook == "diffpure_table":
+    elif notebook == "diffpure_table":
         parameters = {
             "preset": PRESET,
             "dataset": DATASET,
@@ -547,7 +582,7 @@ def report_parameters(wildcards):
             "models": diffpure_models(),
             "published": "config/published_values.yaml",
         }
-    elif wildcards.notebook == "rdc_table":
+    elif notebook == "rdc_table":
         parameters = {
             "preset": PRESET,
             "dataset": DATASET,
@@ -563,7 +598,7 @@ def report_parameters(wildcards):
             "models": stage_models("rdc"),
             "published": "config/published_values.yaml",
         }
-    elif wildcards.notebook == "pixel_barrier":
+    elif notebook == "pixel_barrier":
         parameters = {
             "preset": PRESET,
             "dataset": DATASET,
@@ -577,16 +612,17 @@ def report_parameters(wildcards):
             "published": "config/published_values.yaml",
         }
     else:
-        raise WorkflowError(f"no parameters defined for notebook {wildcards.notebook!r}")
-    return as_json(parameters)
+        raise WorkflowError(f"no parameters defined for notebook {notebook!r}")
+    return parameters
 
 
 def all_targets():
     """Checkpoints and every report. The executed .ipynb is requested too: after a failed render Snakemake restores
     the previous HTML (flagged update, with a fresh modification time), and the missing .ipynb is what makes the
     next run render again."""
-    return checkpoint_targets() + [path(kind, notebook=name) for name in CFG["reports"]
-                                   for kind in ("report_html", "report_ipynb")]
+    summary = [path("summary_html"), path("summary_ipynb")] if "summary" in CFG["reports"] else []
+    return checkpoint_targets() + summary + [path(kind, notebook=name) for name in NOTEBOOK_REPORTS
+                                             for kind in ("report_html", "report_ipynb")]
 
 
 def input_dataset_folder(wildcards, input):

@@ -1,5 +1,7 @@
 # Reports: every paper table is a notebook in notebooks/ (jupytext percent script), executed with papermill with
-# parameters from the config, rendered to HTML without code, and registered for `snakemake --report`.
+# parameters from the config, rendered to HTML without code, and registered for `snakemake --report`. The summary of
+# every claim (notebooks/summary.py) is rendered the same way to index.html, the first page of the folder and of the
+# report bundle (category "0 Summary" sorts before "Reports").
 # The HTML is flagged update(): Snakemake otherwise deletes a job's outputs before it runs, so a failed render would
 # leave no report at all. With the flag it keeps the previous report (and restores its backup if the job fails), and
 # render-notebook replaces it only once the new one is complete (temporary file, then rename). The executed .ipynb
@@ -25,13 +27,41 @@ rule render_report:
     benchmark:
         f"{BENCHMARKS}/render_report/{{notebook}}.tsv"
     wildcard_constraints:
-        notebook="|".join(CFG["reports"]),
+        notebook="|".join(NOTEBOOK_REPORTS),
     conda:
         "../envs/diffrobust.yaml"
     params:
         parameters=report_parameters,
     message:
         f"Rendering notebooks/{{wildcards.notebook}}.py for preset {PRESET}"
+    shell:
+        "python -m diffrobust render-notebook --notebook {input.notebook} --parameters {params.parameters:q}"
+        " --ipynb {output.ipynb} --html {output.html} --run-record {log.record} 2> {log.log}"
+
+
+rule render_summary:
+    input:
+        unpack(summary_inputs),
+    output:
+        html=update(
+            report(
+                PATHS["summary_html"],
+                category="0 Summary",
+                labels={"preset": PRESET, "notebook": "summary"},
+            )
+        ),
+        ipynb=PATHS["summary_ipynb"],
+    log:
+        log=f"{LOGS}/render_report/summary.log",
+        record=f"{LOGS}/render_report/summary.run.json",
+    benchmark:
+        f"{BENCHMARKS}/render_report/summary.tsv"
+    conda:
+        "../envs/diffrobust.yaml"
+    params:
+        parameters=summary_parameters,
+    message:
+        f"Rendering notebooks/summary.py (every claim) for preset {PRESET}"
     shell:
         "python -m diffrobust render-notebook --notebook {input.notebook} --parameters {params.parameters:q}"
         " --ipynb {output.ipynb} --html {output.html} --run-record {log.record} 2> {log.log}"

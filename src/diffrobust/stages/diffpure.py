@@ -84,3 +84,64 @@ def table_rows(sets, threat, settings):
 def masking_checks(sets, transfer, threat, settings):
     """The masking checks of DiffPure at `threat` (robustness.masking_checks)."""
     return robustness.masking_checks(sets, transfer, threat, settings, "diffpure")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The claims (the summary report)
+# ---------------------------------------------------------------------------------------------------------------
+
+PAPER = "DiffPure"
+REPORT = "diffpure_table"
+PAIR = ("standard", "rand")  # DiffPure reports the minimum of the two
+
+
+def reported_entries(reference, settings):
+    """The entries of published_values.yaml's DiffPure table that are DiffPure's own numbers (its min(standard,
+    rand) and the configured attacks), not later re-evaluations of it."""
+    names = {f"min({PAIR[0]}, {PAIR[1]})", *settings["attacks"]}
+    return [entry for entry in reference["entries"] if entry["attack"] in names and "robust" in entry["values"]]
+
+
+def claims(sets, transfers, settings, *, dataset, known):
+    """DiffPure's claims as diffrobust.claims.Claim rows, per threat of `settings` (`sets` and `transfers`: {threat:
+    loaded sets}, {threat: transfer evaluation}): DiffPure beats the undefended classifier (the per-image worst case
+    over standard and rand, paired), its attacks pass the masking checks, and its published numbers at paper scale
+    (held when the published value lies inside our interval)."""
+    from diffrobust import claims as c
+
+    paper_scale = dataset in known["diffpure_table"]
+    reference = known["diffpure_table"].get(dataset) or known["diffpure_table"]["cifar10"]
+    accuracy_link = c.anchor(REPORT, "Clean and robust accuracy (ours)")
+    checks_link = c.anchor(REPORT, "Checks against gradient masking")
+    rows = []
+    for threat in settings["threats"]:
+        eps = settings["threats"][threat]["eps"]
+        worst = {defense: robustness.worst_case(sets[threat], defense, PAIR) for defense in DEFENSES}
+        rows.append(robustness.paired_claim(
+            PAPER, f"DiffPure is robust beyond the undefended classifier ({threat} {eps:g}, worst case per image "
+                   "over AutoAttack standard and rand)", worst["diffpure"], worst["undefended"],
+            ("DiffPure", "undefended"), c.NOT_KNOWN,
+            "claim: DiffPure (Nie et al., ICML'22) defends against adaptive attacks; a difference is not published "
+            "(its robust accuracies are the headline rows)", accuracy_link))
+        rows.append(robustness.masking_claim(PAPER, "DiffPure", threat, masking_checks(sets[threat], transfers[threat],
+                                                                                        threat, settings), checks_link))
+    for entry in reported_entries(reference, settings):
+        claim = f"DiffPure robust accuracy under {entry['attack']} ({entry['threat']}): {entry['label']}"
+        if not paper_scale or entry["threat"] not in settings["threats"]:
+            rows.append(c.not_run(PAPER, claim, f"{entry['values']['robust']:.4f}", c.provenance(entry),
+                                  "the paper-scale number is for CIFAR-10 (preset cifar10)", accuracy_link))
+            continue
+        attacks = PAIR if entry["attack"].startswith("min(") else (entry["attack"],)
+        # min(standard, rand): the attack with the lower accuracy, as DiffPure reports it
+        correct = min((robust(sets[entry["threat"]][("diffpure", a)]) for a in attacks), key=lambda r: r.mean())
+        rows.append(robustness.accuracy_claim(PAPER, claim, correct, entry, accuracy_link))
+    return rows
+
+
+def report_claims(parameters, known):
+    """DiffPure's claim rows from its report's notebook parameters (notebooks/diffpure_table.py)."""
+    settings, results_dir = parameters["settings"], parameters["results_dir"]
+    sets = {t: load_table_sets(results_dir, settings, parameters["shards"], t) for t in settings["threats"]}
+    transfers = {t: robustness.load_transfer(results_dir, "diffpure", parameters["transfer_attack"], t)
+                 for t in settings["threats"]}
+    return claims(sets, transfers, settings, dataset=parameters["dataset"], known=known)

@@ -375,6 +375,87 @@ def claims(table, settings, attacks):
     return pd.DataFrame(rows)
 
 
+def at_budget(verdicts, claim, eps):
+    """The rows of one claim at budget `eps` of a `claims` table (the report lists the strongest budget's)."""
+    return verdicts[(verdicts["claim"] == claim) & np.isclose(verdicts["eps"], eps)]
+
+
+PAPER = "Pixel is a Barrier"
+REPORT = "pixel_barrier"
+CLAIMS = {  # claim -> what it says, as a sentence with {attack}, {eps}, {metric}, {pdm_margin}, {restore_margin}
+    "ldm_degrades": "the LDM edit of {attack}-protected images is worse than of the random control (eps {eps:g}, "
+                    "{metric})",
+    "pdm_unaffected": "the PDM edit of {attack}-protected images stays within ±{pdm_margin:g} of the random "
+                      "control's (eps {eps:g}, {metric})",
+    "pdm_pure_restores": "PDM-Pure then the LDM edit of {attack}-protected images is within ±{restore_margin:g} of "
+                         "the clean image's LDM edit (eps {eps:g}, {metric})",
+}
+
+
+def _set_value(table, metric, **where):
+    values = _per_image(table, metric, **where)
+    return float(values[0]) if len(values) and np.isfinite(values[0]) else None
+
+
+def claim_rows(verdicts, table, settings, *, dataset, known):
+    """The three claims at the strongest budget (one row per claim and attack, from the `claims` table
+    `verdicts`) and the paper's headline number at paper scale, as diffrobust.claims.Claim rows. The paper's metric
+    tables are not known (published_values.yaml), so the published column says so and cites the claim."""
+    from diffrobust import claims as c
+
+    spec, strongest = settings["claims"], max(float(eps) for eps in settings["budgets"])
+    statements = {entry["claim"]: entry for entry in known["pixel_barrier"]["claims"]}
+    link = c.anchor(REPORT, "The three claims")
+    rows = []
+    for claim, sentence in CLAIMS.items():
+        entry = statements[claim]
+        for row in at_budget(verdicts, claim, strongest).itertuples():
+            words = sentence.format(attack=row.attack, eps=row.eps, metric=row.metric,
+                                    pdm_margin=spec["pdm_margin"], restore_margin=spec["restore_margin"])
+            ours = (f"{row.difference} = {c.interval_text(row.estimate, row.low, row.high, signed=True)} "
+                    f"({row.n_images} images, paired bootstrap)")
+            rows.append(c.Claim(PAPER, words, f"{c.NOT_KNOWN} (the paper's tables were not readable)",
+                                f"{entry['statement']} ({c.provenance(entry)})", ours, row.estimate, row.low,
+                                row.high, row.verdict, link))
+    return rows + [fid_headline(table, settings, dataset=dataset, known=known)]
+
+
+def fid_headline(table, settings, *, dataset, known):
+    """"Protective perturbations raise the LDM's SDEdit FID by over 100" at paper scale: per latent attack at the
+    strongest budget, the set FID of the LDM edits of protected images minus that of the clean images' edits. A
+    set-level distance has no per-image interval: holds when every attack raises it by more than the published
+    margin, fails when none does, inconclusive otherwise; not run without the FID's Inception features."""
+    from diffrobust import claims as c
+
+    headline = known["headlines"]["pixel_fid"]
+    claim = f"protective perturbations raise the LDM's SDEdit FID by over {headline['value']:g}"
+    published = f"> {headline['value']:g} ({headline['dataset']})"
+    link = c.anchor(REPORT, "Set-level distances of the edits to the clean images")
+    strength, strongest = float(settings["edit"]["purified_strength"]), max(float(e) for e in settings["budgets"])
+    where = {"editor": "ldm", "purifier": "none", "strength": strength}
+    clean = _set_value(table, "set_fid", attack="none", **where) if "set_fid" in table.columns else None
+    if dataset != headline["dataset"] or clean is None:
+        return c.not_run(PAPER, claim, published, c.provenance(headline),
+                         f"the paper-scale number is an FID on {headline['dataset']} with Inception features "
+                         f"(preset {headline['dataset']})", link)
+    attacks = [a for a in dict.fromkeys(table["attack"]) if a in protective.LATENT_ATTACKS]
+    rises = {a: _set_value(table, "set_fid", attack=a, eps=strongest, **where) - clean for a in attacks}
+    verdict = (c.HOLDS if min(rises.values()) > headline["value"] else
+               c.FAILS if max(rises.values()) <= headline["value"] else c.INCONCLUSIVE)
+    ours = (f"FID rise over the clean images' LDM edits at eps {strongest:g}: "
+            + ", ".join(f"{a} {rise:+.1f}" for a, rise in rises.items()) + " (a set-level distance: no interval)")
+    return c.Claim(PAPER, claim, published, c.provenance(headline), ours, min(rises.values()), None, None, verdict,
+                   link, headline=True)
+
+
+def report_claims(parameters, known):
+    """The claim rows of Pixel is a Barrier from its report's notebook parameters (notebooks/pixel_barrier.py)."""
+    results_dir, settings = parameters["results_dir"], parameters["settings"]
+    table = read_tables([f"{results_dir}/edits/{name}.tsv" for name in parameters["sets"]])
+    attacks = [name for name in parameters["sets"] if name not in PSEUDO_ATTACKS]
+    return claim_rows(claims(table, settings, attacks), table, settings, dataset=parameters["dataset"], known=known)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The jobs' files
 # ---------------------------------------------------------------------------------------------------------------

@@ -317,3 +317,61 @@ def _align(order, idx, values):
     if sorted(lookup) != sorted(int(i) for i in order):
         raise SetError("the transfer evaluation and the adaptive set hold different images")
     return np.array([lookup[int(i)] for i in order])
+
+
+def load_transfer(results_dir, defense, attack, threat):
+    """The transfer evaluation of `defense` on the set `attack` made against the undefended classifier at `threat`
+    (evaluate_set's arrays, under results/<preset>)."""
+    with np.load(Path(results_dir) / "evaluations" / defense / "from-undefended" / attack / f"{threat}.npz") as f:
+        return {name: f[name] for name in f.files}
+
+
+def worst_case(sets, defense, attacks):
+    """Per image: robust (`robust`) under every attack of `attacks` that has a stored set on `defense`."""
+    runs = [robust(sets[(defense, attack)]) for attack in attacks if (defense, attack) in sets]
+    if not runs:
+        raise SetError(f"no set of {defense} was made by any of the attacks {list(attacks)}")
+    return np.logical_and.reduce(runs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The claims (diffrobust.claims rows shared by DiffPure's and RDC's)
+# ---------------------------------------------------------------------------------------------------------------
+
+def masking_claim(paper, defense, threat, check_rows, link):
+    """The masking checks of `defense` at `threat` as one claim row: holds when every check passed, fails when one
+    did (the row names them, as attacks.masking.summary does in the report)."""
+    from diffrobust import claims as c
+
+    failed = [row for row in check_rows if not row["passed"]]
+    return c.Claim(paper, f"the attacks on {defense} pass the checks against gradient masking ({threat})",
+                   c.NOT_KNOWN, "our checks (Carlini et al. 2019, Athalye et al. 2018), not the paper's",
+                   masking.summary(check_rows).replace("**", ""), None, None, None, c.FAILS if failed else c.HOLDS,
+                   link)
+
+
+def paired_claim(paper, claim, better, worse, names, published, provenance, link):
+    """A row for "`better` beats `worse`" (per-image robustness of two defenses on the same images): the paired
+    difference better - worse with its interval (attacks.masking.paired_difference), holds when it is above 0."""
+    from diffrobust import claims as c
+
+    diff = masking.paired_difference(worse, better)
+    a, b = masking.accuracy(better)["accuracy"], masking.accuracy(worse)["accuracy"]
+    ours = (f"{names[0]} {a:.3f} − {names[1]} {b:.3f} = "
+            f"{c.interval_text(diff['difference'], diff['ci_low'], diff['ci_high'], signed=True)} "
+            f"({diff['images']} images, paired)")
+    return c.Claim(paper, claim, published, provenance, ours, diff["difference"], diff["ci_low"], diff["ci_high"],
+                   c.above(diff["ci_low"], diff["ci_high"]), link)
+
+
+def accuracy_claim(paper, claim, correct, entry, link, headline=True):
+    """A row for a published robust accuracy `entry` (published_values.yaml) against ours (per-image outcomes):
+    holds when the published value lies inside our exact 95% interval."""
+    from diffrobust import claims as c
+
+    ours = masking.accuracy(correct)
+    value = entry["values"]["robust"]
+    return c.Claim(paper, claim, f"{value:.4f}", c.provenance(entry),
+                   f"{c.interval_text(ours['accuracy'], ours['ci_low'], ours['ci_high'])} ({ours['images']} images)",
+                   ours["accuracy"], ours["ci_low"], ours["ci_high"],
+                   c.reproduces(value, ours["ci_low"], ours["ci_high"]), link, headline)

@@ -22,6 +22,9 @@
 # this preset*: the papers' headline numbers, which are measured only at paper scale (their dataset, models and
 # protocol), or a report this preset does not render. The numbers of this page and of the paper reports are
 # computed by the same functions (`diffrobust.claims` and the `claims` functions of `diffrobust.stages`).
+#
+# Where this code departs from the official code, and by how much: `docs/fidelity.md` in the project
+# ([on disk](../../../docs/fidelity.md) from this report's folder).
 
 # %% tags=["parameters"]
 preset = "mini"

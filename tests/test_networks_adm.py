@@ -62,11 +62,13 @@ def test_improved_diffusion_unet_reproduces_the_official_output(fixtures_dir):
     network.eval()
     assert reference["t"].is_floating_point()
 
-    with torch.no_grad():
-        out = network(reference["x"], reference["t"], reference["y"])
-
-    assert out.shape == (2, 6, 32, 32)
-    torch.testing.assert_close(out, reference["out"], atol=1e-5, rtol=0)
+    # The official steps, and the CPU fast path in both its layouts (this 32-channel network would pick standard).
+    for fast, channels_last in ((False, False), (True, False), (True, True)):
+        set_cpu_fast_path(network, fast).channels_last = channels_last
+        with torch.no_grad():
+            out = network(reference["x"], reference["t"], reference["y"])
+        assert out.shape == (2, 6, 32, 32)
+        torch.testing.assert_close(out, reference["out"], atol=1e-5, rtol=0)
 
 
 def test_guided_diffusion_unet_reproduces_the_official_output(fixtures_dir):
@@ -76,12 +78,13 @@ def test_guided_diffusion_unet_reproduces_the_official_output(fixtures_dir):
     network.load_state_dict(reference["state_dict"], strict=True)
     network.eval()
 
-    with torch.no_grad():
-        out = network(reference["x"], reference["t"].float(), reference["y"])
-        out_integer_t = network(reference["x"], reference["t"], reference["y"])
-
-    torch.testing.assert_close(out, reference["out"], atol=1e-5, rtol=0)
-    torch.testing.assert_close(out_integer_t, out, atol=0, rtol=0)
+    for fast, channels_last in ((False, False), (True, False), (True, True)):
+        set_cpu_fast_path(network, fast).channels_last = channels_last
+        with torch.no_grad():
+            out = network(reference["x"], reference["t"].float(), reference["y"])
+            out_integer_t = network(reference["x"], reference["t"], reference["y"])
+        torch.testing.assert_close(out, reference["out"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(out_integer_t, out, atol=0, rtol=0)
 
 
 def test_timestep_embedding_takes_real_valued_timesteps():
@@ -136,8 +139,11 @@ def test_nearest_upsampling_of_standard_layout_features_equals_interpolate():
     assert torch.equal(upsample(x.contiguous(memory_format=torch.channels_last)), expected)
 
 
-def test_the_cpu_fast_path_is_the_official_function():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_cpu_fast_path_is_the_official_function(channels_last):
     fast = small_unet()  # eval mode, on the CPU: the fast path
+    assert not fast.channels_last  # 32 channels: 1 per GroupNorm group
+    fast.channels_last = channels_last
     official = set_cpu_fast_path(small_unet(), False)
     assert fast.cpu_fast_path and not official.cpu_fast_path
     assert state_dict_manifest(fast) == state_dict_manifest(official)
@@ -154,6 +160,13 @@ def test_the_cpu_fast_path_is_the_official_function():
         network(x_in, t).square().sum().backward()
         grads.append(x_in.grad)
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+
+
+def test_the_fast_path_layout_follows_the_groupnorm_group_width():
+    with torch.device("meta"):
+        cifar10 = build_improved_diffusion_unet({"image_size": 32, "num_channels": 128, "num_res_blocks": 3})
+        guided = build_guided_diffusion_unet({"image_size": 256, "num_channels": 256, "num_head_channels": 64})
+    assert cifar10.channels_last and guided.channels_last and not small_unet().channels_last
 
 
 def test_train_mode_runs_the_official_steps_bit_for_bit():

@@ -132,11 +132,12 @@ def test_token_attention_is_the_official_attention_on_tokens(new_order, position
 
 
 def test_nearest_upsampling_of_standard_layout_features_equals_interpolate():
-    upsample = Upsample(4, use_conv=False)
+    upsample = Upsample(4, use_conv=False).eval()  # eval mode on the CPU: the fast path's broadcast copy
     x = torch.randn(2, 4, 3, 5)
     expected = torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")
     assert torch.equal(upsample(x), expected)
     assert torch.equal(upsample(x.contiguous(memory_format=torch.channels_last)), expected)
+    assert torch.equal(set_cpu_fast_path(upsample, False)(x), expected)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

@@ -199,6 +199,8 @@ class Upsample(nn.Module):
     For dims=3 only the inner two (spatial) dimensions are upsampled, as in the official code.
     """
 
+    cpu_fast_path = True  # see the module docstring; set per network with set_cpu_fast_path
+
     def __init__(self, channels, use_conv, dims=2, out_channels=None):
         super().__init__()
         self.channels = channels
@@ -211,10 +213,10 @@ class Upsample(nn.Module):
     def forward(self, x):
         if self.dims == 3:
             x = F.interpolate(x, (x.shape[2], x.shape[3] * 2, x.shape[4] * 2), mode="nearest")
-        elif self.dims == 2 and x.device.type == "cpu" and x.is_contiguous() and not x.requires_grad:
-            # Nearest 2x as one broadcast copy: bit for bit the values of F.interpolate, whose CPU kernel for this
-            # (standard) layout is ~10x slower than for channels-last. Not under autograd, where the backward's
-            # summation order could differ.
+        elif self.dims == 2 and _fast(self, x) and x.is_contiguous() and not x.requires_grad:
+            # Fast path, standard layout: nearest 2x as one broadcast copy, bit for bit the values of
+            # F.interpolate, whose CPU kernel for this layout is ~10x slower than for channels-last. Not under
+            # autograd, where the backward's summation order could differ.
             n, c, h, w = x.shape
             x = x[:, :, :, None, :, None].expand(n, c, h, 2, w, 2).reshape(n, c, 2 * h, 2 * w)
         else:
@@ -630,14 +632,14 @@ class ADMUNet(nn.Module):
     @property
     def cpu_fast_path(self):
         return all(module.cpu_fast_path for module in self.modules()
-                   if isinstance(module, (ResidualBlock, AttentionBlock)))
+                   if isinstance(module, (ResidualBlock, AttentionBlock, Upsample)))
 
 
 def set_cpu_fast_path(module, enabled):
     """Switch the CPU fast path (module docstring) of every ADMUNet in `module` (a network or a wrapper of one) on
     or off; returns `module`. Off: the official steps, bit-identical to the code before the fast path."""
     for block in module.modules():
-        if isinstance(block, (ResidualBlock, AttentionBlock)):
+        if isinstance(block, (ResidualBlock, AttentionBlock, Upsample)):
             block.cpu_fast_path = bool(enabled)
     return module
 

@@ -150,7 +150,7 @@ def test_matmul_probe_converts_its_best_time_to_gflops():
 
 @pytest.mark.parametrize("variant, tolerance", [
     ("float32", 0), ("inference_mode", 0), ("channels_last", 1e-5), ("bfloat16_autocast", 5e-2),
-    ("channels_last+bfloat16_autocast+inference_mode", 5e-2),
+    ("channels_last+bfloat16_autocast+inference_mode", 5e-2), ("official_steps", 1e-5),
 ])
 def test_variants_compute_the_float32_function(variant, tolerance):
     network = randomised(build_network(QUICK))
@@ -163,6 +163,15 @@ def test_variants_compute_the_float32_function(variant, tolerance):
     error = (output - reference).abs().max() / reference.abs().max()
     assert error <= tolerance
     assert not output.requires_grad
+
+
+def test_official_steps_switch_the_adm_fast_path_off_and_leave_other_networks_alone():
+    network = build_network(QUICK).eval()
+    assert network.cpu_fast_path and not bench.apply_variant(network, "official_steps").module.cpu_fast_path
+    wrn = build_network({"family": "robustbench_wrn", "config": {"depth": 10, "widen_factor": 1}}).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(bench.apply_variant(wrn, "official_steps")(x), wrn(x))
 
 
 def test_apply_variant_with_gradients_lets_attacks_differentiate():

@@ -15,7 +15,8 @@ For one network (by default the 52.5M-parameter improved-diffusion CIFAR-10 UNet
   variant) at the same thread count and batch size.
 
 A variant is `float32` (eval network, `torch.no_grad`) or a `+`-joined set of features applied on top of it:
-`inference_mode`, `channels_last`, `bfloat16_autocast`, `compile`. `apply_variant(network, name)` gives the
+`inference_mode`, `channels_last`, `bfloat16_autocast`, `compile`, `official_steps` (the ADM UNet without its CPU
+fast path: the "before" of that change, in the same run). `apply_variant(network, name)` gives the
 defenses the same configurations; `fastest_variant(results)` picks one from a benchmark's results.
 Timings on a shared CPU are noisy: compare ratios measured in the same run, not absolute numbers across runs.
 """
@@ -36,9 +37,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from diffrobust.allocator import freed_memory_kept
 from diffrobust.config import ConfigError, load_checkpoint_registry
 from diffrobust.networks import build_network
+from diffrobust.networks.adm import set_cpu_fast_path
 
 BASELINE_VARIANT = "float32"
-FEATURES = ("inference_mode", "channels_last", "bfloat16_autocast", "compile")
+FEATURES = ("inference_mode", "channels_last", "bfloat16_autocast", "compile", "official_steps")
 DEFAULT_VARIANTS = (BASELINE_VARIANT, "inference_mode", "channels_last", "bfloat16_autocast", "compile")
 DEFAULT_NETWORK = "improved_diffusion_cifar10_uncond"
 DEFAULT_BATCH_SIZES = (1, 4, 16)
@@ -117,13 +119,17 @@ def apply_variant(network, name, *, gradients=False):
     - `bfloat16_autocast`: under `torch.autocast("cpu", torch.bfloat16)`; floating outputs are cast back to the
       dtype of the first floating input, so callers keep getting float32;
     - `compile`: `torch.compile(network, dynamic=False)` (one specialised graph per input shape; the first call
-      at each shape compiles, which takes minutes for a large UNet on a small CPU).
+      at each shape compiles, which takes minutes for a large UNet on a small CPU);
+    - `official_steps`: every ADM UNet in `network` without its CPU fast path (`networks.adm.set_cpu_fast_path`):
+      the official steps and layout, which is what the network computed before that path; no effect on others.
 
     The train/eval mode is left as it is: put the network in eval mode first for deterministic outputs.
     """
     features = variant_features(name)
     if gradients and "inference_mode" in features:
         raise ConfigError("variant 'inference_mode' cannot be used with gradients=True")
+    if "official_steps" in features:
+        set_cpu_fast_path(network, False)
     if "channels_last" in features:
         network.to(memory_format=torch.channels_last)
     module = torch.compile(network, dynamic=False) if "compile" in features else network

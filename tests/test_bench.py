@@ -77,8 +77,9 @@ def test_flop_count_matches_a_hand_count_on_a_tiny_network():
 
 
 def layer_by_layer_flops(network, args):
-    """Independent count by forward hooks: Conv1d/Conv2d and Linear from their shapes, plus the two attention
-    products (each 2 * N * C * T^2 FLOPs for C channels over all heads at T positions)."""
+    """Independent count by forward hooks: Conv1d/Conv2d and Linear from their shapes, plus per attention block its
+    qkv and proj_out layers and the two attention products (each 2 * N * C * T^2 FLOPs for C channels over all heads
+    at T positions)."""
     total = 0
 
     def count_conv(module, inputs, output):
@@ -89,19 +90,27 @@ def layer_by_layer_flops(network, args):
         nonlocal total
         total += 2 * output.numel() * module.in_features
 
-    def count_attention_products(module, inputs, output):
+    def count_attention(module, inputs, output):
         nonlocal total
         batch, channels, *spatial = inputs[0].shape
-        total += 2 * (2 * batch * channels * math.prod(spatial) ** 2)
+        positions = math.prod(spatial)
+        total += 2 * (2 * batch * channels * positions ** 2)
+        # qkv and proj_out: kernel-1 Conv1d modules that the block applies as matrix products over its positions
+        for layer in (module.qkv, module.proj_out):
+            total += 2 * batch * positions * layer.out_channels * layer.in_channels
 
+    attention_layers = {id(layer) for module in network.modules() if isinstance(module, AttentionBlock)
+                        for layer in (module.qkv, module.proj_out)}
     hooks = []
     for module in network.modules():
+        if id(module) in attention_layers:
+            continue
         if isinstance(module, (nn.Conv1d, nn.Conv2d)):
             hooks.append(module.register_forward_hook(count_conv))
         elif isinstance(module, nn.Linear):
             hooks.append(module.register_forward_hook(count_linear))
         elif isinstance(module, AttentionBlock):
-            hooks.append(module.register_forward_hook(count_attention_products))
+            hooks.append(module.register_forward_hook(count_attention))
     with torch.no_grad():
         network(*args)
     for hook in hooks:
@@ -141,7 +150,7 @@ def test_matmul_probe_converts_its_best_time_to_gflops():
 
 @pytest.mark.parametrize("variant, tolerance", [
     ("float32", 0), ("inference_mode", 0), ("channels_last", 1e-5), ("bfloat16_autocast", 5e-2),
-    ("channels_last+bfloat16_autocast+inference_mode", 5e-2),
+    ("channels_last+bfloat16_autocast+inference_mode", 5e-2), ("official_steps", 1e-5),
 ])
 def test_variants_compute_the_float32_function(variant, tolerance):
     network = randomised(build_network(QUICK))
@@ -154,6 +163,15 @@ def test_variants_compute_the_float32_function(variant, tolerance):
     error = (output - reference).abs().max() / reference.abs().max()
     assert error <= tolerance
     assert not output.requires_grad
+
+
+def test_official_steps_switch_the_adm_fast_path_off_and_leave_other_networks_alone():
+    network = build_network(QUICK).eval()
+    assert network.cpu_fast_path and not bench.apply_variant(network, "official_steps").module.cpu_fast_path
+    wrn = build_network({"family": "robustbench_wrn", "config": {"depth": 10, "widen_factor": 1}}).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(bench.apply_variant(wrn, "official_steps")(x), wrn(x))
 
 
 def test_apply_variant_with_gradients_lets_attacks_differentiate():
@@ -227,11 +245,12 @@ def test_report_numbers_follow_from_its_own_timings(quick_report):
     network = build_network(QUICK).eval()
     assert report["flops_per_image"] == bench.flops_per_image(network, QUICK)
     assert report["parameters"] == sum(p.numel() for p in network.parameters())
-    peak = report["matmul_peak_gflops"]["float32"]
+    assert report["threads"] == [1] and set(report["matmul_peak_gflops"]) == {1}  # the module's one thread
+    peak = report["matmul_peak_gflops"][1]["float32"]
     rows = {(row["variant"], row["batch_size"]): row for row in report["rows"]}
     assert set(rows) == {(variant, size) for variant in EAGER_VARIANTS for size in (1, 2)}
     for (variant, batch_size), row in rows.items():
-        assert row["error"] is None
+        assert row["error"] is None and row["threads"] == 1
         assert row["min_batch_s"] <= row["median_batch_s"] <= row["max_batch_s"]
         assert row["images_per_s"] == pytest.approx(batch_size / row["median_batch_s"])
         assert row["gflops_per_s"] == pytest.approx(report["flops_per_image"] * row["images_per_s"] / 1e9)
@@ -240,22 +259,41 @@ def test_report_numbers_follow_from_its_own_timings(quick_report):
         assert row["speedup_vs_float32"] == pytest.approx(row["images_per_s"] / baseline)
     for batch_size in (1, 2):
         winner = max(EAGER_VARIANTS, key=lambda variant: rows[(variant, batch_size)]["images_per_s"])
-        assert report["fastest"][batch_size]["variant"] == winner == bench.fastest_variant(report, batch_size)
-    assert bench.fastest_variant(report) == report["fastest"][2]["variant"]  # default: the largest batch size
+        assert report["fastest"][1][batch_size]["variant"] == winner == bench.fastest_variant(report, batch_size)
+    assert bench.fastest_variant(report) == report["fastest"][1][2]["variant"]  # default: the largest batch size
+
+
+def test_each_thread_count_is_measured_against_its_own_matmul_peak():
+    torch.set_num_threads(3)  # the caller's setting, restored afterwards
+    report = bench.run_benchmark(QUICK, batch_sizes=(1,), variants=("float32",), warmup=1, repeats=1,
+                                 matmul_size=64, threads=(1, 2), log=lambda message: None)
+    assert torch.get_num_threads() == 3
+    torch.set_num_threads(1)
+    assert report["threads"] == [1, 2] and set(report["matmul_peak_gflops"]) == {1, 2}
+    assert [(row["threads"], row["variant"]) for row in report["rows"]] == [(1, "float32"), (2, "float32")]
+    for row in report["rows"]:
+        peak = report["matmul_peak_gflops"][row["threads"]]["float32"]
+        assert row["fraction_of_fp32_peak"] == pytest.approx(row["gflops_per_s"] / peak)
+        assert row["speedup_vs_float32"] == 1.0
+    assert set(report["fastest"]) == {1, 2}
+    table = bench.format_table(report)
+    assert "matmul peak at 1 thread(s)" in table and "matmul peak at 2 thread(s)" in table
+    assert "fastest at 2 thread(s), batch 1: float32" in table
 
 
 def test_table_prints_every_row_and_the_winners(quick_report):
     table = bench.format_table(quick_report)
     for row in quick_report["rows"]:
         line = next(line for line in table.splitlines()
-                    if line.split()[:2] == [row["variant"], str(row["batch_size"])])
+                    if line.split()[:3] == [str(row["threads"]), row["variant"], str(row["batch_size"])])
         assert f"{row['images_per_s']:.2f}" in line and f"{row['speedup_vs_float32']:.2f}x" in line
-    for batch_size, best in quick_report["fastest"].items():
-        assert f"fastest at batch {batch_size}: {best['variant']} ({best['images_per_s']:.2f} images/s" in table
+    for batch_size, best in quick_report["fastest"][1].items():
+        assert f"fastest at 1 thread(s), batch {batch_size}: {best['variant']} ({best['images_per_s']:.2f} images/s" \
+            in table
 
 
 def test_fastest_variant_ignores_failures_and_defaults_to_the_largest_batch():
-    rows = [dict.fromkeys(bench.ROW_FIELDS) | row for row in (
+    rows = [dict.fromkeys(bench.ROW_FIELDS) | {"threads": 1} | row for row in (
         {"variant": "float32", "batch_size": 1, "images_per_s": 2.0},
         {"variant": "channels_last", "batch_size": 1, "images_per_s": 3.0},
         {"variant": "compile", "batch_size": 1, "error": "RuntimeError: no compiler"},
@@ -264,6 +302,12 @@ def test_fastest_variant_ignores_failures_and_defaults_to_the_largest_batch():
     )]
     assert bench.fastest_variant(rows, batch_size=1) == "channels_last"
     assert bench.fastest_variant(rows) == "bfloat16_autocast"
+    two_threads = rows + [dict.fromkeys(bench.ROW_FIELDS) | {"threads": 2, "variant": "float32", "batch_size": 8,
+                                                              "images_per_s": 15.0}]
+    assert bench.fastest_variant(two_threads) == "float32"  # default: the largest thread count
+    assert bench.fastest_variant(two_threads, threads=1) == "bfloat16_autocast"
+    with pytest.raises(ValueError, match="thread count 4"):
+        bench.fastest_variant(two_threads, threads=4)
     with pytest.raises(ValueError, match="batch size 4"):
         bench.fastest_variant(rows, batch_size=4)
     with pytest.raises(ValueError, match="no successful"):
@@ -290,7 +334,7 @@ def test_a_failing_variant_is_reported_not_fatal(monkeypatch, fake_compile):
     assert rows["compile"]["error"] == "RuntimeError: inductor: no working C++ compiler"
     assert rows["compile"]["images_per_s"] is None and rows["float32"]["images_per_s"] > 0
     assert bench.fastest_variant(report) == "float32"
-    assert "compile                      1  FAILED: RuntimeError: inductor" in bench.format_table(report)
+    assert f"{1:>7}  {'compile':<24}{1:>6}  FAILED: RuntimeError: inductor" in bench.format_table(report)
 
 
 def test_command_line_quick_run_writes_json_and_csv(tmp_path, capsys):
@@ -300,9 +344,9 @@ def test_command_line_quick_run_writes_json_and_csv(tmp_path, capsys):
                               "--repeats", "1", "--matmul-size", "64", "--threads", "1",
                               "--out", str(tmp_path / "bench.json"), "--out", str(tmp_path / "bench.csv")])
     report = bench.run(args)
-    assert (report["threads"], torch.get_num_threads()) == (1, 2)
+    assert (report["threads"], torch.get_num_threads()) == ([1], 2)
     torch.set_num_threads(1)
-    assert "fastest at batch 1:" in capsys.readouterr().out
+    assert "fastest at 1 thread(s), batch 1:" in capsys.readouterr().out
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["rows"] == report["rows"] and saved["architecture"] == QUICK
     with open(tmp_path / "bench.csv") as handle:

@@ -80,6 +80,7 @@ def test_patched_adm_unet_is_the_unpatched_network_on_pixel_unshuffled_images():
     plain = models.build_adm_unet({**TINY_UNET["config"], "image_size": 4, "in_channels": 4,
                                    "attention_resolutions": "2", "learn_sigma": True})
     plain.load_state_dict(patched.state_dict())  # the same parameters, shape for shape
+    plain.eval()  # as `patched`: the same steps (train mode takes the official ones, eval mode the CPU fast path)
     x, t = inputs()
     y = torch.tensor([0, 2, 3])
     with torch.no_grad():

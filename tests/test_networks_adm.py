@@ -10,9 +10,13 @@ import yaml
 from diffrobust.networks import build_network
 from diffrobust.networks.adm import (
     ADMUNet,
+    Upsample,
     build_guided_diffusion_unet,
     build_improved_diffusion_unet,
+    qkv_attention,
+    set_cpu_fast_path,
     timestep_embedding,
+    token_attention,
 )
 
 
@@ -58,11 +62,13 @@ def test_improved_diffusion_unet_reproduces_the_official_output(fixtures_dir):
     network.eval()
     assert reference["t"].is_floating_point()
 
-    with torch.no_grad():
-        out = network(reference["x"], reference["t"], reference["y"])
-
-    assert out.shape == (2, 6, 32, 32)
-    torch.testing.assert_close(out, reference["out"], atol=1e-5, rtol=0)
+    # The official steps, and the CPU fast path in both its layouts (this 32-channel network would pick standard).
+    for fast, channels_last in ((False, False), (True, False), (True, True)):
+        set_cpu_fast_path(network, fast).channels_last = channels_last
+        with torch.no_grad():
+            out = network(reference["x"], reference["t"], reference["y"])
+        assert out.shape == (2, 6, 32, 32)
+        torch.testing.assert_close(out, reference["out"], atol=1e-5, rtol=0)
 
 
 def test_guided_diffusion_unet_reproduces_the_official_output(fixtures_dir):
@@ -72,12 +78,13 @@ def test_guided_diffusion_unet_reproduces_the_official_output(fixtures_dir):
     network.load_state_dict(reference["state_dict"], strict=True)
     network.eval()
 
-    with torch.no_grad():
-        out = network(reference["x"], reference["t"].float(), reference["y"])
-        out_integer_t = network(reference["x"], reference["t"], reference["y"])
-
-    torch.testing.assert_close(out, reference["out"], atol=1e-5, rtol=0)
-    torch.testing.assert_close(out_integer_t, out, atol=0, rtol=0)
+    for fast, channels_last in ((False, False), (True, False), (True, True)):
+        set_cpu_fast_path(network, fast).channels_last = channels_last
+        with torch.no_grad():
+            out = network(reference["x"], reference["t"].float(), reference["y"])
+            out_integer_t = network(reference["x"], reference["t"], reference["y"])
+        torch.testing.assert_close(out, reference["out"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(out_integer_t, out, atol=0, rtol=0)
 
 
 def test_timestep_embedding_takes_real_valued_timesteps():
@@ -112,6 +119,78 @@ def test_fractional_timesteps_interpolate_and_a_scalar_broadcasts():
         scalar = network(x, torch.tensor(300.5))
     torch.testing.assert_close(scalar, at[300.5], atol=0, rtol=0)
     assert not torch.equal(at[300.5], at[300.0]) and not torch.equal(at[300.5], at[301.0])
+
+
+@pytest.mark.parametrize("new_order", [False, True])
+@pytest.mark.parametrize("positions", [1, 7, 64])
+def test_token_attention_is_the_official_attention_on_tokens(new_order, positions):
+    torch.manual_seed(4)
+    qkv = torch.randn(3, 3 * 4 * 16, positions)  # 4 heads of 16 channels
+    reference = qkv_attention(qkv, 4, new_order)  # the official einsum form, [N, 3HC, T] -> [N, HC, T]
+    tokens = qkv.transpose(1, 2).contiguous()  # [N, T, 3HC], as the attention block's qkv layer gives them
+    torch.testing.assert_close(token_attention(tokens, 4, new_order).transpose(1, 2), reference, atol=1e-6, rtol=0)
+
+
+def test_nearest_upsampling_of_standard_layout_features_equals_interpolate():
+    upsample = Upsample(4, use_conv=False).eval()  # eval mode on the CPU: the fast path's broadcast copy
+    x = torch.randn(2, 4, 3, 5)
+    expected = torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")
+    assert torch.equal(upsample(x), expected)
+    assert torch.equal(upsample(x.contiguous(memory_format=torch.channels_last)), expected)
+    assert torch.equal(set_cpu_fast_path(upsample, False)(x), expected)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_cpu_fast_path_is_the_official_function(channels_last):
+    fast = small_unet()  # eval mode, on the CPU: the fast path
+    assert not fast.channels_last  # 32 channels: 1 per GroupNorm group
+    fast.channels_last = channels_last
+    official = set_cpu_fast_path(small_unet(), False)
+    assert fast.cpu_fast_path and not official.cpu_fast_path
+    assert state_dict_manifest(fast) == state_dict_manifest(official)
+    torch.manual_seed(5)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([10.0, 500.0])
+    with torch.no_grad():
+        out = fast(x, t)
+        torch.testing.assert_close(out, official(x, t), atol=1e-6, rtol=0)
+    assert out.is_contiguous()
+    # Gradients through the input (attacks): the fast steps out of place, the same values.
+    grads = []
+    for network in (fast, official):
+        x_in = x.clone().requires_grad_(True)
+        network(x_in, t).square().sum().backward()
+        grads.append(x_in.grad)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+
+
+def test_the_fast_path_layout_follows_the_groupnorm_group_width():
+    with torch.device("meta"):
+        cifar10 = build_improved_diffusion_unet({"image_size": 32, "num_channels": 128, "num_res_blocks": 3})
+        guided = build_guided_diffusion_unet({"image_size": 256, "num_channels": 256, "num_head_channels": 64})
+    assert cifar10.channels_last and guided.channels_last and not small_unet().channels_last
+
+
+def test_train_mode_runs_the_official_steps_bit_for_bit():
+    fast, official = small_unet().train(), set_cpu_fast_path(small_unet(), False).train()
+    torch.manual_seed(7)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([10.0, 500.0])
+    outputs = []
+    for network in (fast, official):
+        torch.manual_seed(8)  # dropout draws
+        outputs.append(network(x, t))
+    assert torch.equal(outputs[0], outputs[1])
+
+
+def test_in_place_steps_without_autograd_change_neither_the_input_nor_the_output():
+    network = small_unet(dropout=0.3)  # eval mode: dropout is the identity
+    torch.manual_seed(6)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([10.0, 500.0])
+    x_before = x.clone()
+    with torch.no_grad():
+        in_place = network(x, t)
+    assert torch.equal(x, x_before)
+    with_graph = network(x.clone().requires_grad_(True), t)  # every step out of place
+    torch.testing.assert_close(in_place, with_graph.detach(), atol=1e-6, rtol=0)
 
 
 def legacy_to_new_qkv_order(qkv, num_heads):

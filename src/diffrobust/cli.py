@@ -537,8 +537,10 @@ def build_parser(argv=None):
 
 
 def main(argv=None):
+    from diffrobust.allocator import keep_freed_memory
     from diffrobust.errors import DiffrobustError
 
+    keep_freed_memory()  # before the first tensor: freed activations are reused, not faulted in again
     args = build_parser(argv).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -5,15 +5,18 @@ For one network (by default the 52.5M-parameter improved-diffusion CIFAR-10 UNet
 - the FLOPs of one forward pass per image, counted by `torch.utils.flop_counter.FlopCounterMode` (convolutions,
   linear layers and matrix products: 2 FLOPs per multiply-add; normalisations, activations, softmax and resampling
   are not counted, so the count is the network's matrix work only);
-- a matrix-multiply peak (the best of square float32 `torch.mm` calls, and bfloat16 for reference) timed between
-  the network calls, so that achieved GFLOP/s can be read as a fraction of what this machine's BLAS reaches under
-  the same load;
-- images/s for each batch size and execution variant (after warm-up, the median over rounds that time every
-  variant once, so that load changes on a shared CPU hit all variants alike), the achieved GFLOP/s, its fraction
-  of the float32 matmul peak, and the speed-up over plain float32 (`float32` variant).
+- at each thread count (`torch.set_num_threads`; by default 1 and 2), a matrix-multiply peak (the best of square
+  float32 `torch.mm` calls, and bfloat16 for reference) timed between the network calls at that same thread count,
+  so that achieved GFLOP/s can be read as a fraction of what this machine's BLAS reaches with as many threads
+  under the same load;
+- images/s for each thread count, batch size and execution variant (after warm-up, the median over rounds that
+  time every variant once, so that load changes on a shared CPU hit all variants alike), the achieved GFLOP/s, its
+  fraction of the float32 matmul peak at the same thread count, and the speed-up over plain float32 (`float32`
+  variant) at the same thread count and batch size.
 
 A variant is `float32` (eval network, `torch.no_grad`) or a `+`-joined set of features applied on top of it:
-`inference_mode`, `channels_last`, `bfloat16_autocast`, `compile`. `apply_variant(network, name)` gives the
+`inference_mode`, `channels_last`, `bfloat16_autocast`, `compile`, `official_steps` (the ADM UNet without its CPU
+fast path: the "before" of that change, in the same run). `apply_variant(network, name)` gives the
 defenses the same configurations; `fastest_variant(results)` picks one from a benchmark's results.
 Timings on a shared CPU are noisy: compare ratios measured in the same run, not absolute numbers across runs.
 """
@@ -31,11 +34,13 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from diffrobust.allocator import freed_memory_kept
 from diffrobust.config import ConfigError, load_checkpoint_registry
 from diffrobust.networks import build_network
+from diffrobust.networks.adm import set_cpu_fast_path
 
 BASELINE_VARIANT = "float32"
-FEATURES = ("inference_mode", "channels_last", "bfloat16_autocast", "compile")
+FEATURES = ("inference_mode", "channels_last", "bfloat16_autocast", "compile", "official_steps")
 DEFAULT_VARIANTS = (BASELINE_VARIANT, "inference_mode", "channels_last", "bfloat16_autocast", "compile")
 DEFAULT_NETWORK = "improved_diffusion_cifar10_uncond"
 DEFAULT_BATCH_SIZES = (1, 4, 16)
@@ -51,12 +56,13 @@ QUICK_ARCHITECTURE = {
 }
 QUICK_SETTINGS = {"batch_sizes": (1, 2), "variants": (BASELINE_VARIANT, "inference_mode", "channels_last",
                                                       "bfloat16_autocast"),
-                  "warmup": 1, "repeats": 3, "matmul_size": 256, "threads": 1}
+                  "warmup": 1, "repeats": 3, "matmul_size": 256, "threads": (1,)}
+DEFAULT_THREADS = (1, 2)
 FULL_SETTINGS = {"batch_sizes": DEFAULT_BATCH_SIZES, "variants": DEFAULT_VARIANTS,
-                 "warmup": 2, "repeats": 5, "matmul_size": 2048, "threads": None}
+                 "warmup": 2, "repeats": 5, "matmul_size": 2048, "threads": DEFAULT_THREADS}
 
-# Row fields, in CSV column order.
-ROW_FIELDS = ("variant", "batch_size", "images_per_s", "median_batch_s", "min_batch_s", "max_batch_s",
+# Row fields, in CSV column order. fraction_of_fp32_peak: of the float32 matmul peak at the row's thread count.
+ROW_FIELDS = ("threads", "variant", "batch_size", "images_per_s", "median_batch_s", "min_batch_s", "max_batch_s",
               "first_call_s", "gflops_per_s", "fraction_of_fp32_peak", "speedup_vs_float32", "error")
 
 
@@ -113,13 +119,17 @@ def apply_variant(network, name, *, gradients=False):
     - `bfloat16_autocast`: under `torch.autocast("cpu", torch.bfloat16)`; floating outputs are cast back to the
       dtype of the first floating input, so callers keep getting float32;
     - `compile`: `torch.compile(network, dynamic=False)` (one specialised graph per input shape; the first call
-      at each shape compiles, which takes minutes for a large UNet on a small CPU).
+      at each shape compiles, which takes minutes for a large UNet on a small CPU);
+    - `official_steps`: every ADM UNet in `network` without its CPU fast path (`networks.adm.set_cpu_fast_path`):
+      the official steps and layout, which is what the network computed before that path; no effect on others.
 
     The train/eval mode is left as it is: put the network in eval mode first for deterministic outputs.
     """
     features = variant_features(name)
     if gradients and "inference_mode" in features:
         raise ConfigError("variant 'inference_mode' cannot be used with gradients=True")
+    if "official_steps" in features:
+        set_cpu_fast_path(network, False)
     if "channels_last" in features:
         network.to(memory_format=torch.channels_last)
     module = torch.compile(network, dynamic=False) if "compile" in features else network
@@ -292,7 +302,9 @@ def _error_text(error):
 
 
 def add_derived_columns(rows, flops, fp32_peak_gflops):
-    """Fill images/s, GFLOP/s, fraction of the fp32 matmul peak and speed-up over float32 from the timings."""
+    """Fill images/s, GFLOP/s, fraction of the fp32 matmul peak and speed-up over float32 from the timings.
+
+    `rows`: those of one thread count, `fp32_peak_gflops` the peak measured at that thread count."""
     succeeded = [row for row in rows if row["error"] is None]
     for row in succeeded:
         row["images_per_s"] = row["batch_size"] / row["median_batch_s"]
@@ -305,14 +317,16 @@ def add_derived_columns(rows, flops, fp32_peak_gflops):
     return rows
 
 
-def benchmark_batch_size(calls, args, batch_size, warmup, repeats, probes, log=print):
+def benchmark_batch_size(calls, args, batch_size, warmup, repeats, probes, log=print, threads=None):
     """Rows for one batch size: warm every variant up, then time them in interleaved rounds.
 
     Each round times each variant once (and each matmul probe once), so a change of load on a shared CPU hits all
     variants alike and their ratios stay meaningful; each variant's time is the median over rounds. A variant
     that raises gets an error row and drops out of the later rounds.
     """
-    rows = {variant: dict.fromkeys(ROW_FIELDS) | {"variant": variant, "batch_size": batch_size} for variant in calls}
+    threads = torch.get_num_threads() if threads is None else threads
+    rows = {variant: dict.fromkeys(ROW_FIELDS) | {"threads": threads, "variant": variant, "batch_size": batch_size}
+            for variant in calls}
     samples = {variant: [] for variant in calls}
 
     def attempt(variant):
@@ -321,7 +335,7 @@ def benchmark_batch_size(calls, args, batch_size, warmup, repeats, probes, log=p
             return seconds_of_call(calls[variant], args)
         except Exception as error:  # noqa: BLE001 - a failing variant is reported, not fatal
             rows[variant]["error"] = _error_text(error)
-            log(f"  {variant} batch {batch_size}: failed: {rows[variant]['error']}")
+            log(f"  {threads} thread(s) {variant} batch {batch_size}: failed: {rows[variant]['error']}")
             return None
 
     for variant in calls:
@@ -331,7 +345,7 @@ def benchmark_batch_size(calls, args, batch_size, warmup, repeats, probes, log=p
                 break
             if index == 0:
                 rows[variant]["first_call_s"] = seconds
-                log(f"  {variant} batch {batch_size}: first call {seconds:.2f} s")
+                log(f"  {threads} thread(s) {variant} batch {batch_size}: first call {seconds:.2f} s")
     order = list(calls)
     for round_index in range(repeats):
         for probe in probes:
@@ -348,24 +362,31 @@ def benchmark_batch_size(calls, args, batch_size, warmup, repeats, probes, log=p
             row["median_batch_s"] = statistics.median(samples[variant])
             # The spread shows how much the load moved during the rounds (max/min near 1: a quiet machine).
             row["min_batch_s"], row["max_batch_s"] = min(samples[variant]), max(samples[variant])
-            log(f"  {variant} batch {batch_size}: {batch_size / row['median_batch_s']:.2f} images/s")
+            images_per_s = batch_size / row["median_batch_s"]
+            log(f"  {threads} thread(s) {variant} batch {batch_size}: {images_per_s:.2f} images/s")
     return list(rows.values())
 
 
 def run_benchmark(network=DEFAULT_NETWORK, batch_sizes=DEFAULT_BATCH_SIZES, variants=DEFAULT_VARIANTS,
-                  warmup=2, repeats=5, matmul_size=2048, seed=0, log=print):
+                  warmup=2, repeats=5, matmul_size=2048, seed=0, threads=None, log=print):
     """Benchmark one network; returns a report dict (see `format_table`, `ROW_FIELDS`).
 
     `network`: a registry name or an architecture block (dict or JSON string). Each variant runs on its own copy
     of the same randomly initialised eval-mode network (all copies are alive at once: memory grows with the number
     of variants). A variant that fails (e.g. `compile` without a working C++ toolchain) becomes rows with its error
     instead of stopping the benchmark. `float32` is always measured, as the speed-ups' reference.
+
+    `threads`: the thread counts to measure at, one after the other (default: torch's current count only); at each,
+    `torch.set_num_threads` is set, the matmul peaks are measured afresh between that count's network calls, and
+    each row's fraction of peak is against the float32 peak of its own thread count. The caller's thread count is
+    restored at the end.
     """
     for variant in variants:
         variant_features(variant)  # reject typos before minutes of work
-    if repeats < 1 or not batch_sizes:
-        raise ConfigError(f"need at least one timed round and one batch size (repeats={repeats}, "
-                          f"batch_sizes={batch_sizes})")
+    threads = (torch.get_num_threads(),) if threads is None else tuple(dict.fromkeys(threads))
+    if repeats < 1 or not batch_sizes or not threads or min(threads) < 1:
+        raise ConfigError(f"need at least one timed round, one batch size and one thread count (repeats={repeats}, "
+                          f"batch_sizes={batch_sizes}, threads={threads})")
     variants = tuple(dict.fromkeys((BASELINE_VARIANT, *variants)))
     label, architecture = resolve_network(network)
     torch.manual_seed(seed)
@@ -373,7 +394,6 @@ def run_benchmark(network=DEFAULT_NETWORK, batch_sizes=DEFAULT_BATCH_SIZES, vari
     parameters = sum(p.numel() for p in base_network.parameters())
     flops = flops_per_image(base_network, architecture)
     log(f"network {label}: {parameters:,} parameters, {flops / 1e9:.3f} GFLOP per image")
-    probes = {dtype: MatmulProbe(matmul_size, getattr(torch, dtype)) for dtype in ("float32", "bfloat16")}
 
     calls, failed = {}, {}
     for variant in variants:
@@ -381,15 +401,26 @@ def run_benchmark(network=DEFAULT_NETWORK, batch_sizes=DEFAULT_BATCH_SIZES, vari
             calls[variant] = apply_variant(copy.deepcopy(base_network), variant)
         except Exception as error:  # noqa: BLE001
             failed[variant] = _error_text(error)
-    rows = []
-    for batch_size in batch_sizes:
-        torch.manual_seed(seed)
-        args = example_inputs(base_network, architecture, batch_size)
-        rows += benchmark_batch_size(calls, args, batch_size, warmup, repeats, probes.values(), log)
-        rows += [dict.fromkeys(ROW_FIELDS) | {"variant": variant, "batch_size": batch_size, "error": error}
-                 for variant, error in failed.items()]
-    peaks = {dtype: probe.best_gflops for dtype, probe in probes.items()}
-    add_derived_columns(rows, flops, peaks["float32"])
+    rows, peaks = [], {}
+    threads_before = torch.get_num_threads()
+    try:
+        for count in threads:
+            torch.set_num_threads(count)
+            probes = {dtype: MatmulProbe(matmul_size, getattr(torch, dtype)) for dtype in ("float32", "bfloat16")}
+            count_rows = []
+            for batch_size in batch_sizes:
+                torch.manual_seed(seed)
+                args = example_inputs(base_network, architecture, batch_size)
+                count_rows += benchmark_batch_size(calls, args, batch_size, warmup, repeats, probes.values(), log,
+                                                   threads=count)
+                count_rows += [dict.fromkeys(ROW_FIELDS) | {"threads": count, "variant": variant,
+                                                            "batch_size": batch_size, "error": error}
+                               for variant, error in failed.items()]
+            peaks[count] = {dtype: probe.best_gflops for dtype, probe in probes.items()}
+            add_derived_columns(count_rows, flops, peaks[count]["float32"])
+            rows += count_rows
+    finally:
+        torch.set_num_threads(threads_before)  # callers in the same process (tests) keep their setting
     return {
         "network": label,
         "architecture": architecture,
@@ -400,11 +431,12 @@ def run_benchmark(network=DEFAULT_NETWORK, batch_sizes=DEFAULT_BATCH_SIZES, vari
         "warmup": warmup,
         "repeats": repeats,
         "seed": seed,
-        "threads": torch.get_num_threads(),
+        "threads": list(threads),
+        "freed_memory_kept": freed_memory_kept(),
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
         "rows": rows,
-        "fastest": fastest_by_batch_size(rows),
+        "fastest": {count: fastest_by_batch_size(rows, count) for count in threads},
     }
 
 
@@ -416,20 +448,35 @@ def _rows(results):
     return results["rows"] if isinstance(results, dict) else results
 
 
-def fastest_by_batch_size(results):
-    """{batch_size: {"variant", "images_per_s", "speedup_vs_float32"}} of the fastest successful variant."""
+def _thread_count(results, threads):
+    """`threads`, or by default the largest thread count among the rows (the count a multi-core job runs at)."""
+    counts = {row["threads"] for row in _rows(results)}
+    if threads is None:
+        return max(counts) if counts else None
+    if threads not in counts:
+        raise ValueError(f"thread count {threads} was not measured (measured: {sorted(counts)})")
+    return threads
+
+
+def fastest_by_batch_size(results, threads=None):
+    """{batch_size: {"variant", "images_per_s", "speedup_vs_float32"}} of the fastest successful variant at
+    `threads` (default: the largest thread count measured)."""
+    threads = _thread_count(results, threads)
     best = {}
     for row in _rows(results):
+        if row["threads"] != threads:
+            continue
         if row["error"] is None and (row["batch_size"] not in best
                                      or row["images_per_s"] > best[row["batch_size"]]["images_per_s"]):
             best[row["batch_size"]] = {key: row[key] for key in ("variant", "images_per_s", "speedup_vs_float32")}
     return dict(sorted(best.items()))
 
 
-def fastest_variant(results, batch_size=None):
+def fastest_variant(results, batch_size=None, threads=None):
     """Name of the variant with the most images/s at `batch_size` (default: the largest batch size measured,
-    the regime of defenses that batch many noise draws). `results`: a report or its rows. Failed rows never win."""
-    best = fastest_by_batch_size(results)
+    the regime of defenses that batch many noise draws) and `threads` (default: the largest thread count measured).
+    `results`: a report or its rows. Failed rows never win."""
+    best = fastest_by_batch_size(results, threads)
     if not best:
         raise ValueError("no successful benchmark rows")
     if batch_size is None:
@@ -444,30 +491,36 @@ def _fmt(value, spec):
 
 
 def format_table(report):
-    """The report as plain text: header, one line per (variant, batch size), the fastest variant per batch size."""
-    peak = report["matmul_peak_gflops"]
+    """The report as plain text: header, the peaks, one line per (threads, variant, batch size), the winners."""
     lines = [
         f"network: {report['network']} ({report['parameters']:,} parameters, "
         f"{report['flops_per_image'] / 1e9:.3f} GFLOP per image forward, 2 FLOP per multiply-add)",
-        f"matmul peak ({report['matmul_size']}^3, best round): float32 {peak['float32']:.1f} GFLOP/s, "
-        f"bfloat16 {peak['bfloat16']:.1f} GFLOP/s; torch {report['torch']}, threads={report['threads']}; "
-        f"median of {report['repeats']} interleaved rounds after {report['warmup']} warm-up call(s)",
+        f"torch {report['torch']}; median of {report['repeats']} interleaved rounds after {report['warmup']} "
+        f"warm-up call(s); freed memory kept for reuse: {'yes' if report.get('freed_memory_kept') else 'no'}",
+    ]
+    for threads, peak in report["matmul_peak_gflops"].items():
+        lines.append(f"matmul peak at {threads} thread(s) ({report['matmul_size']}^3, best round): float32 "
+                     f"{peak['float32']:.1f} GFLOP/s, bfloat16 {peak['bfloat16']:.1f} GFLOP/s")
+    lines += [
+        "'of fp32 peak': of the float32 matmul peak at the same thread count",
         "",
-        f"{'variant':<24}{'batch':>6}{'images/s':>11}{'GFLOP/s':>10}{'of fp32 peak':>14}{'vs float32':>12}"
-        f"{'first call s':>14}{'max/min':>9}",
+        f"{'threads':>7}  {'variant':<24}{'batch':>6}{'images/s':>11}{'GFLOP/s':>10}{'of fp32 peak':>14}"
+        f"{'vs float32':>12}{'first call s':>14}{'max/min':>9}",
     ]
     for row in report["rows"]:
         if row["error"] is not None:
-            lines.append(f"{row['variant']:<24}{row['batch_size']:>6}  FAILED: {row['error']}")
+            lines.append(f"{row['threads']:>7}  {row['variant']:<24}{row['batch_size']:>6}  FAILED: {row['error']}")
             continue
         lines.append(
-            f"{row['variant']:<24}{row['batch_size']:>6}{row['images_per_s']:>11.2f}{row['gflops_per_s']:>10.1f}"
-            f"{_fmt(row['fraction_of_fp32_peak'], '.1%'):>14}{_fmt(row['speedup_vs_float32'], '.2f') + 'x':>12}"
+            f"{row['threads']:>7}  {row['variant']:<24}{row['batch_size']:>6}{row['images_per_s']:>11.2f}"
+            f"{row['gflops_per_s']:>10.1f}{_fmt(row['fraction_of_fp32_peak'], '.1%'):>14}"
+            f"{_fmt(row['speedup_vs_float32'], '.2f') + 'x':>12}"
             f"{row['first_call_s']:>14.2f}{row['max_batch_s'] / row['min_batch_s']:>9.2f}")
     lines.append("")
-    for batch_size, best in report["fastest"].items():
-        lines.append(f"fastest at batch {batch_size}: {best['variant']} ({best['images_per_s']:.2f} images/s, "
-                     f"{_fmt(best['speedup_vs_float32'], '.2f')}x float32)")
+    for threads, fastest in report["fastest"].items():
+        for batch_size, best in fastest.items():
+            lines.append(f"fastest at {threads} thread(s), batch {batch_size}: {best['variant']} "
+                         f"({best['images_per_s']:.2f} images/s, {_fmt(best['speedup_vs_float32'], '.2f')}x float32)")
     return "\n".join(lines)
 
 
@@ -516,7 +569,9 @@ def add_arguments(parser):
     parser.add_argument("--warmup", type=int, help="untimed calls per batch size (default 2, quick 1)")
     parser.add_argument("--repeats", type=int, help="timed calls per batch size, median taken (default 5, quick 3)")
     parser.add_argument("--matmul-size", type=int, help="n of the n^3 peak matmul (default 2048, quick 256)")
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice; quick: 1)")
+    parser.add_argument("--threads", type=_int_list,
+                        help="comma-separated thread counts, each measured in turn with its own matmul peak "
+                             "(torch.set_num_threads; default 1,2; quick: 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny network and sizes: finishes in seconds")
     parser.add_argument("--out", action="append", default=[], help="write the report (.json or .csv; repeatable)")
@@ -532,15 +587,9 @@ def run(args):
         value = getattr(args, name)
         return settings[name] if value is None else value
 
-    threads_before = torch.get_num_threads()
-    if pick("threads"):
-        torch.set_num_threads(pick("threads"))
-    try:
-        report = run_benchmark(network, batch_sizes=pick("batch_sizes"), variants=pick("variants"),
-                               warmup=pick("warmup"), repeats=pick("repeats"), matmul_size=pick("matmul_size"),
-                               seed=args.seed)
-    finally:
-        torch.set_num_threads(threads_before)  # callers in the same process (tests) keep their setting
+    report = run_benchmark(network, batch_sizes=pick("batch_sizes"), variants=pick("variants"),
+                           warmup=pick("warmup"), repeats=pick("repeats"), matmul_size=pick("matmul_size"),
+                           seed=args.seed, threads=pick("threads"))
     print(format_table(report))
     for path in args.out:
         write_report(report, path)

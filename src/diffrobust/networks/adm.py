@@ -14,6 +14,16 @@ serves both; the two builders differ only in which flags they accept and how the
 `build_improved_diffusion_unet(flags)` and `build_guided_diffusion_unet(flags)` take the official scripts' flag
 dicts (`model_and_diffusion_defaults()` style, diffusion-only flags allowed and ignored) and derive the UNet's
 arguments exactly as the official `script_util.create_model` does.
+
+The CPU fast path (`cpu_fast_path`, on by default): an ADMUNet in eval mode whose input is on the CPU computes the
+same function by faster steps (README "Benchmarks"; outputs within ~1e-6 of the official steps'): 2-D activations
+in channels-last memory format (`ADMUNet.channels_last`), where oneDNN's convolutions reach the matrix-multiply
+peak and no activation changes layout; attention on [N, positions, channels] tokens, with qkv and proj_out
+(kernel-1 convolutions in the state dict) as matrix products and the heads through `scaled_dot_product_attention`;
+the scale-shift norm as one `addcmul`; SiLUs and residual additions in place whenever no autograd graph goes
+through them. Gradients flow through it (attacks). In train mode, on other devices, or after
+`set_cpu_fast_path(network, False)`, the network runs the official steps in the official layout, so that training
+is bit-identical to the code before the fast path.
 """
 
 import math
@@ -126,6 +136,23 @@ class GroupNorm32(nn.GroupNorm):
         return super().forward(x.float()).type(x.dtype)
 
 
+def _fast(module, x):
+    """Whether `module` (a block with a `cpu_fast_path` attribute) takes the CPU fast path for input `x`."""
+    return module.cpu_fast_path and not module.training and x.device.type == "cpu"
+
+
+def _silu(x):
+    """SiLU, in place when no autograd graph goes through `x` (a fresh intermediate: nothing else holds it)."""
+    return F.silu(x, inplace=not x.requires_grad)
+
+
+def _add(x, y):
+    """x + y, written into `x` (a fresh intermediate) when no autograd graph goes through either."""
+    if x.requires_grad or y.requires_grad:
+        return x + y
+    return x.add_(y)
+
+
 def conv_nd(dims, *args, **kwargs):
     """Conv1d/Conv2d/Conv3d by number of spatial dimensions."""
     convs = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -172,6 +199,8 @@ class Upsample(nn.Module):
     For dims=3 only the inner two (spatial) dimensions are upsampled, as in the official code.
     """
 
+    cpu_fast_path = True  # see the module docstring; set per network with set_cpu_fast_path
+
     def __init__(self, channels, use_conv, dims=2, out_channels=None):
         super().__init__()
         self.channels = channels
@@ -184,6 +213,12 @@ class Upsample(nn.Module):
     def forward(self, x):
         if self.dims == 3:
             x = F.interpolate(x, (x.shape[2], x.shape[3] * 2, x.shape[4] * 2), mode="nearest")
+        elif self.dims == 2 and _fast(self, x) and x.is_contiguous() and not x.requires_grad:
+            # Fast path, standard layout: nearest 2x as one broadcast copy, bit for bit the values of
+            # F.interpolate, whose CPU kernel for this layout is ~10x slower than for channels-last. Not under
+            # autograd, where the backward's summation order could differ.
+            n, c, h, w = x.shape
+            x = x[:, :, :, None, :, None].expand(n, c, h, 2, w, 2).reshape(n, c, 2 * h, 2 * w)
         else:
             x = F.interpolate(x, scale_factor=2, mode="nearest")
         return self.conv(x) if self.use_conv else x
@@ -219,6 +254,8 @@ class ResidualBlock(TimestepConditioned):
     between the first activation and the first convolution, the skip path resampled likewise, both without
     parameters, so the keys are those of a plain block.
     """
+
+    cpu_fast_path = True  # see the module docstring; set per network with set_cpu_fast_path
 
     def __init__(self, channels, emb_channels, dropout, out_channels=None, use_scale_shift_norm=False,
                  dims=2, use_checkpoint=False, up=False, down=False):
@@ -262,6 +299,8 @@ class ResidualBlock(TimestepConditioned):
         return self._forward(x, emb)
 
     def _forward(self, x, emb):
+        if _fast(self, x):
+            return self._fast_forward(x, emb)
         if self.resamples:
             norm_and_activation, conv = self.in_layers[:-1], self.in_layers[-1]
             h = conv(self.resample_features(norm_and_activation(x)))
@@ -277,6 +316,26 @@ class ResidualBlock(TimestepConditioned):
         else:
             h = self.out_layers(h + emb_out)
         return self.skip_connection(x) + h
+
+    def _fast_forward(self, x, emb):
+        """`_forward`'s steps one by one (no Sequential calls): SiLUs and the skip addition in place when no
+        autograd graph goes through them, the scale-shift as one addcmul."""
+        norm, _, conv = self.in_layers
+        h = _silu(norm(x))
+        if self.resamples:
+            h = self.resample_features(h)
+            x = self.resample_skip(x)
+        h = conv(h)
+        emb_out = self.emb_layers(emb).type(h.dtype)
+        emb_out = emb_out.reshape(*emb_out.shape, *([1] * (h.dim() - emb_out.dim())))
+        norm, _, dropout, conv = self.out_layers
+        if self.use_scale_shift_norm:
+            scale, shift = torch.chunk(emb_out, 2, dim=1)
+            h = torch.addcmul(shift, norm(h), 1 + scale)  # norm(h) * (1 + scale) + shift
+        else:
+            h = norm(_add(h, emb_out))
+        h = conv(dropout(_silu(h)))
+        return _add(h, self.skip_connection(x))  # skip + h: a sum of two terms does not depend on their order
 
 
 def qkv_attention(qkv, num_heads, new_order):
@@ -302,12 +361,32 @@ def qkv_attention(qkv, num_heads, new_order):
     return attended.reshape(batch, -1, length)
 
 
+def token_attention(qkv, num_heads, new_order):
+    """`qkv_attention` on tokens: [N, T, 3*H*C] -> [N, T, H*C], the channel layouts as there.
+
+    Each head's q, k and v are strided views of `qkv` (no copies), attended by `scaled_dot_product_attention`
+    (on the CPU a fused kernel that never stores the T x T weights and accumulates the softmax in float32). Its
+    scale C**-0.5 on q.k is the official C**-0.25 on q and on k, applied once.
+    """
+    batch, length, width = qkv.shape
+    head_channels = width // (3 * num_heads)
+    if new_order:
+        per_head = qkv.view(batch, length, 3, num_heads, head_channels).permute(2, 0, 3, 1, 4)
+    else:
+        per_head = qkv.view(batch, length, num_heads, 3, head_channels).permute(3, 0, 2, 1, 4)
+    q, k, v = per_head.unbind(0)  # each [N, H, T, C]
+    attended = F.scaled_dot_product_attention(q, k, v)  # [N, H, T, C]
+    return attended.transpose(1, 2).reshape(batch, length, num_heads * head_channels)
+
+
 class AttentionBlock(nn.Module):
     """Self-attention over all spatial positions with a residual connection (`norm`, `qkv`, `proj_out`).
 
     The number of heads is `num_heads`, or channels // num_head_channels when num_head_channels != -1
     (guided-diffusion's 256x256 model uses 64 channels per head).
     """
+
+    cpu_fast_path = True  # see the module docstring; set per network with set_cpu_fast_path
 
     def __init__(self, channels, num_heads=1, num_head_channels=-1, use_checkpoint=False,
                  use_new_attention_order=False):
@@ -336,11 +415,29 @@ class AttentionBlock(nn.Module):
         return self._forward(x)
 
     def _forward(self, x):
+        if _fast(self, x):
+            return self._fast_forward(x)
         batch, channels, *spatial = x.shape
         x = x.reshape(batch, channels, -1)
         h = qkv_attention(self.qkv(self.norm(x)), self.num_heads, self.use_new_attention_order)
         h = self.proj_out(h)
         return (x + h).reshape(batch, channels, *spatial)
+
+    def _fast_forward(self, x):
+        """`_forward` on [N, T, C] tokens (a view of channels-last features, a copy of others): qkv and proj_out
+        as matrix products over all positions at once, `token_attention` between them. Returns channels-last
+        features for channels-last input, standard contiguous ones for others."""
+        batch, channels, *spatial = x.shape
+
+        def tokens(features):
+            return features.movedim(1, -1).reshape(batch, -1, channels)
+
+        qkv = F.linear(tokens(self.norm(x)), self.qkv.weight[:, :, 0], self.qkv.bias)
+        h = token_attention(qkv, self.num_heads, self.use_new_attention_order)
+        h = F.linear(h, self.proj_out.weight[:, :, 0], self.proj_out.bias)
+        h = _add(h, tokens(x))  # the official x + h
+        h = h.reshape(batch, *spatial, channels).movedim(-1, 1)  # channels-last strides
+        return h if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) else h.contiguous()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -374,6 +471,11 @@ class ADMUNet(nn.Module):
         patches stacked into channels (pixel-unshuffle in, pixel-shuffle out), so every level runs at 1/p of the
         image resolution. It cuts the cost of the mini preset's CPU training about 3x; in_channels, out_channels
         and image_size still describe the image.
+
+    `cpu_fast_path` (not an argument, True unless set with `set_cpu_fast_path`): in eval mode on the CPU, the fast
+    steps of the module docstring; the state dict, the parameters' layout and the function are those of the
+    official network either way. Inputs and outputs are standard contiguous tensors. Attribute `channels_last`
+    (set from the widths; may be changed): whether the fast path keeps 2-D activations channels-last.
     """
 
     def __init__(self, in_channels, model_channels, out_channels, num_res_blocks, attention_resolutions,
@@ -407,6 +509,9 @@ class ADMUNet(nn.Module):
         self.resblock_updown = resblock_updown
         self.use_new_attention_order = use_new_attention_order
         self.patch_size = patch_size
+        # Fast path's layout: channels-last where every GroupNorm group has at least 4 channels; with fewer (the
+        # mini preset's 32-channel UNet), PyTorch's channels-last GroupNorm costs more than the convolutions gain.
+        self.channels_last = dims == 2 and int(min(self.channel_mult) * model_channels) // 32 >= 4
         patch_pixels = patch_size * patch_size
 
         time_embed_dim = model_channels * 4
@@ -501,21 +606,42 @@ class ADMUNet(nn.Module):
             emb = emb + self.label_emb(y)
 
         skips = []
+        fast = _fast(self, x)
         h = x.type(self.time_embed[0].weight.dtype)
         if self.patch_size > 1:
             h = F.pixel_unshuffle(h, self.patch_size)
+        if fast and self.channels_last:
+            h = h.contiguous(memory_format=torch.channels_last)  # the blocks keep this layout
         for block in self.input_blocks:
             h = block(h, emb)
             skips.append(h)
         h = self.middle_block(h, emb)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
-        out = self.out(h.type(x.dtype))
+        if fast:
+            norm, _, conv = self.out
+            out = conv(_silu(norm(h.type(x.dtype))))
+        else:
+            out = self.out(h.type(x.dtype))
         if self.patch_size > 1:
             # output channel c*p*p + k is pixel k of the patch of image channel c: heads and the learned-sigma
             # halves stay in the image channel order
             out = F.pixel_shuffle(out, self.patch_size)
-        return out
+        return out.contiguous() if fast else out
+
+    @property
+    def cpu_fast_path(self):
+        return all(module.cpu_fast_path for module in self.modules()
+                   if isinstance(module, (ResidualBlock, AttentionBlock, Upsample)))
+
+
+def set_cpu_fast_path(module, enabled):
+    """Switch the CPU fast path (module docstring) of every ADMUNet in `module` (a network or a wrapper of one) on
+    or off; returns `module`. Off: the official steps, bit-identical to the code before the fast path."""
+    for block in module.modules():
+        if isinstance(block, (ResidualBlock, AttentionBlock, Upsample)):
+            block.cpu_fast_path = bool(enabled)
+    return module
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -249,6 +249,32 @@ def test_architectures_are_built_when_the_config_is_checked(block, fragments):
         assert fragment in message
 
 
+def test_checked_architectures_are_remembered_and_not_built_again(tmp_path, monkeypatch):
+    import diffrobust.models
+
+    checked = tmp_path / "checked.json"
+    builds = []
+    real_build = diffrobust.models.build_architecture
+    monkeypatch.setattr(diffrobust.models, "build_architecture", lambda a: builds.append(a) or real_build(a))
+    base = [ConfigSource("config/config.yaml", {"preset": "mini"})]
+    resolve_config(base, checked_architectures=checked)
+    assert len(builds) == 2 and len(json.loads(checked.read_text())["checked"]) == 2  # diffusion and classifier
+    resolve_config(base, checked_architectures=checked)
+    assert len(builds) == 2  # both remembered: nothing built, no torch needed
+    # a changed architecture is built (and remembered); a refused one still fails with the cache warm
+    resolve_config([*base, command_line("models={classifier: {architecture: {config: {depth: 14}}}}")],
+                   checked_architectures=checked)
+    assert len(builds) == 3 and len(json.loads(checked.read_text())["checked"]) == 3
+    with pytest.raises(ConfigError, match="6n\\+2"):
+        resolve_config([*base, command_line("models={classifier: {architecture: {config: {depth: 10}}}}")],
+                       checked_architectures=checked)
+    assert len(json.loads(checked.read_text())["checked"]) == 3
+    # a change to the builders' code forgets every earlier check
+    monkeypatch.setattr("diffrobust.config.builder_digest", lambda: "other code")
+    resolve_config(base, checked_architectures=checked)
+    assert len(builds) == 6
+
+
 def test_a_partial_architecture_override_changes_one_key_of_the_default_network():
     config = resolve(command_line("models={classifier: {architecture: {config: {depth: 14}}}}")).config
     assert config["models"]["classifier"]["architecture"] == {"family": "small_resnet",

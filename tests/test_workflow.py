@@ -65,6 +65,16 @@ def test_lint(repo_copy):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_a_dry_run_with_an_unchanged_config_does_not_import_torch(repo_copy):
+    # the first DAG build checks the networks on the meta device (torch); later ones remember them (issue 14)
+    snakemake(repo_copy, "-n")
+    assert (repo_copy / ".snakemake/diffrobust/checked-architectures.json").is_file()
+    result = run([sys.executable, "-X", "importtime", "-m", "snakemake", "--cores", "2", "-n"], repo_copy)
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert "diffrobust.config" in imported and "diffrobust.stages.plan" in imported
+    assert "torch" not in imported and not any(name.startswith("diffrobust.stages.densepure") for name in imported)
+
+
 @pytest.mark.parametrize("preset, jobs", [
     # smoke: 1 sigma x 2 methods x 2 shards; merges: DDS 1 vote, DensePure the 1- and 3-vote ablation
     ("smoke", {"prepare_dataset": 1, "train_diffusion": 1, "finetune_multihead": 1, "train_classifier": 1,

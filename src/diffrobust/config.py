@@ -14,8 +14,11 @@ names the key, the source its value came from, what is allowed and how to fix it
 
 import copy
 import difflib
+import hashlib
+import json
 import logging
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -459,10 +462,47 @@ def dataset_shape(config):
     return 3, config["datasets"]["imagenet"]["image_size"], 1000
 
 
-def architecture_problems(config, origins):
+# The code a meta-device build runs: a change to any of these files invalidates the architectures checked before.
+BUILDER_SOURCES = ("models.py", "training.py", "networks")
+
+
+def builder_digest():
+    """sha256 over the source files of the network builders (a few hundred kB of text; no import)."""
+    package = Path(__file__).resolve().parent
+    files = []
+    for name in BUILDER_SOURCES:
+        target = package / name
+        files += sorted(target.glob("*.py")) if target.is_dir() else [target]
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _checked_architectures(path):
+    try:
+        return set(json.loads(Path(path).read_text())["checked"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+
+
+def _remember_architectures(path, keys):
+    """Add `keys` to the file of checked architectures (written whole to a temporary file, then renamed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps({"checked": sorted(_checked_architectures(path) | set(keys))}, indent=0))
+    os.replace(temporary, path)
+
+
+def architecture_problems(config, origins, checked=None):
     """Build every network the DAG trains, with the keys the dataset fills in, on PyTorch's meta device (no memory):
     what the family's builder refuses (depth 6n+2, an attention resolution that no level has, a patch size that does
-    not divide the image) stops the DAG build instead of the training job."""
+    not divide the image) stops the DAG build instead of the training job.
+
+    `checked`: a JSON file that remembers the architectures built here without a problem, keyed by the architecture,
+    the data's shape and `builder_digest()`; those are not built again, so an unchanged config costs no torch import
+    and a no-op run or a dry run stays fast."""
     models = config["models"]
     # the adversarial baseline trains the classifier's architecture
     trained = {role: models[role]["source"] == "train" for role in ("diffusion", "classifier")}
@@ -470,13 +510,24 @@ def architecture_problems(config, origins):
     roles = [role for role in ("diffusion", "classifier") if trained[role]]
     if not roles:
         return []
+    shape = dataset_shape(config)
+    keys = {}
+    if checked is not None:
+        code = builder_digest()
+        known = _checked_architectures(checked)
+        for role in roles:
+            identity = json.dumps([role, models[role]["architecture"], shape, code], sort_keys=True, default=str)
+            keys[role] = hashlib.sha256(identity.encode()).hexdigest()
+        roles = [role for role in roles if keys[role] not in known]
+        if not roles:
+            return []
     import torch
 
     from diffrobust.models import build_architecture
     from diffrobust.training import conditional_unet_architecture
 
-    channels, size, classes = dataset_shape(config)
-    problems = []
+    channels, size, classes = shape
+    problems, built = [], []
     for role in roles:
         architecture = models[role]["architecture"]
         try:
@@ -493,6 +544,10 @@ def architecture_problems(config, origins):
             problems.append(f"config key '{dotted(path)}' ({origins.of(path)}): the {architecture.get('family')} "
                             f"builder refuses it for the {config['dataset']} data ({channels} x {size} x {size}, "
                             f"{classes} classes): {error}")
+        else:
+            built.append(role)
+    if checked is not None and built:
+        _remember_architectures(checked, [keys[role] for role in built])
     return problems
 
 
@@ -631,8 +686,9 @@ def _preset_source(sources, presets_dir):
     return ConfigSource(name, source.values)
 
 
-def resolve_config(sources, presets_dir=PRESETS_DIR, schema_path=CONFIG_SCHEMA):
-    """Merge the chosen preset with the sources (lowest priority first), type, fill, check; a ResolvedConfig."""
+def resolve_config(sources, presets_dir=PRESETS_DIR, schema_path=CONFIG_SCHEMA, checked_architectures=None):
+    """Merge the chosen preset with the sources (lowest priority first), type, fill, check; a ResolvedConfig.
+    `checked_architectures`: the file of architectures built before (architecture_problems)."""
     schema = read_yaml(schema_path)
     sources = [ConfigSource(s.name, read_text_values(s.values, schema), False) if s.as_text else s for s in sources]
     sources = [_preset_source(sources, presets_dir), *sources]
@@ -651,7 +707,7 @@ def resolve_config(sources, presets_dir=PRESETS_DIR, schema_path=CONFIG_SCHEMA):
     check_paths(merged, origins)
     registry = load_checkpoint_registry()
     check_consistency(merged, registry, origins)
-    raise_problems(architecture_problems(merged, origins))
+    raise_problems(architecture_problems(merged, origins, checked_architectures))
     return ResolvedConfig(merged, notes)
 
 

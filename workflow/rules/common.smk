@@ -17,6 +17,7 @@ from snakemake.logging import logger
 
 from diffrobust.config import (ConfigError, checkpoint_files, eval_split_size, load_checkpoint_registry,
                                resolve_config, workflow_sources)
+from diffrobust.stages import plan
 
 
 def config_sources():
@@ -28,8 +29,12 @@ def config_sources():
     return workflow_sources(directive_files, settings.configfiles, settings.config, settings.replace_workflow_config)
 
 
+# Architectures built on the meta device at an earlier DAG build (config.architecture_problems): not built again,
+# so a no-op run or a dry run does not import torch.
+CHECKED_ARCHITECTURES = ".snakemake/diffrobust/checked-architectures.json"
+
 try:
-    RESOLVED = resolve_config(config_sources())
+    RESOLVED = resolve_config(config_sources(), checked_architectures=CHECKED_ARCHITECTURES)
     REGISTRY = load_checkpoint_registry()
 except ConfigError as error:
     raise WorkflowError(f"Configuration error:\n{error}") from None
@@ -248,9 +253,8 @@ SIGMAS = [str(sigma) for sigma in DENSEPURE["sigmas"]]
 
 
 def densepure_shards():
-    from diffrobust.stages.densepure import num_shards
-
-    return list(range(num_shards(CFG["subsets"]["densepure"], eval_split_size(CFG), DENSEPURE["shard_size"])))
+    return list(range(plan.num_shards(CFG["subsets"]["densepure"], eval_split_size(CFG), DENSEPURE["shard_size"],
+                                      name="densepure")))
 
 
 def certify_threads(wildcards):
@@ -316,16 +320,12 @@ def diffpure_models():
 
 def stage_model_files(stage, role, threat):
     """Files a job at `threat` loads for a stage's `role`."""
-    from diffrobust.stages.robustness import threat_source
-
-    source = threat_source(stage_models(stage)[role], threat)
+    source = plan.threat_source(stage_models(stage)[role], threat)
     return [source] if source.endswith(".pt") else registry_files(source)
 
 
 def stage_shards(stage):
-    from diffrobust.stages.robustness import num_shards
-
-    return list(range(num_shards(CFG["subsets"][stage], eval_split_size(CFG), CFG[stage]["shard_size"])))
+    return list(range(plan.num_shards(CFG["subsets"][stage], eval_split_size(CFG), CFG[stage]["shard_size"])))
 
 
 def diffpure_shards():
@@ -333,17 +333,13 @@ def diffpure_shards():
 
 
 def stage_defense_attacks(stage, defense):
-    from importlib import import_module
-
-    return import_module(f"diffrobust.stages.{stage}").defense_attacks(CFG[stage], defense)
+    return plan.DEFENSE_ATTACKS[stage](CFG[stage], defense)
 
 
 def attack_roles(stage, defense):
     if stage == "diffpure":
         return ["classifier"] if defense == "undefended" else ["classifier", "diffusion"]
-    from diffrobust.stages.rdc import ROLES
-
-    return list(ROLES[defense])
+    return list(plan.RDC_ROLES[defense])
 
 
 def attack_inputs(wildcards):
@@ -398,9 +394,7 @@ def rdc_targets():
 
 
 def sweep_inputs(wildcards):
-    from diffrobust.stages.rdc import sweep_heads
-
-    models = {role: stage_model_files("rdc", role, wildcards.threat) for _, role, _ in sweep_heads(RDC)}
+    models = {role: stage_model_files("rdc", role, wildcards.threat) for _, role, _ in plan.sweep_heads(RDC)}
     return {**dataset_files(), **models, "sets": set_shards("dc", RDC["checks"]["attack"], wildcards.threat)}
 
 

@@ -22,6 +22,7 @@ from diffrobust.io import atomic_path
 from diffrobust.models import classifier as as_classifier
 from diffrobust.models import eps_model, load_source, source_files
 from diffrobust.networks.pretrained import set_preprocess
+from diffrobust.stages import plan
 
 METHODS = ("dds", "densepure")
 # Version of the labeler's algorithm (denoiser, reverse processes, vote streams): part of the label files'
@@ -44,7 +45,8 @@ def shard_indices(subset_spec, split_size, shard, shard_size):
 
 
 def num_shards(subset_spec, split_size, shard_size):
-    return -(-len(data.subset_indices(subset_spec, split_size, "densepure")) // shard_size)
+    """Certification shards of the densepure subset (plan.num_shards, the DAG's torch-free definition)."""
+    return plan.num_shards(subset_spec, split_size, shard_size, name="densepure")
 
 
 def method_settings(method, settings):

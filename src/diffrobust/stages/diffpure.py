@@ -12,6 +12,7 @@ from diffrobust.defenses import PurifiedClassifier
 from diffrobust.defenses.diffpure import DiffPurePurifier
 from diffrobust.models import eps_model, load_source, source_files, time_input
 from diffrobust.stages import robustness
+from diffrobust.stages.plan import diffpure_defense_attacks as defense_attacks
 from diffrobust.stages.robustness import (LARGE, MORE, SetError, attack_names, attack_plan, cost_per_image,
                                           num_shards, read_set, robust, shard_indices)
 
@@ -21,12 +22,6 @@ __all__ = ["DEFENSES", "LARGE", "MORE", "SetError", "attack_names", "attack_plan
            "build_defense", "cost_per_image", "defense_attacks", "evaluate_set", "load_table_sets",
            "masking_checks", "num_shards", "purifier_network_calls", "read_set", "robust", "shard_indices",
            "table_rows"]
-
-
-def defense_attacks(settings, defense):
-    """Attacks run against `defense`: all of them against DiffPure; against the undefended classifier the
-    configured ones (the 'undefended falls under the same attack' check), not the derived ones."""
-    return attack_names(settings) if defense == "diffpure" else list(settings["attacks"])
 
 
 def build_defense(defense, *, classifier, diffusion=None, t_star=None, purifier=None):

@@ -28,25 +28,13 @@ from diffrobust.device import resolve_device
 from diffrobust.io import atomic_path
 from diffrobust.models import load_source, source_files
 from diffrobust.stages import robustness
+from diffrobust.stages.plan import RDC_ROLES as ROLES
+from diffrobust.stages.plan import rdc_defense_attacks as defense_attacks
+from diffrobust.stages.plan import sweep_heads
 from diffrobust.stages.robustness import attack_names, read_set, threat_source
 
 DEFENSES = ("undefended", "adversarial", "dc", "rdc", "dc_multihead", "rdc_multihead")
 # The models each defense loads (roles of rdc.models).
-ROLES = {"undefended": ("classifier",), "adversarial": ("adversarial",), "dc": ("conditional",),
-         "rdc": ("conditional", "unconditional"), "dc_multihead": ("multihead",),
-         "rdc_multihead": ("multihead", "unconditional")}
-
-
-def defense_attacks(settings, defense):
-    """Attacks run against `defense`: RDC gets every configured one and the derived checks (it is the defense the
-    table is about); the defenses of `all_attacks_on` every configured one; the others `checks.attack` only."""
-    if defense == "rdc":
-        return attack_names(settings)
-    if defense in settings["all_attacks_on"]:
-        return list(settings["attacks"])
-    return [settings["checks"]["attack"]]
-
-
 def diffusion_classifier(loaded, dc_settings):
     """A DiffusionClassifier of a loaded class-conditional (or multi-head) model with the `rdc.dc` settings."""
     return DiffusionClassifier(denoiser_for(loaded), **dc_settings)
@@ -84,14 +72,6 @@ def load_table_sets(results_dir, settings, shards, threat):
     """{(defense, attack): arrays} of every stored RDC-table set at `threat`."""
     pairs = [(defense, attack) for defense in settings["defenses"] for attack in defense_attacks(settings, defense)]
     return robustness.load_sets(results_dir, pairs, shards, threat)
-
-
-def sweep_heads(settings):
-    """(head, model role, DC settings key) of the sweep: single-head, and multi-head where the table has it."""
-    heads = [("single", "conditional", "dc")]
-    if {"dc_multihead", "rdc_multihead"} & set(settings["defenses"]):
-        heads.append(("multi", "multihead", "multihead_dc"))
-    return heads
 
 
 def sigma_sweep(*, threat, settings, subset, dataset_dir, models, set_paths, out_path, device="cpu"):

@@ -29,25 +29,14 @@ from diffrobust.device import describe as describe_device
 from diffrobust.device import resolve_device
 from diffrobust.errors import DiffrobustError
 from diffrobust.io import atomic_path
+from diffrobust.stages.plan import LARGE, MORE, attack_names, num_shards, threat_source  # noqa: F401 (the stage API)
 
 THREAT_IDS = {"linf": 0, "l2": 1}
 ATTACK_VERSION = 1
 # Seed streams of the jobs (diffrobust.seeds keys under the stage's seed).
 STREAM_ATTACK, STREAM_EVALUATE, STREAM_FLIP = 1, 2, 3
-MORE, LARGE = "-more", "-large"
 
 log = logging.getLogger(__name__)
-
-
-def threat_source(source, threat):
-    """The model source a job at `threat` loads: `source` itself, or its entry for `threat` where the config names
-    one source per threat model (RDC's adversarially trained baselines: an l-inf and an l2 checkpoint)."""
-    if not isinstance(source, dict):
-        return source
-    if threat not in source:
-        raise DiffrobustError(f"no model source for threat {threat!r}: the per-threat sources name only "
-                              f"{', '.join(sorted(source))}")
-    return source[threat]
 
 
 class SetError(DiffrobustError, ValueError):
@@ -63,12 +52,6 @@ class Built:
     identity: dict
     inputs: dict = field(default_factory=dict)
     network_calls: int = 0
-
-
-def attack_names(settings):
-    """Every attack of a stage: the configured ones, then the two derived for the checks."""
-    check = settings["checks"]["attack"]
-    return list(settings["attacks"]) + [check + MORE, check + LARGE]
 
 
 def attack_plan(settings, attack, threat):
@@ -193,10 +176,6 @@ def shard_indices(subset, split_size, shard, shard_size):
     if len(chunk) == 0:
         raise ValueError(f"shard {shard} is empty: the subset has {len(indices)} images and shard_size {shard_size}")
     return chunk
-
-
-def num_shards(subset, split_size, shard_size):
-    return -(-len(data.subset_indices(subset, split_size, name="subset")) // shard_size)
 
 
 def read_set(paths):

@@ -408,6 +408,28 @@ def test_the_rdc_bench_counts_k_times_fewer_evaluations_for_the_multi_head_class
     assert "single/multi" in bench_rdc.format_rows(rows)
 
 
+def test_bench_certify_gives_the_paper_scale_seconds_per_image_and_takes_a_device_and_precision(capsys):
+    import argparse
+
+    from diffrobust.bench import certify as bench_certify
+    from diffrobust.device import DeviceError
+
+    row = bench_certify.measure("mini", batch_size=2, reverse="one_shot", repeats=1)
+    # N0 + N = 100,100 noisy samples of one image at the measured rate
+    assert row["seconds_per_paper_image"] == pytest.approx(100_100 / row["samples_per_second"])
+    assert bench_certify.measure("mini", batch_size=2, reverse="respaced", num_steps=2,
+                                 repeats=1)["seconds_per_paper_image"] is None
+    parser = bench_certify.add_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["--sizes", "mini", "--batch-size", "2", "--repeats", "1", "--votes", "0",
+                              "--precision", "bf16"])
+    rows = bench_certify.run(args)
+    assert "device cpu, precision bf16" in capsys.readouterr().out and len(rows) == 2
+    assert rows[0]["seconds_per_paper_image"] > 0
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="--device"):
+            bench_certify.run(parser.parse_args(["--sizes", "mini", "--device", "cuda"]))
+
+
 def test_bench_certify_compares_branched_votes_with_the_per_vote_loop_in_one_run():
     from diffrobust.bench import certify as bench_certify
 

@@ -4,7 +4,13 @@ DensePure certification), and the share of time spent in the diffusion network a
 Networks have random weights: speed does not depend on them. Two sizes: `mini` (this preset's small ADM UNet and
 small ResNet on 1x32x32 images) and `cifar10` (the 52.5M-parameter improved-diffusion UNet on 3x32x32 with the
 papers' 85.8M-parameter ViT-B/16, which classifies the image resized to 224 px).
+
+`--device cuda --precision fp32|tf32|fp16|bf16` times the same pipeline on a GPU (`diffrobust gpu-check` checks the
+labels against fp32 first). Each one-shot row also gives the seconds one image's DDS certification takes at
+N = 100,000 (+ N0 = 100 selection draws), the paper-scale figure (Carlini et al.: ~121 s on an A100).
 """
+
+import contextlib
 
 import torch
 
@@ -12,7 +18,7 @@ from diffrobust import diffusion as dp
 from diffrobust.bench import median_seconds
 from diffrobust.config import load_checkpoint_registry, load_config
 from diffrobust.defenses import SmoothingDenoiser
-from diffrobust.device import OnDevice
+from diffrobust.device import OnDevice, resolve_device
 from diffrobust.models import build_architecture
 
 
@@ -83,6 +89,23 @@ def build_pipeline(size, sigma=0.5, reverse="one_shot", num_steps=None, device="
     return denoiser, classifier, spec["image"]
 
 
+# DDS certification of one image at paper scale: N0 selection draws, then N estimation draws (Carlini et al.)
+PAPER_N0, PAPER_N = 100, 100_000
+# --precision: the networks' precision and whether float32 matrix products may use TF32 on a GPU
+PRECISIONS = {"fp32": ("fp32", False), "tf32": ("fp32", True), "fp16": ("fp16", False), "bf16": ("bf16", False)}
+
+
+@contextlib.contextmanager
+def matmul_tf32(enabled):
+    """TF32 for float32 matrix products and convolutions on CUDA while the block runs (no effect on the CPU)."""
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
 def _synchronized(call, device):
     def run():
         out = call()
@@ -107,18 +130,19 @@ def measure(size, batch_size=32, sigma=0.5, reverse="one_shot", num_steps=None, 
     return {"size": size, "reverse": reverse, "steps": denoiser.network_evaluations(), "batch_size": batch_size,
             "samples_per_second": batch_size / total, "diffusion_share": denoise / (denoise + classify),
             "classifier_share": classify / (denoise + classify), "seconds_per_batch": total,
+            "seconds_per_paper_image": (PAPER_N0 + PAPER_N) * total / batch_size if reverse == "one_shot" else None,
             "diffusion_parameters": sum(p.numel() for p in unet.parameters()),
             "classifier_parameters": sum(p.numel() for p in classifier.parameters())}
 
 
 @torch.no_grad()
-def measure_votes(size, votes=10, num_steps=2, batch_size=4, sigma=0.5, repeats=3, device="cpu"):
+def measure_votes(size, votes=10, num_steps=2, batch_size=4, sigma=0.5, repeats=3, device="cpu", precisions=None):
     """DensePure's K-vote labeler two ways in one run: the K reverse runs branched after their shared first network
     call (`SmoothingDenoiser.purify_votes`) against the per-vote loop, with the same streams. Returns the median
     seconds of each, their ratio, the network-call ratio K·S / (1 + K(S - 1)) and whether the labels agree."""
     from diffrobust.defenses import VotingLabeler
 
-    denoiser, classifier, image = build_pipeline(size, sigma, "respaced", num_steps, device)
+    denoiser, classifier, image = build_pipeline(size, sigma, "respaced", num_steps, device, precisions)
     noisy = torch.rand(batch_size, *image, generator=torch.Generator().manual_seed(1)).to(device)
     together = VotingLabeler(denoiser, classifier, votes)
     loop = VotingLabeler(lambda x, generator: denoiser(x, generator), classifier, votes)  # no purify_votes
@@ -148,12 +172,14 @@ def format_vote_rows(rows):
 
 def format_rows(rows):
     header = (f"{'size':8} {'reverse':9} {'net evals':>9} {'batch':>5} {'samples/s':>10} {'diffusion':>9} "
-              f"{'classifier':>10} {'params (diff / clf)':>22}")
+              f"{'classifier':>10} {'params (diff / clf)':>22} {'s/image at N=1e5':>17}")
     lines = [header, "-" * len(header)]
     for r in rows:
+        paper = r.get("seconds_per_paper_image")
         lines.append(f"{r['size']:8} {r['reverse']:9} {r['steps']:9d} {r['batch_size']:5d} "
                      f"{r['samples_per_second']:10.1f} {r['diffusion_share']:9.0%} {r['classifier_share']:10.0%} "
-                     f"{r['diffusion_parameters'] / 1e6:9.2f}M / {r['classifier_parameters'] / 1e6:.2f}M")
+                     f"{r['diffusion_parameters'] / 1e6:9.2f}M / {r['classifier_parameters'] / 1e6:.2f}M "
+                     f"{'' if paper is None else f'{paper:,.0f}':>17}")
     return "\n".join(lines)
 
 
@@ -165,18 +191,29 @@ def add_arguments(parser):
     parser.add_argument("--densepure-steps", type=int, default=2, help="S of the DensePure (respaced) row")
     parser.add_argument("--votes", type=int, default=10, help="K of the vote comparison (0: skip it)")
     parser.add_argument("--votes-batch-size", type=int, default=4, help="noisy images per vote-comparison batch")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
+                        help="both networks' precision; tf32: float32 with TF32 matrix products (CUDA only)")
     return parser
 
 
 def run(args):
+    device = resolve_device(args.device, key="--device")
+    precision, tf32 = PRECISIONS[args.precision]
+    precisions = {"diffusion": precision, "classifier": precision}
+    print(f"device {device}, precision {args.precision}")
     rows = []
-    for size in args.sizes.split(","):
-        rows.append(measure(size, args.batch_size, args.sigma, "one_shot", None, args.repeats))
-        rows.append(measure(size, args.batch_size, args.sigma, "respaced", args.densepure_steps, args.repeats))
+    with matmul_tf32(tf32):
+        for size in args.sizes.split(","):
+            rows.append(measure(size, args.batch_size, args.sigma, "one_shot", None, args.repeats, device,
+                                precisions))
+            rows.append(measure(size, args.batch_size, args.sigma, "respaced", args.densepure_steps, args.repeats,
+                                device, precisions))
     print(format_rows(rows))
     if args.votes:
-        vote_rows = [measure_votes(size, args.votes, args.densepure_steps, args.votes_batch_size, args.sigma,
-                                   args.repeats) for size in args.sizes.split(",")]
+        with matmul_tf32(tf32):
+            vote_rows = [measure_votes(size, args.votes, args.densepure_steps, args.votes_batch_size, args.sigma,
+                                       args.repeats, device, precisions) for size in args.sizes.split(",")]
         print("\nDensePure's K votes: branched after the shared first call vs one reverse run per vote")
         print(format_vote_rows(vote_rows))
         rows += vote_rows

@@ -23,14 +23,12 @@ from diffrobust.defenses import VotingLabeler
 from diffrobust.device import DeviceError, cuda_available
 
 SLICE = {"images": 4, "draws": 32, "sigma": 0.5, "votes": 3, "num_steps": 2}
-VARIANTS = {"fp32": ("fp32", False), "tf32": ("fp32", True), "fp16": ("fp16", False), "bf16": ("bf16", False)}
+VARIANTS = bench_certify.PRECISIONS  # fp32, tf32, fp16, bf16: (networks' precision, TF32 matrix products)
 
 
 def _labels(size, reverse, num_steps, votes, device, precision, images, draws, sigma, batch_size, tf32=False):
     """(labels (K, images * draws), logits of the first batch, seconds) of one pipeline on one device."""
-    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
-    try:
+    with bench_certify.matmul_tf32(tf32):
         denoiser, classifier, shape = bench_certify.build_pipeline(
             size, sigma, reverse, num_steps, device, {"diffusion": precision, "classifier": precision})
         labeler = VotingLabeler(denoiser, classifier, votes)
@@ -47,8 +45,6 @@ def _labels(size, reverse, num_steps, votes, device, precision, images, draws, s
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - started
         return np.concatenate(labels, axis=1), logits, seconds
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
 
 
 def compare(size, reverse, num_steps, votes, reference, candidate, *, images, draws, sigma, batch_size):

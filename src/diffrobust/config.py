@@ -486,12 +486,12 @@ def _checked_architectures(path):
         return set()
 
 
-def _remember_architectures(path, keys):
-    """Add `keys` to the file of checked architectures (written whole to a temporary file, then renamed)."""
+def _write_checked_architectures(path, keys):
+    """The file of checked architectures, holding `keys` (written whole to a temporary file, then renamed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps({"checked": sorted(_checked_architectures(path) | set(keys))}, indent=0))
+    temporary.write_text(json.dumps({"checked": sorted(keys)}, indent=0))
     os.replace(temporary, path)
 
 
@@ -547,7 +547,7 @@ def architecture_problems(config, origins, checked=None):
         else:
             built.append(role)
     if checked is not None and built:
-        _remember_architectures(checked, [keys[role] for role in built])
+        _write_checked_architectures(checked, known | {keys[role] for role in built})
     return problems
 
 

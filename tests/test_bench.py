@@ -150,7 +150,7 @@ def test_matmul_probe_converts_its_best_time_to_gflops():
 
 @pytest.mark.parametrize("variant, tolerance", [
     ("float32", 0), ("inference_mode", 0), ("channels_last", 1e-5), ("bfloat16_autocast", 5e-2),
-    ("channels_last+bfloat16_autocast+inference_mode", 5e-2), ("official_steps", 1e-5),
+    ("channels_last+bfloat16_autocast+inference_mode", 5e-2), ("official_steps", 1e-5), ("tf32", 0),
 ])
 def test_variants_compute_the_float32_function(variant, tolerance):
     network = randomised(build_network(QUICK))
@@ -355,6 +355,17 @@ def test_command_line_quick_run_writes_json_and_csv(tmp_path, capsys):
     assert [float(row["images_per_s"]) for row in table] == [row["images_per_s"] for row in report["rows"]]
     with pytest.raises(ConfigError, match=r"\.json or \.csv"):
         bench.write_report(report, tmp_path / "bench.txt")
+    assert report["device"] == "cpu" and "device: cpu" in bench.format_table(report)
+
+
+def test_command_line_refuses_a_gpu_that_is_not_there():
+    from diffrobust.device import DeviceError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")  # the refusal is for machines without one
+    args = bench.add_arguments(argparse.ArgumentParser()).parse_args(["--quick", "--device", "cuda"])
+    with pytest.raises(DeviceError, match="--device = 'cuda', but this machine has no CUDA GPU"):
+        bench.run(args)
 
 
 # --- bench-certify ----------------------------------------------------------------------------------------------------

@@ -5,7 +5,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from diffrobust.bench import gpu_check
+from diffrobust.device import DeviceError
 
 SMALL = {"images": 2, "draws": 8, "sigma": 0.5, "batch_size": 8}
 
@@ -29,3 +32,13 @@ def test_without_a_gpu_it_says_so_and_exits_1():
                             env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert result.returncode == 1
     assert "no CUDA GPU here" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_variants_name_a_precision_and_optionally_a_compile_mode():
+    assert gpu_check.variant_settings("tf32") == ("fp32", True, "none")
+    assert gpu_check.variant_settings("bf16+reduce-overhead") == ("bf16", False, "reduce-overhead")
+    for name in gpu_check.PAPER_VARIANTS:
+        gpu_check.variant_settings(name)
+    for bad in ("fp8", "bf16+fast", "bf16+"):
+        with pytest.raises(DeviceError, match="optionally"):
+            gpu_check.variant_settings(bad)

@@ -36,6 +36,26 @@ def test_registry_vit_is_vit_b16_with_a_ten_class_head():
     assert network.preprocess.size == 224
 
 
+def test_vit_computes_only_the_class_token_in_its_last_layer_with_the_full_forwards_logits_and_gradients():
+    # the registry's ViT-B/16 at the pinned transformers is laid out as the shortcut expects, so it is the one used
+    assert models.build_architecture(load_checkpoint_registry()["vit_b16_cifar10"]["architecture"]).class_token_only
+    classifier = randomize(models.build_architecture({"family": "hf_vit", "config": {**TINY_VIT, "input": INPUT}}),
+                           3, 0.2).eval()
+    assert classifier.class_token_only
+    x = images(4, 32).requires_grad_(True)
+    shortcut = classifier(x)
+    full = classifier.network(pixel_values=classifier.preprocess(x)).logits
+    assert shortcut.shape == (4, 10) and full.abs().max() > 0.1
+    assert (shortcut - full).abs().max().item() < 1e-5
+    (grad_shortcut,) = torch.autograd.grad(shortcut.square().sum(), x)
+    (grad_full,) = torch.autograd.grad(full.square().sum(), x)
+    assert (grad_shortcut - grad_full).abs().max().item() < 1e-5 * grad_full.abs().max().item() + 1e-7
+    # training mode (dropout) takes the library's own forward
+    classifier.train()
+    with torch.no_grad():
+        assert torch.equal(classifier(x), classifier.network(pixel_values=classifier.preprocess(x)).logits)
+
+
 def test_registry_beit_is_timms_beit_large_at_512():
     network = models.build_architecture(load_checkpoint_registry()["beit_large_patch16_512_imagenet"]["architecture"])
     assert round(sum(p.numel() for p in network.parameters()) / 1e6, 1) == 305.7  # timm's model card: 305.7 M

@@ -7,6 +7,8 @@
   device and outputs come back as float32, so the diffusion arithmetic, the smoothing noise and the votes stay in
   float32 whatever the network runs in. fp16 autocast needs a GPU (the CPU has no fast fp16 kernels); bf16 runs on
   both.
+- compile: "none" (default, eager), or a `torch.compile` mode: "default", "max-autotune", or "reduce-overhead"
+  (inductor with CUDA graphs, which replay a recorded GPU launch sequence and so need a GPU and fixed shapes).
 
 Randomness never depends on the device: every stage draws from CPU generators and moves the draws (see
 `certify.sample_noise_labels` and `diffusion.noise_like`), so a seed means the same draws on a laptop and on a GPU.
@@ -22,6 +24,7 @@ from torch import nn
 from diffrobust.errors import DiffrobustError
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+COMPILE_MODES = ("none", "default", "max-autotune", "reduce-overhead")
 
 
 class DeviceError(DiffrobustError, ValueError):
@@ -61,6 +64,34 @@ def check_precision(precision, device, key="precision"):
     return precision
 
 
+def check_compile(mode, device, key="compile"):
+    """Refuse a compile mode that is not one of COMPILE_MODES, and CUDA graphs off a GPU."""
+    if mode not in COMPILE_MODES:
+        raise DeviceError(f"{key} = {mode!r}; choose one of {', '.join(COMPILE_MODES)}")
+    if mode == "reduce-overhead" and torch.device(device).type != "cuda":
+        raise DeviceError(f"{key} = 'reduce-overhead' records CUDA graphs and needs a GPU: use default or "
+                          "max-autotune on the CPU")
+    return mode
+
+
+@contextlib.contextmanager
+def matmul_tf32(enabled):
+    """TF32 for float32 matrix products and convolutions on CUDA while the block runs (no effect on the CPU)."""
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
+def synchronize(device):
+    """Wait for the device's queued work (CUDA runs asynchronously; timings must include it). No-op on the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def autocast(device, precision):
     """A context running the enclosed network calls at `precision` on `device` (nothing for fp32)."""
     if precision == "fp32":
@@ -73,20 +104,30 @@ def _to(value, device):
 
 
 class OnDevice(nn.Module):
-    """`module` on `device`, run under `precision` autocast: tensor arguments are moved there first, floating
-    outputs come back as float32 on the device. Gradients flow through (attacks need them)."""
+    """`module` on `device`, run under `precision` autocast and, if asked, `torch.compile`d with mode `compile`:
+    tensor arguments are moved there first, floating outputs come back as float32 on the device. Gradients flow
+    through (attacks need them). Compiled or not, parameters and state dict are the module's own."""
 
-    def __init__(self, module, device, precision="fp32"):
+    def __init__(self, module, device, precision="fp32", compile="none"):
         super().__init__()
         self.device = torch.device(device)
         self.precision = check_precision(precision, self.device)
+        self.compile_mode = check_compile(compile, self.device)
         self.module = module.to(self.device)
+        # kept outside the module tree, so the state dict has no second (`_orig_mod.`) copy of the weights
+        object.__setattr__(self, "_run", self.module if compile == "none" else
+                           torch.compile(self.module, mode=compile, dynamic=False))
 
     def forward(self, *args, **kwargs):
         args = [_to(value, self.device) for value in args]
         kwargs = {key: _to(value, self.device) for key, value in kwargs.items()}
+        cuda_graphs = self.compile_mode == "reduce-overhead"
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # a new step: earlier outputs may be overwritten
         with autocast(self.device, self.precision):
-            out = self.module(*args, **kwargs)
+            out = self._run(*args, **kwargs)
+        if cuda_graphs:
+            out = out.clone()  # the graph's output buffer is reused by the next replay; callers keep theirs
         return out.float() if out.is_floating_point() else out
 
 

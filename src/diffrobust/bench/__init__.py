@@ -10,8 +10,11 @@
 import time
 
 
-def median_seconds(call, repeats):
-    """Median wall time of `repeats` calls of `call()` (the median resists one slow call on a shared machine)."""
+def median_seconds(call, repeats, warmup=0):
+    """Median wall time of `repeats` calls of `call()` after `warmup` untimed ones (compilation, caches); the median
+    resists one slow call on a shared machine."""
+    for _ in range(warmup):
+        call()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()

@@ -6,11 +6,11 @@ small ResNet on 1x32x32 images) and `cifar10` (the 52.5M-parameter improved-diff
 papers' 85.8M-parameter ViT-B/16, which classifies the image resized to 224 px).
 
 `--device cuda --precision fp32|tf32|fp16|bf16` times the same pipeline on a GPU (`diffrobust gpu-check` checks the
-labels against fp32 first). Each one-shot row also gives the seconds one image's DDS certification takes at
+labels against fp32 first); `--compile default|max-autotune|reduce-overhead` runs both networks through
+`torch.compile` (reduce-overhead: with CUDA graphs, GPU only). Every timing follows one untimed warm-up call
+(compilation, kernel caches). Each one-shot row also gives the seconds one image's DDS certification takes at
 N = 100,000 (+ N0 = 100 selection draws), the paper-scale figure (Carlini et al.: ~121 s on an A100).
 """
-
-import contextlib
 
 import torch
 
@@ -18,7 +18,7 @@ from diffrobust import diffusion as dp
 from diffrobust.bench import median_seconds
 from diffrobust.config import load_checkpoint_registry, load_config
 from diffrobust.defenses import SmoothingDenoiser
-from diffrobust.device import OnDevice, resolve_device
+from diffrobust.device import COMPILE_MODES, OnDevice, matmul_tf32, resolve_device, synchronize
 from diffrobust.models import build_architecture
 
 
@@ -71,15 +71,17 @@ class _Eps(torch.nn.Module):
 
 
 
-def build_pipeline(size, sigma=0.5, reverse="one_shot", num_steps=None, device="cpu", precisions=None):
+def build_pipeline(size, sigma=0.5, reverse="one_shot", num_steps=None, device="cpu", precisions=None,
+                   compile="none"):
     """(denoiser, classifier, image shape) of a size's networks (random weights, seeded), run on `device` at
-    `precisions` ({"diffusion": ..., "classifier": ...}); the same seed builds the same weights on every device."""
+    `precisions` ({"diffusion": ..., "classifier": ...}), `torch.compile`d with mode `compile` unless "none"; the
+    same seed builds the same weights on every device."""
     precisions = precisions or {}
     spec = SIZES[size]()
     torch.manual_seed(0)
     unet, classifier = _network(spec["diffusion"]), _network(spec["classifier"])
-    unet = OnDevice(unet, device, precisions.get("diffusion", "fp32"))
-    classifier = OnDevice(classifier, device, precisions.get("classifier", "fp32"))
+    unet = OnDevice(unet, device, precisions.get("diffusion", "fp32"), compile)
+    classifier = OnDevice(classifier, device, precisions.get("classifier", "fp32"), compile)
     name, steps = spec["schedule"]
     maker = dp.GaussianDiffusion.cosine if name == "cosine" else dp.GaussianDiffusion.linear
     schedule = maker(steps, variance=spec["variance"], rescale_timesteps=name == "cosine")
@@ -95,39 +97,32 @@ PAPER_N0, PAPER_N = 100, 100_000
 PRECISIONS = {"fp32": ("fp32", False), "tf32": ("fp32", True), "fp16": ("fp16", False), "bf16": ("bf16", False)}
 
 
-@contextlib.contextmanager
-def matmul_tf32(enabled):
-    """TF32 for float32 matrix products and convolutions on CUDA while the block runs (no effect on the CPU)."""
-    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
-
-
 def _synchronized(call, device):
     def run():
         out = call()
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         return out
     return run
 
 
 @torch.no_grad()
 def measure(size, batch_size=32, sigma=0.5, reverse="one_shot", num_steps=None, repeats=3, device="cpu",
-            precisions=None):
+            precisions=None, compile="none"):
     """Median seconds of one batch through the denoiser, the classifier and both; samples/s and time shares."""
-    denoiser, classifier, image = build_pipeline(size, sigma, reverse, num_steps, device, precisions)
+    denoiser, classifier, image = build_pipeline(size, sigma, reverse, num_steps, device, precisions, compile)
     noisy = torch.rand(batch_size, *image).to(device)
     generator = torch.Generator().manual_seed(0)
-    denoise = median_seconds(_synchronized(lambda: denoiser(noisy, generator), device), repeats)
+
+    def seconds(call):
+        return median_seconds(_synchronized(call, device), repeats, warmup=1)
+
+    denoise = seconds(lambda: denoiser(noisy, generator))
     cleaned = denoiser(noisy, generator)
-    classify = median_seconds(_synchronized(lambda: classifier(cleaned), device), repeats)
-    total = median_seconds(_synchronized(lambda: classifier(denoiser(noisy, generator)), device), repeats)
+    classify = seconds(lambda: classifier(cleaned))
+    total = seconds(lambda: classifier(denoiser(noisy, generator)))
     unet = denoiser.eps_model.network
-    return {"size": size, "reverse": reverse, "steps": denoiser.network_evaluations(), "batch_size": batch_size,
+    return {"size": size, "reverse": reverse, "compile": compile, "steps": denoiser.network_evaluations(),
+            "batch_size": batch_size,
             "samples_per_second": batch_size / total, "diffusion_share": denoise / (denoise + classify),
             "classifier_share": classify / (denoise + classify), "seconds_per_batch": total,
             "seconds_per_paper_image": (PAPER_N0 + PAPER_N) * total / batch_size if reverse == "one_shot" else None,
@@ -136,13 +131,14 @@ def measure(size, batch_size=32, sigma=0.5, reverse="one_shot", num_steps=None, 
 
 
 @torch.no_grad()
-def measure_votes(size, votes=10, num_steps=2, batch_size=4, sigma=0.5, repeats=3, device="cpu", precisions=None):
+def measure_votes(size, votes=10, num_steps=2, batch_size=4, sigma=0.5, repeats=3, device="cpu", precisions=None,
+                  compile="none"):
     """DensePure's K-vote labeler two ways in one run: the K reverse runs branched after their shared first network
     call (`SmoothingDenoiser.purify_votes`) against the per-vote loop, with the same streams. Returns the median
     seconds of each, their ratio, the network-call ratio K·S / (1 + K(S - 1)) and whether the labels agree."""
     from diffrobust.defenses import VotingLabeler
 
-    denoiser, classifier, image = build_pipeline(size, sigma, "respaced", num_steps, device, precisions)
+    denoiser, classifier, image = build_pipeline(size, sigma, "respaced", num_steps, device, precisions, compile)
     noisy = torch.rand(batch_size, *image, generator=torch.Generator().manual_seed(1)).to(device)
     together = VotingLabeler(denoiser, classifier, votes)
     loop = VotingLabeler(lambda x, generator: denoiser(x, generator), classifier, votes)  # no purify_votes
@@ -150,8 +146,8 @@ def measure_votes(size, votes=10, num_steps=2, batch_size=4, sigma=0.5, repeats=
     def labels(labeler):
         return labeler(noisy, torch.Generator().manual_seed(0))
 
-    branched = median_seconds(_synchronized(lambda: labels(together), device), repeats)
-    per_vote = median_seconds(_synchronized(lambda: labels(loop), device), repeats)
+    branched = median_seconds(_synchronized(lambda: labels(together), device), repeats, warmup=1)
+    per_vote = median_seconds(_synchronized(lambda: labels(loop), device), repeats, warmup=1)
     calls = votes * denoiser.network_evaluations()
     return {"size": size, "votes": votes, "steps": denoiser.network_evaluations(), "batch_size": batch_size,
             "per_vote_seconds": per_vote, "branched_seconds": branched, "speedup": per_vote / branched,
@@ -194,6 +190,8 @@ def add_arguments(parser):
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
                         help="both networks' precision; tf32: float32 with TF32 matrix products (CUDA only)")
+    parser.add_argument("--compile", choices=COMPILE_MODES, default="none",
+                        help="torch.compile both networks with this mode (reduce-overhead: CUDA graphs, GPU only)")
     return parser
 
 
@@ -201,19 +199,20 @@ def run(args):
     device = resolve_device(args.device, key="--device")
     precision, tf32 = PRECISIONS[args.precision]
     precisions = {"diffusion": precision, "classifier": precision}
-    print(f"device {device}, precision {args.precision}")
+    print(f"device {device}, precision {args.precision}, compile {args.compile}")
     rows = []
     with matmul_tf32(tf32):
         for size in args.sizes.split(","):
             rows.append(measure(size, args.batch_size, args.sigma, "one_shot", None, args.repeats, device,
-                                precisions))
+                                precisions, args.compile))
             rows.append(measure(size, args.batch_size, args.sigma, "respaced", args.densepure_steps, args.repeats,
-                                device, precisions))
+                                device, precisions, args.compile))
     print(format_rows(rows))
     if args.votes:
         with matmul_tf32(tf32):
             vote_rows = [measure_votes(size, args.votes, args.densepure_steps, args.votes_batch_size, args.sigma,
-                                       args.repeats, device, precisions) for size in args.sizes.split(",")]
+                                       args.repeats, device, precisions, args.compile)
+                         for size in args.sizes.split(",")]
         print("\nDensePure's K votes: branched after the shared first call vs one reverse run per vote")
         print(format_vote_rows(vote_rows))
         rows += vote_rows

@@ -4,8 +4,13 @@
    DDS (one-shot) and DensePure (S = 2, K = 3 votes) for the same noisy images and seeds, on the CPU and on the GPU:
    the fraction of labels that agree, the largest difference of the networks' outputs, samples/s of each.
 2. **Paper-size networks** (the 52.5M improved-diffusion CIFAR-10 UNet and the 85.8M ViT-B/16 at 224 px): DDS
-   samples/s on the GPU in fp32, TF32, fp16 and bf16 autocast; label agreement and the largest logit difference of
-   each against GPU fp32, and of GPU fp32 against the CPU on one batch.
+   samples/s on the GPU for each variant (`--variants`; default TF32, fp16 and bf16 autocast, and TF32 and bf16
+   through `torch.compile` with CUDA graphs, "+reduce-overhead"); label agreement and the largest logit difference
+   of each against GPU fp32 eager, and of GPU fp32 against the CPU on one batch.
+
+A variant is a precision of `bench.certify.PRECISIONS` (fp32, tf32, fp16, bf16), optionally followed by
+"+<torch.compile mode>" (`device.COMPILE_MODES`: default, max-autotune, reduce-overhead). The compilation is not
+timed: the first batch (whose logits are compared) compiles the one-shot rows' only batch shape before the timed draws.
 
 Randomness comes from CPU generators on both devices (`device` module docstring), so every difference measured here
 is arithmetic: kernel order, TF32 and reduced-precision rounding. On a machine without a CUDA GPU it says so and
@@ -20,17 +25,28 @@ import torch
 from diffrobust.bench import certify as bench_certify
 from diffrobust.certify import sample_noise_labels
 from diffrobust.defenses import VotingLabeler
-from diffrobust.device import DeviceError, cuda_available
+from diffrobust.device import COMPILE_MODES, DeviceError, cuda_available, matmul_tf32, synchronize
 
 SLICE = {"images": 4, "draws": 32, "sigma": 0.5, "votes": 3, "num_steps": 2}
-VARIANTS = bench_certify.PRECISIONS  # fp32, tf32, fp16, bf16: (networks' precision, TF32 matrix products)
+PAPER_VARIANTS = ("tf32", "fp16", "bf16", "tf32+reduce-overhead", "bf16+reduce-overhead")
 
 
-def _labels(size, reverse, num_steps, votes, device, precision, images, draws, sigma, batch_size, tf32=False):
+def variant_settings(name):
+    """"bf16+reduce-overhead" -> ("bf16", TF32 off, "reduce-overhead"); "tf32" -> ("fp32", TF32 on, "none")."""
+    precision_name, plus, compile = name.partition("+")
+    if precision_name not in bench_certify.PRECISIONS or (plus and compile not in COMPILE_MODES):
+        raise DeviceError(f"variant {name!r}: a precision ({', '.join(bench_certify.PRECISIONS)}), optionally "
+                          f"'+' a torch.compile mode ({', '.join(COMPILE_MODES)})")
+    precision, tf32 = bench_certify.PRECISIONS[precision_name]
+    return precision, tf32, compile or "none"
+
+
+def _labels(size, reverse, num_steps, votes, device, variant, images, draws, sigma, batch_size):
     """(labels (K, images * draws), logits of the first batch, seconds) of one pipeline on one device."""
-    with bench_certify.matmul_tf32(tf32):
+    precision, tf32, compile = variant_settings(variant)
+    with matmul_tf32(tf32):
         denoiser, classifier, shape = bench_certify.build_pipeline(
-            size, sigma, reverse, num_steps, device, {"diffusion": precision, "classifier": precision})
+            size, sigma, reverse, num_steps, device, {"diffusion": precision, "classifier": precision}, compile)
         labeler = VotingLabeler(denoiser, classifier, votes)
         clean = torch.rand((images, *shape), generator=torch.Generator().manual_seed(1)).to(device)
         with torch.no_grad():
@@ -41,8 +57,7 @@ def _labels(size, reverse, num_steps, votes, device, precision, images, draws, s
             labels = [sample_noise_labels(labeler, image, draws, sigma, batch_size,
                                           torch.Generator().manual_seed(10 + i), torch.Generator().manual_seed(20 + i))
                       for i, image in enumerate(clean)]
-            if torch.device(device).type == "cuda":
-                torch.cuda.synchronize(device)
+            synchronize(device)
             seconds = time.perf_counter() - started
         return np.concatenate(labels, axis=1), logits, seconds
 
@@ -51,9 +66,7 @@ def compare(size, reverse, num_steps, votes, reference, candidate, *, images, dr
     """Agreement of a candidate (device, variant) with a reference (device, variant): a result row."""
     rows = {}
     for role, (device, variant) in (("reference", reference), ("candidate", candidate)):
-        precision, tf32 = VARIANTS[variant]
-        rows[role] = _labels(size, reverse, num_steps, votes, device, precision, images, draws, sigma, batch_size,
-                             tf32)
+        rows[role] = _labels(size, reverse, num_steps, votes, device, variant, images, draws, sigma, batch_size)
     (ref_labels, ref_logits, ref_seconds), (labels, logits, seconds) = rows["reference"], rows["candidate"]
     samples = images * draws
     return {"size": size, "reverse": reverse, "votes": votes, "reference": "/".join(reference),
@@ -63,17 +76,17 @@ def compare(size, reverse, num_steps, votes, reference, candidate, *, images, dr
 
 
 def format_rows(rows):
-    header = (f"{'size':8} {'reverse':9} {'K':>2} {'reference':>10} {'candidate':>10} {'agree':>7} "
+    header = (f"{'size':8} {'reverse':9} {'K':>2} {'reference':>10} {'candidate':>25} {'agree':>7} "
               f"{'max |dlogit|':>12} {'ref/s':>8} {'cand/s':>8}")
     lines = [header, "-" * len(header)]
     for r in rows:
-        lines.append(f"{r['size']:8} {r['reverse']:9} {r['votes']:2d} {r['reference']:>10} {r['candidate']:>10} "
+        lines.append(f"{r['size']:8} {r['reverse']:9} {r['votes']:2d} {r['reference']:>10} {r['candidate']:>25} "
                      f"{r['label_agreement']:7.2%} {r['max_logit_difference']:12.2e} "
                      f"{r['reference_samples_per_s']:8.1f} {r['candidate_samples_per_s']:8.1f}")
     return "\n".join(lines)
 
 
-def run_checks(device="cuda", reference_device="cpu", paper_batch=32, paper_draws=64):
+def run_checks(device="cuda", reference_device="cpu", paper_batch=32, paper_draws=64, variants=PAPER_VARIANTS):
     """Every comparison of the module docstring, as rows."""
     s = SLICE
     common = {"images": s["images"], "draws": s["draws"], "sigma": s["sigma"], "batch_size": s["draws"]}
@@ -83,7 +96,7 @@ def run_checks(device="cuda", reference_device="cpu", paper_batch=32, paper_draw
     # paper size: one batch on the CPU is enough to see the arithmetic difference; the variants against GPU fp32
     rows.append(compare("cifar10", "one_shot", None, 1, (reference_device, "fp32"), (device, "fp32"), images=1,
                         draws=8, sigma=s["sigma"], batch_size=8))
-    for variant in ("tf32", "fp16", "bf16"):
+    for variant in variants:
         rows.append(compare("cifar10", "one_shot", None, 1, (device, "fp32"), (device, variant), images=2,
                             draws=paper_draws, sigma=s["sigma"], batch_size=paper_batch))
     return rows
@@ -92,6 +105,9 @@ def run_checks(device="cuda", reference_device="cpu", paper_batch=32, paper_draw
 def add_arguments(parser):
     parser.add_argument("--device", default="cuda", help="the GPU to check (cuda or cuda:N)")
     parser.add_argument("--batch-size", type=int, default=32, help="batch of the paper-size rows")
+    parser.add_argument("--variants", default=",".join(PAPER_VARIANTS),
+                        help="comma-separated paper-size variants checked against GPU fp32 eager: a precision "
+                             "(fp32, tf32, fp16, bf16), optionally +default, +max-autotune or +reduce-overhead")
     return parser
 
 
@@ -99,7 +115,10 @@ def run(args):
     if not cuda_available():
         raise DeviceError(f"no CUDA GPU here: torch {torch.__version__} (CUDA build {torch.version.cuda}) sees none, "
                           "so there is nothing to check. Run `diffrobust gpu-check` on a machine with an NVIDIA GPU.")
+    variants = [name for name in args.variants.split(",") if name]
+    for name in variants:
+        variant_settings(name)  # a misspelt variant fails before minutes of GPU work
     print(f"GPU: {torch.cuda.get_device_name(args.device)}; torch {torch.__version__}, CUDA {torch.version.cuda}")
-    rows = run_checks(args.device, paper_batch=args.batch_size)
+    rows = run_checks(args.device, paper_batch=args.batch_size, variants=variants)
     print(format_rows(rows))
     return rows

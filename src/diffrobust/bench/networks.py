@@ -1,4 +1,4 @@
-"""Forward-pass throughput of a registry network on the CPU: `diffrobust bench`.
+"""Forward-pass throughput of a registry network on the CPU (or a GPU, `--device cuda`): `diffrobust bench`.
 
 For one network (by default the 52.5M-parameter improved-diffusion CIFAR-10 UNet, with random weights) this measures
 
@@ -19,6 +19,10 @@ A variant is `float32` (eval network, `torch.no_grad`) or a `+`-joined set of fe
 fast path: the "before" of that change, in the same run). `apply_variant(network, name)` gives the
 defenses the same configurations; `fastest_variant(results)` picks one from a benchmark's results.
 Timings on a shared CPU are noisy: compare ratios measured in the same run, not absolute numbers across runs.
+
+`--device cuda` runs the same on a GPU: network, inputs and matmul probes there, every timing synchronised, one
+pass at torch's CPU thread count (threads only launch work there); the `tf32` feature lets float32 matrix products
+and convolutions use TF32 (no effect on the CPU), and the peak is still float32's, so TF32 rows can exceed 100%.
 """
 
 import contextlib
@@ -36,11 +40,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from diffrobust.allocator import freed_memory_kept
 from diffrobust.config import ConfigError, load_checkpoint_registry
+from diffrobust.device import matmul_tf32, resolve_device, synchronize
 from diffrobust.networks import build_network
 from diffrobust.networks.adm import set_cpu_fast_path
 
 BASELINE_VARIANT = "float32"
-FEATURES = ("inference_mode", "channels_last", "bfloat16_autocast", "compile", "official_steps")
+FEATURES = ("inference_mode", "channels_last", "bfloat16_autocast", "compile", "official_steps", "tf32")
 DEFAULT_VARIANTS = (BASELINE_VARIANT, "inference_mode", "channels_last", "bfloat16_autocast", "compile")
 DEFAULT_NETWORK = "improved_diffusion_cifar10_uncond"
 DEFAULT_BATCH_SIZES = (1, 4, 16)
@@ -121,7 +126,10 @@ def apply_variant(network, name, *, gradients=False):
     - `compile`: `torch.compile(network, dynamic=False)` (one specialised graph per input shape; the first call
       at each shape compiles, which takes minutes for a large UNet on a small CPU);
     - `official_steps`: every ADM UNet in `network` without its CPU fast path (`networks.adm.set_cpu_fast_path`):
-      the official steps and layout, which is what the network computed before that path; no effect on others.
+      the official steps and layout, which is what the network computed before that path; no effect on others;
+    - `tf32`: TF32 float32 matrix products and convolutions while it runs (CUDA only; no effect on the CPU).
+
+    Autocast runs on the device of the network's parameters.
 
     The train/eval mode is left as it is: put the network in eval mode first for deterministic outputs.
     """
@@ -133,6 +141,7 @@ def apply_variant(network, name, *, gradients=False):
     if "channels_last" in features:
         network.to(memory_format=torch.channels_last)
     module = torch.compile(network, dynamic=False) if "compile" in features else network
+    device_type = next(network.parameters()).device.type
 
     def grad_context():
         if "inference_mode" in features:
@@ -141,13 +150,13 @@ def apply_variant(network, name, *, gradients=False):
 
     def autocast_context():
         if "bfloat16_autocast" in features:
-            return torch.autocast("cpu", dtype=torch.bfloat16)
+            return torch.autocast(device_type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def call(*args, **kwargs):
         if "channels_last" in features:
             args = tuple(_to_channels_last(value) for value in args)
-        with grad_context(), autocast_context():
+        with grad_context(), autocast_context(), matmul_tf32("tf32" in features):
             output = module(*args, **kwargs)
         output_dtype = _first_floating_dtype(args)
         if "bfloat16_autocast" in features and output_dtype is not None:
@@ -261,17 +270,20 @@ class MatmulProbe:
     the network timings (the best round is the least disturbed one).
     """
 
-    def __init__(self, size, dtype=torch.float32):
-        self.size = size
-        self.a = torch.randn(size, size).to(dtype)
-        self.b = torch.randn(size, size).to(dtype)
-        self.out = torch.empty(size, size, dtype=dtype)
+    def __init__(self, size, dtype=torch.float32, device="cpu"):
+        self.size, self.device = size, torch.device(device)
+        self.a = torch.randn(size, size).to(self.device, dtype)
+        self.b = torch.randn(size, size).to(self.device, dtype)
+        self.out = torch.empty(size, size, dtype=dtype, device=self.device)
         torch.mm(self.a, self.b, out=self.out)  # warm-up: thread pool, BLAS kernel selection
+        synchronize(self.device)
         self.best_seconds = math.inf
 
     def time_once(self):
         start = time.perf_counter()
-        torch.mm(self.a, self.b, out=self.out)
+        with matmul_tf32(False):  # the float32 peak is float32's, not TF32's
+            torch.mm(self.a, self.b, out=self.out)
+        synchronize(self.device)
         self.best_seconds = min(self.best_seconds, time.perf_counter() - start)
 
     @property
@@ -292,8 +304,10 @@ def matmul_gflops(size=2048, repeats=5, dtype=torch.float32):
 
 
 def seconds_of_call(call, args):
+    """Wall seconds of `call(*args)`, including the GPU work it queued (synchronised on the first input's device)."""
     start = time.perf_counter()
     call(*args)
+    synchronize(args[0].device)
     return time.perf_counter() - start
 
 
@@ -368,7 +382,7 @@ def benchmark_batch_size(calls, args, batch_size, warmup, repeats, probes, log=p
 
 
 def run_benchmark(network=DEFAULT_NETWORK, batch_sizes=DEFAULT_BATCH_SIZES, variants=DEFAULT_VARIANTS,
-                  warmup=2, repeats=5, matmul_size=2048, seed=0, threads=None, log=print):
+                  warmup=2, repeats=5, matmul_size=2048, seed=0, threads=None, log=print, device="cpu"):
     """Benchmark one network; returns a report dict (see `format_table`, `ROW_FIELDS`).
 
     `network`: a registry name or an architecture block (dict or JSON string). Each variant runs on its own copy
@@ -379,8 +393,10 @@ def run_benchmark(network=DEFAULT_NETWORK, batch_sizes=DEFAULT_BATCH_SIZES, vari
     `threads`: the thread counts to measure at, one after the other (default: torch's current count only); at each,
     `torch.set_num_threads` is set, the matmul peaks are measured afresh between that count's network calls, and
     each row's fraction of peak is against the float32 peak of its own thread count. The caller's thread count is
-    restored at the end.
+    restored at the end. `device`: where the network, its inputs and the matmul probes run (see the module
+    docstring); the FLOPs are counted on the CPU first.
     """
+    device = torch.device(device)
     for variant in variants:
         variant_features(variant)  # reject typos before minutes of work
     threads = (torch.get_num_threads(),) if threads is None else tuple(dict.fromkeys(threads))
@@ -393,7 +409,8 @@ def run_benchmark(network=DEFAULT_NETWORK, batch_sizes=DEFAULT_BATCH_SIZES, vari
     base_network = build_network(architecture).eval()
     parameters = sum(p.numel() for p in base_network.parameters())
     flops = flops_per_image(base_network, architecture)
-    log(f"network {label}: {parameters:,} parameters, {flops / 1e9:.3f} GFLOP per image")
+    log(f"network {label}: {parameters:,} parameters, {flops / 1e9:.3f} GFLOP per image, on {device}")
+    base_network.to(device)
 
     calls, failed = {}, {}
     for variant in variants:
@@ -406,11 +423,12 @@ def run_benchmark(network=DEFAULT_NETWORK, batch_sizes=DEFAULT_BATCH_SIZES, vari
     try:
         for count in threads:
             torch.set_num_threads(count)
-            probes = {dtype: MatmulProbe(matmul_size, getattr(torch, dtype)) for dtype in ("float32", "bfloat16")}
+            probes = {dtype: MatmulProbe(matmul_size, getattr(torch, dtype), device)
+                      for dtype in ("float32", "bfloat16")}
             count_rows = []
             for batch_size in batch_sizes:
                 torch.manual_seed(seed)
-                args = example_inputs(base_network, architecture, batch_size)
+                args = tuple(value.to(device) for value in example_inputs(base_network, architecture, batch_size))
                 count_rows += benchmark_batch_size(calls, args, batch_size, warmup, repeats, probes.values(), log,
                                                    threads=count)
                 count_rows += [dict.fromkeys(ROW_FIELDS) | {"threads": count, "variant": variant,
@@ -432,6 +450,8 @@ def run_benchmark(network=DEFAULT_NETWORK, batch_sizes=DEFAULT_BATCH_SIZES, vari
         "repeats": repeats,
         "seed": seed,
         "threads": list(threads),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "freed_memory_kept": freed_memory_kept(),
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
@@ -497,6 +517,7 @@ def format_table(report):
         f"{report['flops_per_image'] / 1e9:.3f} GFLOP per image forward, 2 FLOP per multiply-add)",
         f"torch {report['torch']}; median of {report['repeats']} interleaved rounds after {report['warmup']} "
         f"warm-up call(s); freed memory kept for reuse: {'yes' if report.get('freed_memory_kept') else 'no'}",
+        f"device: {report.get('device', 'cpu')}" + (f" ({report['gpu']})" if report.get("gpu") else ""),
     ]
     for threads, peak in report["matmul_peak_gflops"].items():
         lines.append(f"matmul peak at {threads} thread(s) ({report['matmul_size']}^3, best round): float32 "
@@ -573,6 +594,8 @@ def add_arguments(parser):
                         help="comma-separated thread counts, each measured in turn with its own matmul peak "
                              "(torch.set_num_threads; default 1,2; quick: 1)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (on a GPU: one pass at torch's "
+                                                        "CPU thread count unless --threads is given)")
     parser.add_argument("--quick", action="store_true", help="tiny network and sizes: finishes in seconds")
     parser.add_argument("--out", action="append", default=[], help="write the report (.json or .csv; repeatable)")
     return parser
@@ -582,6 +605,9 @@ def run(args):
     """Run `diffrobust bench` from parsed arguments: print the table, write --out files, return the report."""
     settings = QUICK_SETTINGS if args.quick else FULL_SETTINGS
     network = args.network or (QUICK_ARCHITECTURE if args.quick else DEFAULT_NETWORK)
+    device = resolve_device(getattr(args, "device", "cpu"), key="--device")
+    if device.type == "cuda":  # CPU threads only launch GPU work: one pass, not one per count
+        settings = {**settings, "threads": None}
 
     def pick(name):
         value = getattr(args, name)
@@ -589,7 +615,7 @@ def run(args):
 
     report = run_benchmark(network, batch_sizes=pick("batch_sizes"), variants=pick("variants"),
                            warmup=pick("warmup"), repeats=pick("repeats"), matmul_size=pick("matmul_size"),
-                           seed=args.seed, threads=pick("threads"))
+                           seed=args.seed, threads=pick("threads"), device=device)
     print(format_table(report))
     for path in args.out:
         write_report(report, path)

@@ -122,16 +122,61 @@ def set_preprocess(network, architecture, mode):
     return network
 
 
+def reads_class_token_only(network):
+    """Whether `network` is a Hugging Face ViTForImageClassification laid out as the pinned transformers writes it
+    (vit.embeddings, vit.layers with q/k/v/o projections and mlp, vit.layernorm, classifier), whose logits read the
+    class token alone, so `vit_class_token_logits` may compute them."""
+    vit = getattr(network, "vit", None)
+    layers = getattr(vit, "layers", None)
+    if type(network).__name__ != "ViTForImageClassification" or layers is None or len(layers) == 0:
+        return False
+    last = layers[-1]
+    attention = getattr(last, "attention", None)
+    return (all(hasattr(attention, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling"))
+            and all(hasattr(last, name) for name in ("layernorm_before", "layernorm_after", "mlp"))
+            and hasattr(vit, "embeddings") and hasattr(vit, "layernorm") and hasattr(network, "classifier"))
+
+
+def vit_class_token_logits(network, pixel_values):
+    """ViTForImageClassification's logits, computing only what they read. The head classifies the class token of
+    the last layer's output, so in the last layer only that token's query, attention output and MLP are needed
+    (keys and values still come from every token): 196 of 197 tokens skip about 5/6 of one of the 12 layers,
+    about 7% of ViT-B/16's work. The same arithmetic as the full forward (within 1e-6 in float32, tested); no
+    dropout (eval only)."""
+    vit = network.vit
+    hidden = vit.embeddings(pixel_values.to(vit.embeddings.patch_embeddings.projection.weight.dtype))
+    *first, last = vit.layers
+    for layer in first:
+        hidden = layer(hidden, None)
+    attention, normed = last.attention, last.layernorm_before(hidden)
+    batch, tokens, _ = normed.shape
+
+    def heads(states):
+        return states.view(batch, states.shape[1], -1, attention.head_dim).transpose(1, 2)
+
+    query = heads(attention.q_proj(normed[:, :1]))
+    attended = F.scaled_dot_product_attention(query, heads(attention.k_proj(normed)), heads(attention.v_proj(normed)),
+                                              scale=attention.scaling)
+    token = attention.o_proj(attended.transpose(1, 2).reshape(batch, 1, -1)) + hidden[:, :1]
+    token = last.mlp(last.layernorm_after(token)) + token
+    return network.classifier(vit.layernorm(token)[:, 0])
+
+
 class PretrainedClassifier(nn.Module):
-    """preprocess, then the pretrained network; returns logits (Hugging Face outputs are unwrapped)."""
+    """preprocess, then the pretrained network; returns logits (Hugging Face outputs are unwrapped). A ViT in eval
+    mode computes only the class token in its last layer (`vit_class_token_logits`), as its head reads no other."""
 
     def __init__(self, preprocess, network):
         super().__init__()
         self.preprocess = preprocess
         self.network = network
+        self.class_token_only = reads_class_token_only(network)
 
     def forward(self, x01):
-        out = self.network(self.preprocess(x01))
+        pixels = self.preprocess(x01)
+        if self.class_token_only and not self.network.training:
+            return vit_class_token_logits(self.network, pixels)
+        out = self.network(pixels)
         return out.logits if hasattr(out, "logits") else out
 
 

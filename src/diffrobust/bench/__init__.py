@@ -21,3 +21,17 @@ def median_seconds(call, repeats, warmup=0):
         call()
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
+
+
+def interleaved_median_seconds(calls, repeats):
+    """Median wall time of each of `calls`, timed in `repeats` rounds that call each once (after one untimed
+    warm-up call each), so that a change of load on a shared machine hits all of them alike and their ratios hold."""
+    for call in calls:
+        call()
+    times = [[] for _ in calls]
+    for _ in range(repeats):
+        for call, samples in zip(calls, times):
+            start = time.perf_counter()
+            call()
+            samples.append(time.perf_counter() - start)
+    return [sorted(samples)[len(samples) // 2] for samples in times]

@@ -15,7 +15,7 @@ N = 100,000 (+ N0 = 100 selection draws), the paper-scale figure (Carlini et al.
 import torch
 
 from diffrobust import diffusion as dp
-from diffrobust.bench import median_seconds
+from diffrobust.bench import interleaved_median_seconds, median_seconds
 from diffrobust.config import load_checkpoint_registry, load_config
 from diffrobust.defenses import SmoothingDenoiser
 from diffrobust.device import COMPILE_MODES, OnDevice, matmul_tf32, resolve_device, synchronize
@@ -146,8 +146,9 @@ def measure_votes(size, votes=10, num_steps=2, batch_size=4, sigma=0.5, repeats=
     def labels(labeler):
         return labeler(noisy, torch.Generator().manual_seed(0))
 
-    branched = median_seconds(_synchronized(lambda: labels(together), device), repeats, warmup=1)
-    per_vote = median_seconds(_synchronized(lambda: labels(loop), device), repeats, warmup=1)
+    # interleaved rounds (one call of each per round, after a warm-up of each): a change of load hits both alike
+    branched, per_vote = interleaved_median_seconds(
+        [_synchronized(lambda: labels(together), device), _synchronized(lambda: labels(loop), device)], repeats)
     calls = votes * denoiser.network_evaluations()
     return {"size": size, "votes": votes, "steps": denoiser.network_evaluations(), "batch_size": batch_size,
             "per_vote_seconds": per_vote, "branched_seconds": branched, "speedup": per_vote / branched,

@@ -254,6 +254,30 @@ def test_networks_run_where_and_how_they_are_told(setup, tmp_path):
     assert not (tmp_path / "fp16.tsv").exists() and not (tmp_path / "shard0.tsv").exists()
 
 
+def test_compiled_networks_are_part_of_the_labels_identity_and_cuda_graphs_are_refused_on_the_cpu(setup, tmp_path):
+    from diffrobust.device import DeviceError
+
+    chosen = densepure.method_settings("dds", SMALL)
+    eager = densepure.labeler_settings("dds", chosen, {"diffusion": "fp32", "classifier": "fp32"},
+                                       {"diffusion": "none", "classifier": "none"})
+    # eager runs keep the identity they had before the option existed, so their finished shards stay valid
+    assert eager == densepure.labeler_settings("dds", chosen, {"diffusion": "fp32", "classifier": "fp32"})
+    compiled = densepure.labeler_settings("dds", chosen, {"diffusion": "fp32", "classifier": "fp32"},
+                                          {"diffusion": "default", "classifier": "none"})
+    assert compiled["compile"] == {"diffusion": "default"} and "compile" not in eager
+    labeler, denoiser = densepure.build_labeler(
+        models.load_model(setup / "diffusion.pt"), models.load_model(setup / "classifier.pt"), 0.5, **chosen,
+        compiles={"diffusion": "default"})
+    assert denoiser.eps_model.compile_mode == "default" and labeler.classifier.compile_mode == "none"
+    with pytest.raises(DeviceError, match="models.classifier.compile = 'reduce-overhead' records CUDA graphs"):
+        densepure.run_shard(method="dds", settings=SMALL, sigma=0.5, dataset_dir=setup / "mnist", subset=SUBSET,
+                            shard=0, diffusion=setup / "diffusion.pt", classifier=setup / "classifier.pt",
+                            work_dir=tmp_path / "graphs", out_tsv=tmp_path / "graphs.tsv",
+                            out_labels=tmp_path / "graphs.npz", device="cpu",
+                            compiles={"classifier": "reduce-overhead"}, progress=False)
+    assert not (tmp_path / "graphs").exists() and not (tmp_path / "graphs.tsv").exists()
+
+
 def test_cost_per_draw_counts_the_reverse_process_the_shard_ran(tmp_path):
     """The diffusion calls per draw come from the denoiser: S for the respaced chain, every step for the full one
     (not S, as a formula from the settings alone would say), times the votes."""

@@ -257,6 +257,19 @@ def test_nested_numeric_override_reaches_the_jobs(repo_copy):
     assert "votes5.tsv" in result.stdout  # the full-K merge follows the new K
 
 
+def test_how_certification_runs_a_network_reaches_its_jobs_and_does_not_retrain_it(repo_copy):
+    default = snakemake(repo_copy, "-n", "-p", "--config", "preset=smoke")
+    switched = snakemake(repo_copy, "-n", "-p", "--config", "preset=smoke",
+                         "models={diffusion: {precision: bf16, compile: default}}")
+    for command in ("train-diffusion", "train-classifier"):
+        trained = _shell_arguments(switched.stdout, command, "--settings")
+        assert trained and trained == _shell_arguments(default.stdout, command, "--settings")
+        assert not {"precision", "compile"} & set(trained[0])
+    certify_lines = [line for line in switched.stdout.splitlines() if "diffrobust certify-shard " in line]
+    assert len(certify_lines) == 4 and all("--diffusion-precision bf16" in line and "--diffusion-compile default"
+                                           in line and "--classifier-compile none" in line for line in certify_lines)
+
+
 def test_whole_float_override_reaches_the_jobs_as_an_integer(repo_copy):
     (repo_copy / "floats.yaml").write_text("densepure:\n  n: 6.0e+1\nmodels:\n  diffusion:\n    training:\n      steps: 4.0\n")
     result = snakemake(repo_copy, "-n", "-p", "--config", "preset=smoke", "seed=7", "--configfile", "floats.yaml")

@@ -161,13 +161,16 @@ def cmd_certify_shard(args):
                                              "settings": settings, "subset": args.subset,
                                              "diffusion": args.diffusion, "classifier": args.classifier,
                                              "device": args.device, "diffusion_precision": args.diffusion_precision,
-                                             "classifier_precision": args.classifier_precision},
+                                             "classifier_precision": args.classifier_precision,
+                                             "diffusion_compile": args.diffusion_compile,
+                                             "classifier_compile": args.classifier_compile},
                     seed=settings["seed"]) as record:
         record.update(densepure.run_shard(
             method=args.method, settings=settings, sigma=args.sigma, dataset_dir=args.dataset_dir,
             subset=args.subset, shard=args.shard, diffusion=args.diffusion, classifier=args.classifier,
             work_dir=args.work_dir, out_tsv=args.out_tsv, out_labels=args.out_labels, device=args.device,
-            precisions={"diffusion": args.diffusion_precision, "classifier": args.classifier_precision}))
+            precisions={"diffusion": args.diffusion_precision, "classifier": args.classifier_precision},
+            compiles={"diffusion": args.diffusion_compile, "classifier": args.classifier_compile}))
     log.info("certified shard %d (%s, sigma %s): %s", args.shard, args.method, args.sigma, record)
 
 
@@ -441,6 +444,9 @@ def build_parser(argv=None):
     for role in ("diffusion", "classifier"):
         shard.add_argument(f"--{role}-precision", default="fp32", choices=["fp32", "fp16", "bf16"],
                            help=f"autocast precision of the {role} network")
+        shard.add_argument(f"--{role}-compile", default="none",
+                           choices=["none", "default", "max-autotune", "reduce-overhead"],
+                           help=f"torch.compile mode of the {role} network (reduce-overhead: CUDA graphs, GPU only)")
     shard.add_argument("--out-tsv", required=True)
     shard.add_argument("--out-labels", required=True)
     shard.add_argument("--run-record")

@@ -228,6 +228,16 @@ def adversarial_training_inputs(wildcards):
     return dataset_files()
 
 
+# Keys of a models.<role> block that say how a trained network runs in certification, not how it is trained
+INFERENCE_ONLY_KEYS = ("precision", "compile")
+
+
+def training_settings(role):
+    """Params helper: the models.<role> block without its inference-only keys, so that switching a network's
+    precision or torch.compile mode for certification does not retrain it."""
+    return as_json({key: value for key, value in CFG["models"][role].items() if key not in INFERENCE_ONLY_KEYS})
+
+
 def adversarial_settings():
     """The train-classifier --adversarial settings: the classifier's architecture with the PGD training block."""
     return as_json({"architecture": CFG["models"]["classifier"]["architecture"],

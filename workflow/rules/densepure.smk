@@ -37,6 +37,8 @@ rule certify_shard:
         device=CFG["device"],
         diffusion_precision=CFG["models"]["diffusion"]["precision"],
         classifier_precision=CFG["models"]["classifier"]["precision"],
+        diffusion_compile=CFG["models"]["diffusion"]["compile"],
+        classifier_compile=CFG["models"]["classifier"]["compile"],
     message:
         "Certifying {wildcards.method} shard {wildcards.shard} at sigma {wildcards.sigma}"
     shell:
@@ -46,6 +48,7 @@ rule certify_shard:
         " --work-dir {params.work_dir} --out-tsv {output.tsv} --out-labels {output.labels}"
         " --device {params.device} --diffusion-precision {params.diffusion_precision}"
         " --classifier-precision {params.classifier_precision}"
+        " --diffusion-compile {params.diffusion_compile} --classifier-compile {params.classifier_compile}"
         " --run-record {log.record} 2> {log.log}"
 
 

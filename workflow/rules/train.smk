@@ -25,7 +25,7 @@ rule train_diffusion:
     params:
         dataset_dir=input_dataset_folder,
         out_dir=output_folder,
-        settings=json_settings(CFG["models"]["diffusion"]),
+        settings=training_settings("diffusion"),
         seed=CFG["seed"],
         device=CFG["device"],
     message:
@@ -89,7 +89,7 @@ rule train_classifier:
     params:
         dataset_dir=input_dataset_folder,
         out_dir=output_folder,
-        settings=json_settings(CFG["models"]["classifier"]),
+        settings=training_settings("classifier"),
         seed=CFG["seed"],
         device=CFG["device"],
     message:

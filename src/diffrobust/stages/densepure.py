@@ -15,7 +15,7 @@ import torch
 
 from diffrobust import certify, data, imagespace, resumable
 from diffrobust.defenses import SmoothingDenoiser, VotingLabeler
-from diffrobust.device import OnDevice, resolve_device
+from diffrobust.device import OnDevice, check_compile, resolve_device
 from diffrobust.device import describe as describe_device
 from diffrobust.errors import DiffrobustError
 from diffrobust.io import atomic_path
@@ -62,37 +62,42 @@ def method_settings(method, settings):
     return {**chosen, "classifier_preprocess": settings.get("classifier_preprocess", "carlini")}
 
 
-def labeler_settings(method, chosen, precisions):
+def labeler_settings(method, chosen, precisions, compiles=None):
     """The settings that decide a method's per-draw labels (what a label file's identity records): the method's
-    `method_settings`, the networks' precisions and the labeler's code version.
+    `method_settings`, the networks' precisions, their torch.compile modes where not "none" (compiled kernels round
+    differently; eager runs keep the identity they had before the option existed) and the labeler's code version.
 
     Not included, because labels do not depend on them: alpha (re-certification only), shard_size, radii, the vote
     ablation, the other sigmas (each sigma has its own folders). The models enter the identity as file digests.
     The networks' precisions are included (fp16 changes labels); the device is not (the same seeds give the same
     draws on every device, and a GPU's float rounding changes few labels: `diffrobust gpu-check` measures it), so a
     shard started on one device may be finished on another."""
-    return {"method": method, **chosen, "precisions": precisions, "labeler_version": LABELER_VERSION}
+    compiled = {role: mode for role, mode in (compiles or {}).items() if mode != "none"}
+    return {"method": method, **chosen, "precisions": precisions, **({"compile": compiled} if compiled else {}),
+            "labeler_version": LABELER_VERSION}
 
 
 def build_labeler(diffusion_loaded, classifier_loaded, sigma, *, tstar_rule, reverse, num_steps=None, votes=1,
-                  classifier_preprocess="carlini", device="cpu", precisions=None):
+                  classifier_preprocess="carlini", device="cpu", precisions=None, compiles=None):
     """The base labeler randomized smoothing queries: denoise x + σε at the t* of `tstar_rule`, with `reverse`
     (one_shot = DDS; respaced / full / ddim with `num_steps` = DensePure), classify, `votes` runs per draw. The
-    networks run on `device` at their `precisions` ({"diffusion": ..., "classifier": ...}, default fp32).
-    Returns (labeler, denoiser)."""
-    precisions = precisions or {}
-    eps = OnDevice(eps_model(diffusion_loaded, unconditional=True), device, precisions.get("diffusion", "fp32"))
+    networks run on `device` at their `precisions` ({"diffusion": ..., "classifier": ...}, default fp32), through
+    torch.compile with their `compiles` modes (same keys, default "none"). Returns (labeler, denoiser)."""
+    precisions, compiles = precisions or {}, compiles or {}
+    eps = OnDevice(eps_model(diffusion_loaded, unconditional=True), device, precisions.get("diffusion", "fp32"),
+                   compiles.get("diffusion", "none"))
     network = set_preprocess(as_classifier(classifier_loaded), classifier_loaded.architecture, classifier_preprocess)
-    classify = OnDevice(network, device, precisions.get("classifier", "fp32"))
+    classify = OnDevice(network, device, precisions.get("classifier", "fp32"), compiles.get("classifier", "none"))
     denoiser = SmoothingDenoiser(eps, diffusion_loaded.diffusion, sigma, tstar_rule=tstar_rule, reverse=reverse,
                                  num_steps=num_steps)
     return VotingLabeler(denoiser, classify, votes), denoiser
 
 
 def run_shard(*, method, settings, sigma, dataset_dir, subset, shard, diffusion, classifier, work_dir, out_tsv,
-              out_labels, device="cpu", precisions=None, progress=True):
+              out_labels, device="cpu", precisions=None, compiles=None, progress=True):
     """Certify one shard of images; resumable through `work_dir`; outputs written only when the shard is done.
-    The networks and images go to `device` ("auto", "cpu", "cuda[:N]"); `precisions` as in `build_labeler`.
+    The networks and images go to `device` ("auto", "cpu", "cuda[:N]"); `precisions` and `compiles` as in
+    `build_labeler`.
 
     work_dir holds one label file per finished image plus the running TSV (certify.certify_shard skips finished
     images on restart). out_tsv gets Cohen's columns; out_labels bundles every image's per-draw labels
@@ -107,11 +112,15 @@ def run_shard(*, method, settings, sigma, dataset_dir, subset, shard, diffusion,
                                batch_size=settings["batch_size"])
     device = resolve_device(device)
     precisions = {"diffusion": "fp32", "classifier": "fp32", **(precisions or {})}
+    compiles = {"diffusion": "none", "classifier": "none", **(compiles or {})}
+    for role, mode in compiles.items():  # refused before the models load
+        check_compile(mode, device, key=f"models.{role}.compile")
     method_kwargs = method_settings(method, settings)
     labeler, denoiser = build_labeler(load_source(diffusion, device=device), load_source(classifier, device=device),
-                                      sigma, **method_kwargs, device=device, precisions=precisions)
+                                      sigma, **method_kwargs, device=device, precisions=precisions,
+                                      compiles=compiles)
     work_dir = Path(work_dir)
-    label_settings = labeler_settings(method, method_kwargs, precisions)
+    label_settings = labeler_settings(method, method_kwargs, precisions, compiles)
     inputs = {"diffusion": source_files(diffusion), "classifier": source_files(classifier)}
     with torch.no_grad():  # certification never needs gradients (and must not switch them off for the caller)
         rows = certify.certify_shard(
@@ -126,7 +135,8 @@ def run_shard(*, method, settings, sigma, dataset_dir, subset, shard, diffusion,
     certify.write_certification_tsv(rows, out_tsv)
     return {"images": len(rows), "network_evaluations_per_draw": denoiser.network_evaluations() * labeler.votes,
             "t_star": float(denoiser.t_star), "votes": labeler.votes,
-            "labels_identity": resumable.identity_digest(identity), "device": describe_device(device, precisions)}
+            "labels_identity": resumable.identity_digest(identity), "device": describe_device(device, precisions),
+            "compile": compiles}
 
 
 def bundle_labels(label_files, out_path, identity=None, diffusion_calls_per_run=None, t_star=None):

@@ -9,12 +9,13 @@ back on the CPU.
 """
 
 import csv
+import math
 from pathlib import Path
 
 import torch
 
 from diffrobust import diffusion as dp
-from diffrobust import imagespace
+from diffrobust import imagespace, quality
 from diffrobust.defenses import SmoothingDenoiser
 
 
@@ -43,10 +44,9 @@ def accuracy(classify, images01, labels, batch_size=250):
 # --- image quality -------------------------------------------------------------------------------------------------
 
 def psnr(images, references, peak=1.0, min_mse=1e-10):
-    """Mean over images of the per-image PSNR in dB, 10·log10(peak² / MSE) (the mean of the dB values, not the PSNR
-    of the mean MSE); an MSE below `min_mse` counts as `min_mse` (identical images: 100 dB at peak 1)."""
-    mse = ((images - references) ** 2).flatten(1).mean(1)
-    return (10 * torch.log10(peak ** 2 / mse.clamp_min(min_mse))).mean().item()
+    """Mean over images of the per-image PSNR in dB (`quality.psnr`; the mean of the dB values, not the PSNR of the
+    mean MSE); an MSE below `min_mse` counts as `min_mse` (identical images: 100 dB at peak 1, not inf)."""
+    return quality.psnr(images, references, peak).clamp_max(10 * math.log10(peak ** 2 / min_mse)).mean().item()
 
 
 def top_rows_mean(images01, rows=3):

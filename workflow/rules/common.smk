@@ -213,11 +213,6 @@ def model_files(role):
     return registry_files(source)
 
 
-def adversarial_targets():
-    """Files of RDC's adversarial-training baseline (none when the preset has none): for a report to request."""
-    return model_files("adversarial") if CFG["models"]["adversarial"]["source"] is not None else []
-
-
 def adversarial_training_inputs(wildcards):
     """Inputs of train_adversarial; refuses to train where the config names no training (the config check refuses
     source 'train' off MNIST), so that asking for the file by path cannot stand in for a missing checkpoint."""

@@ -2,7 +2,8 @@
 # checkpoints instead and these jobs are not needed, except the multi-head fine-tune: no multi-head checkpoint is
 # public, so it starts from the official model (models.multihead.init; on CIFAR-10 it distils EDM's conditional
 # model on the GPU, training.distill_edm_multihead).
-# train_adversarial (RDC's adversarial-training baseline) runs only when a target asks for it (adversarial_targets).
+# train_adversarial (RDC's adversarial-training baseline) runs only when an attack job on the `adversarial` defense
+# asks for its model file.
 
 
 rule train_diffusion:

@@ -35,7 +35,6 @@ published = "config/published_values.yaml"
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import seaborn as sns
 import yaml
 from IPython.display import Markdown, display
 
@@ -113,17 +112,7 @@ quality_table = (edits.groupby(["editor", "strength", "attack", "eps"])[metrics]
 quality_table.loc[(slice(None), strength), :]
 
 # %%
-at_strength = edits[np.isclose(edits["strength"], strength) & (edits["attack"] != "none")]
-fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
-for ax, editor in zip(axes, pixel_barrier.EDITORS):
-    rows = at_strength[at_strength["editor"] == editor]
-    sns.barplot(data=rows, x="attack", y=settings["claims"]["metric"], hue="eps", ax=ax, errorbar=("ci", 95))
-    clean = edits[(edits["attack"] == "none") & (edits["editor"] == editor) & np.isclose(edits["strength"], strength)]
-    ax.axhline(clean[settings["claims"]["metric"]].mean(), color="black", linestyle="--", label="clean")
-    ax.set_title(f"{editor.upper()} edit at strength {strength:g}")
-    ax.tick_params(axis="x", rotation=45)
-    ax.legend(title="eps", fontsize=8)
-fig.tight_layout()
+fig = pixel_barrier.edit_quality_figure(edits, settings["claims"]["metric"], strength)
 
 # %% [markdown]
 # ## The encoder: how far each perturbation moves the latent, against random noise of the same budget
@@ -158,11 +147,7 @@ chosen = purified[np.isclose(purified["eps"], strongest) | (purified["attack"] =
 
 # %%
 ldm_after = chosen[(chosen["editor"] == "ldm")]
-fig, ax = plt.subplots(figsize=(12, 4))
-sns.barplot(data=ldm_after, x="attack", y=settings["claims"]["metric"], hue="purifier", ax=ax, errorbar=("ci", 95))
-ax.set_title(f"LDM edit after each purifier (eps {strongest:g}, strength {strength:g})")
-ax.tick_params(axis="x", rotation=45)
-fig.tight_layout()
+fig = pixel_barrier.purification_figure(ldm_after, settings["claims"]["metric"], strength, strongest)
 
 # %% [markdown]
 # ## (c) Pictures: clean, protected, LDM edit, PDM edit, PDM-Pure then LDM edit

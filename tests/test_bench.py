@@ -370,6 +370,17 @@ def test_command_line_refuses_a_gpu_that_is_not_there():
 
 # --- bench-certify ----------------------------------------------------------------------------------------------------
 
+def test_the_bench_tables_pad_each_title_and_its_cells_alike():
+    from diffrobust.bench import format_table
+
+    columns = (("name", "<6", lambda r: r["name"]), ("n", ">4", lambda r: r["n"]),
+               ("speedup", ">7", lambda r: f"{r['s']:.2f}x"))
+    text = format_table(columns, [{"name": "a", "n": 3, "s": 1.5}, {"name": "longname", "n": 12345, "s": 10}])
+    assert text.splitlines() == ["name      n speedup", "-" * 19, "a         3   1.50x",
+                                 "longname 12345  10.00x"]  # a cell longer than its column widens its line
+    assert format_table(columns, []) == "name      n speedup\n" + "-" * 19
+
+
 def test_bench_certify_mini_size_is_the_mini_presets_networks_and_its_shares_add_up():
     from diffrobust.bench import certify as bench_certify
     from diffrobust.config import load_config

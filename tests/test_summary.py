@@ -131,10 +131,18 @@ def test_diffpure_beats_the_undefended_classifier_and_passes_the_checks():
                                                                    ("0.8060", "not run at this preset")]
 
 
+def failed_checks(row):
+    """The failed checks a masking claim row names, in order ("<threat> <check>" before each value)."""
+    assert row.ours.startswith("Failed: "), row.ours
+    return [part.split(" (")[0] for part in row.ours.removeprefix("Failed: ").split("; ")]
+
+
 def test_an_undefended_classifier_that_does_not_fall_fails_the_checks_and_weakens_the_claim():
     beats, checks, *_ = diffpure.claims(diffpure_sets(undefended=[1] * 4 + [0] * 4), {"linf": transfer()}, DIFFPURE,
                                         dataset="mnist", known=KNOWN)
-    assert checks.verdict == "fails" and "undefended classifier falls (0.500, wanted <= 5%)" in checks.ours
+    assert checks.verdict == "fails" and "undefended classifier falls under rand (0.500, wanted <= 5%)" in checks.ours
+    assert failed_checks(checks) == ["linf undefended classifier falls under standard",
+                                     "linf undefended classifier falls under rand"]
     assert beats.estimate == pytest.approx(0.125) and beats.verdict == "inconclusive"
 
 
@@ -174,6 +182,24 @@ def test_rdc_ordering_holds_then_fails_when_diffpure_is_ahead():
     assert beats_at.verdict == "holds" and beats_at.published == "not known for mnist linf"
     assert checks.verdict == "holds"
     assert (headline.published, headline.verdict, headline.headline) == ("0.7567", "not run at this preset", True)
+
+
+def test_the_rdc_masking_row_names_each_failed_check_once():
+    """Two attacks run on the undefended classifier: a check each, named by its attack (not one name twice)."""
+    settings = {**RDC, "attacks": {"apgd_dlr": {}, "rdc_standard": {}}}
+    falls_not = outcome([1] * 4 + [0] * 4)
+    sets = {("undefended", "apgd_dlr"): falls_not, ("undefended", "rdc_standard"): falls_not,
+            ("adversarial", "apgd_dlr"): outcome(NONE), ("rdc", "apgd_dlr"): outcome(FIVE),
+            ("rdc", "rdc_standard"): outcome(FIVE), ("rdc", "apgd_dlr-large"): outcome(NONE),
+            ("rdc", "apgd_dlr-more"): outcome(FIVE)}
+    rows = rdc.claims({"linf": sets}, {"linf": transfer()}, settings, diffpure_sets={"linf": None},
+                      dataset="mnist", known=KNOWN)
+    checks = next(row for row in rows if row.claim.startswith("the attacks on RDC pass the checks"))
+    assert checks.verdict == "fails"
+    names = failed_checks(checks)
+    assert names == ["linf undefended classifier falls under apgd_dlr",
+                     "linf undefended classifier falls under rdc_standard"]
+    assert len(set(names)) == len(names)
 
 
 def test_rdc_at_paper_scale_cites_the_published_ordering_and_margin():
@@ -250,6 +276,16 @@ def test_every_paper_contributes_and_only_paper_scale_headlines_are_not_run():
     assert all(row.verdict == "not run at this preset" for row in rows if row.headline)
     assert all(row.verdict != "not run at this preset" for row in rows if not row.headline)
     assert claims.counts(rows).loc["RDC"].tolist() == [3, 0, 0, 1]
+
+
+def test_a_row_says_headline_once():
+    """The summary marks a headline row "(headline, paper scale)"; the claim's own words must not say it again."""
+    rows = every_row() + rdc_rows(dataset="cifar10")
+    assert any(row.headline for row in rows)
+    cells = re.findall(r"<tr><td>(.*?)</td>", claims.html_table(rows))
+    assert len(cells) == len(rows)
+    for cell in cells:
+        assert cell.count("headline") <= 1, cell
 
 
 def test_every_link_points_at_a_heading_of_its_report():

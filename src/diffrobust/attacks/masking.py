@@ -54,9 +54,11 @@ def paired_difference(a, b, confidence=0.95):
             "ci_high": float(diff.mean() + half), "images": n}
 
 
-def undefended_falls(undefended_correct, attack="the same attack"):
+def undefended_falls(undefended_correct, attack=None):
+    """The undefended classifier under `attack` (named in the check, one check per attack run on it) must fall."""
     value = accuracy(undefended_correct)["accuracy"]
-    return Check("undefended classifier falls", f"accuracy of the undefended classifier under {attack}", value,
+    return Check("undefended classifier falls" + (f" under {attack}" if attack else ""),
+                 f"accuracy of the undefended classifier under {attack or 'the same attack'}", value,
                  f"<= {UNDEFENDED_MAX:.0%}", value <= UNDEFENDED_MAX,
                  "every robust accuracy (the attack may be too weak even without a defense)")
 

@@ -35,3 +35,17 @@ def interleaved_median_seconds(calls, repeats):
             call()
             samples.append(time.perf_counter() - start)
     return [sorted(samples)[len(samples) // 2] for samples in times]
+
+
+def format_table(columns, rows):
+    """A fixed-width text table as the bench commands print it: the columns' titles, a line of dashes as long, then
+    one line per row, the cells separated by one space.
+
+    `columns`: (title, spec, text) per column: `spec` is a format spec that aligns and pads the title and each cell
+    ("<8": left in 8 characters, ">10": right in 10; a longer text widens its line, as in an f-string), and
+    `text(row)` gives the cell (its str())."""
+    def line(cells):
+        return " ".join(f"{cell:{spec}}" for cell, (_, spec, _) in zip(cells, columns))
+
+    header = line(title for title, _, _ in columns)
+    return "\n".join([header, "-" * len(header)] + [line(str(text(row)) for _, _, text in columns) for row in rows])

@@ -14,7 +14,7 @@ ADM UNet and small ResNet, its DiffPure settings) and `cifar10` (score_sde NCSN+
 import torch
 
 from diffrobust import diffusion as dp
-from diffrobust.bench import median_seconds
+from diffrobust.bench import format_table, median_seconds
 from diffrobust.config import load_checkpoint_registry, load_config
 from diffrobust.models import build_architecture
 
@@ -113,13 +113,20 @@ def attack_costs(size, batch_size=8, repeats=3, threat="linf"):
     return rows
 
 
+COLUMNS = (  # format_table's (title, spec, text) of format_rows
+    ("size", "<8", lambda r: r["size"]),
+    ("attack", "<9", lambda r: r["attack"]),
+    ("mode", "<5", lambda r: r["mode"]),
+    ("steps", ">5", lambda r: r["steps"]),
+    ("grad evals", ">10", lambda r: r["gradient_evaluations"]),
+    ("forwards", ">8", lambda r: r["forwards"]),
+    ("net passes", ">11", lambda r: f"{r['network_passes']:,d}"),
+    ("s/image", ">10", lambda r: f"{r['seconds_per_image']:.1f}"),
+)
+
+
 def format_rows(rows):
-    header = (f"{'size':8} {'attack':9} {'mode':5} {'steps':>5} {'grad evals':>10} {'forwards':>8} "
-              f"{'net passes':>11} {'s/image':>10}")
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        lines.append(f"{r['size']:8} {r['attack']:9} {r['mode']:5} {r['steps']:5d} {r['gradient_evaluations']:10d} "
-                     f"{r['forwards']:8d} {r['network_passes']:11,d} {r['seconds_per_image']:10.1f}")
+    lines = [format_table(COLUMNS, rows)]
     sizes = {r["size"]: r for r in rows}
     for size, r in sizes.items():
         lines.append(f"{size}: diffusion network {r['unet_parameters'] / 1e6:.2f}M parameters, per image "

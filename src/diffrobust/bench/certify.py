@@ -156,28 +156,43 @@ def measure_votes(size, votes=10, num_steps=2, batch_size=4, sigma=0.5, repeats=
             "labels_agree": bool(torch.equal(labels(together), labels(loop)))}
 
 
+VOTE_COLUMNS = (  # bench.format_table's (title, spec, text) of format_vote_rows
+    ("size", "<8", lambda r: r["size"]),
+    ("K", ">3", lambda r: r["votes"]),
+    ("S", ">2", lambda r: r["steps"]),
+    ("batch", ">5", lambda r: r["batch_size"]),
+    ("per-vote s", ">10", lambda r: f"{r['per_vote_seconds']:.3f}"),
+    ("branched s", ">10", lambda r: f"{r['branched_seconds']:.3f}"),
+    ("speedup", ">7", lambda r: f"{r['speedup']:.2f}x"),
+    ("call ratio", ">10", lambda r: f"{r['call_ratio']:.2f}x"),
+    ("labels", ">7", lambda r: "same" if r["labels_agree"] else "DIFFER"),
+)
+
+COLUMNS = (  # bench.format_table's (title, spec, text) of format_rows
+    ("size", "<8", lambda r: r["size"]),
+    ("reverse", "<9", lambda r: r["reverse"]),
+    ("net evals", ">9", lambda r: r["steps"]),
+    ("batch", ">5", lambda r: r["batch_size"]),
+    ("samples/s", ">10", lambda r: f"{r['samples_per_second']:.1f}"),
+    ("diffusion", ">9", lambda r: f"{r['diffusion_share']:.0%}"),
+    ("classifier", ">10", lambda r: f"{r['classifier_share']:.0%}"),
+    ("params (diff / clf)", ">22",
+     lambda r: f"{r['diffusion_parameters'] / 1e6:.2f}M / {r['classifier_parameters'] / 1e6:.2f}M"),
+    ("s/image at N=1e5", ">17",
+     lambda r: "" if r.get("seconds_per_paper_image") is None else f"{r['seconds_per_paper_image']:,.0f}"),
+)
+
+
 def format_vote_rows(rows):
-    header = (f"{'size':8} {'K':>3} {'S':>2} {'batch':>5} {'per-vote s':>10} {'branched s':>10} {'speedup':>7} "
-              f"{'call ratio':>10} {'labels':>7}")
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        lines.append(f"{r['size']:8} {r['votes']:3d} {r['steps']:2d} {r['batch_size']:5d} {r['per_vote_seconds']:10.3f} "
-                     f"{r['branched_seconds']:10.3f} {r['speedup']:6.2f}x {r['call_ratio']:9.2f}x "
-                     f"{'same' if r['labels_agree'] else 'DIFFER':>7}")
-    return "\n".join(lines)
+    from diffrobust.bench import format_table
+
+    return format_table(VOTE_COLUMNS, rows)
 
 
 def format_rows(rows):
-    header = (f"{'size':8} {'reverse':9} {'net evals':>9} {'batch':>5} {'samples/s':>10} {'diffusion':>9} "
-              f"{'classifier':>10} {'params (diff / clf)':>22} {'s/image at N=1e5':>17}")
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        paper = r.get("seconds_per_paper_image")
-        lines.append(f"{r['size']:8} {r['reverse']:9} {r['steps']:9d} {r['batch_size']:5d} "
-                     f"{r['samples_per_second']:10.1f} {r['diffusion_share']:9.0%} {r['classifier_share']:10.0%} "
-                     f"{r['diffusion_parameters'] / 1e6:9.2f}M / {r['classifier_parameters'] / 1e6:.2f}M "
-                     f"{'' if paper is None else f'{paper:,.0f}':>17}")
-    return "\n".join(lines)
+    from diffrobust.bench import format_table
+
+    return format_table(COLUMNS, rows)
 
 
 def add_arguments(parser):

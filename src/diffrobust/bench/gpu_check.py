@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from diffrobust.bench import certify as bench_certify
+from diffrobust.bench import format_table
 from diffrobust.certify import sample_noise_labels
 from diffrobust.defenses import VotingLabeler
 from diffrobust.device import COMPILE_MODES, DeviceError, cuda_available, matmul_tf32, synchronize
@@ -75,15 +76,21 @@ def compare(size, reverse, num_steps, votes, reference, candidate, *, images, dr
             "reference_samples_per_s": samples / ref_seconds, "candidate_samples_per_s": samples / seconds}
 
 
+COLUMNS = (  # format_table's (title, spec, text) of format_rows
+    ("size", "<8", lambda r: r["size"]),
+    ("reverse", "<9", lambda r: r["reverse"]),
+    ("K", ">2", lambda r: r["votes"]),
+    ("reference", ">10", lambda r: r["reference"]),
+    ("candidate", ">25", lambda r: r["candidate"]),
+    ("agree", ">7", lambda r: f"{r['label_agreement']:.2%}"),
+    ("max |dlogit|", ">12", lambda r: f"{r['max_logit_difference']:.2e}"),
+    ("ref/s", ">8", lambda r: f"{r['reference_samples_per_s']:.1f}"),
+    ("cand/s", ">8", lambda r: f"{r['candidate_samples_per_s']:.1f}"),
+)
+
+
 def format_rows(rows):
-    header = (f"{'size':8} {'reverse':9} {'K':>2} {'reference':>10} {'candidate':>25} {'agree':>7} "
-              f"{'max |dlogit|':>12} {'ref/s':>8} {'cand/s':>8}")
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        lines.append(f"{r['size']:8} {r['reverse']:9} {r['votes']:2d} {r['reference']:>10} {r['candidate']:>25} "
-                     f"{r['label_agreement']:7.2%} {r['max_logit_difference']:12.2e} "
-                     f"{r['reference_samples_per_s']:8.1f} {r['candidate_samples_per_s']:8.1f}")
-    return "\n".join(lines)
+    return format_table(COLUMNS, rows)
 
 
 def run_checks(device="cuda", reference_device="cpu", paper_batch=32, paper_draws=64, variants=PAPER_VARIANTS):

@@ -13,7 +13,7 @@ whose cost is negligible, so the same network is timed for it: said in the outpu
 
 import torch
 
-from diffrobust.bench import median_seconds
+from diffrobust.bench import format_table, median_seconds
 from diffrobust.config import load_checkpoint_registry, load_config
 from diffrobust.models import build_architecture
 from diffrobust.training import multihead_from_conditional
@@ -90,16 +90,19 @@ def dc_costs(size, points=(10, 125, 1000), lm_steps=5, batch_size=8, repeats=3):
 
 
 def format_rows(rows):
-    header = (f"{'size':8} {'head':6} {'points':>6} {'net evals':>9} {'DC fwd s':>9} {'DC grad s':>10} "
-              f"{'RDC fwd s':>10} {'single/multi':>12}")
-    lines = [header, "-" * len(header)]
     by_key = {(r["size"], r["points"], r["head"]): r for r in rows}
-    for r in rows:
-        ratio = ""
-        if r["head"] == "multi":
-            ratio = f"{by_key[(r['size'], r['points'], 'single')]['dc_forward_s'] / r['dc_forward_s']:.1f}x"
-        lines.append(f"{r['size']:8} {r['head']:6} {r['points']:6d} {r['network_evaluations']:9,d} "
-                     f"{r['dc_forward_s']:9.2f} {r['dc_gradient_s']:10.2f} {r['rdc_forward_s']:10.2f} {ratio:>12}")
+
+    def ratio(r):
+        if r["head"] != "multi":
+            return ""
+        return f"{by_key[(r['size'], r['points'], 'single')]['dc_forward_s'] / r['dc_forward_s']:.1f}x"
+
+    columns = (("size", "<8", lambda r: r["size"]), ("head", "<6", lambda r: r["head"]),
+               ("points", ">6", lambda r: r["points"]), ("net evals", ">9", lambda r: f"{r['network_evaluations']:,d}"),
+               ("DC fwd s", ">9", lambda r: f"{r['dc_forward_s']:.2f}"),
+               ("DC grad s", ">10", lambda r: f"{r['dc_gradient_s']:.2f}"),
+               ("RDC fwd s", ">10", lambda r: f"{r['rdc_forward_s']:.2f}"), ("single/multi", ">12", ratio))
+    lines = [format_table(columns, rows)]
     for size in dict.fromkeys(r["size"] for r in rows):
         first = next(r for r in rows if r["size"] == size)
         note = " (multi-head timed as the single-head network: only its output convolution differs)" if any(

@@ -380,6 +380,51 @@ def at_budget(verdicts, claim, eps):
     return verdicts[(verdicts["claim"] == claim) & np.isclose(verdicts["eps"], eps)]
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The report's bar charts
+# ---------------------------------------------------------------------------------------------------------------
+
+CHART_SEED = 0  # seaborn's bootstrap of the bars' 95% intervals: seeded, so a re-render draws the same image bytes
+
+
+def _bars(rows, *, x, y, hue, ax, seed=CHART_SEED):
+    """Mean bars of `y` per `x` and `hue` with seaborn's bootstrap 95% interval, its resampling seeded."""
+    import seaborn as sns
+
+    return sns.barplot(data=rows, x=x, y=y, hue=hue, ax=ax, errorbar=("ci", 95), seed=seed)
+
+
+def edit_quality_figure(edits, metric, strength, *, seed=CHART_SEED):
+    """The report's chart (a): per editor, `metric` of the edits of protected images at `strength` per attack and
+    budget, the clean image's edit as a dashed line. `edits` are the table's rows without a purifier."""
+    import matplotlib.pyplot as plt
+
+    at_strength = edits[np.isclose(edits["strength"], strength) & (edits["attack"] != "none")]
+    fig, axes = plt.subplots(1, len(EDITORS), figsize=(12, 4), sharey=True)
+    for ax, editor in zip(axes, EDITORS):
+        _bars(at_strength[at_strength["editor"] == editor], x="attack", y=metric, hue="eps", ax=ax, seed=seed)
+        clean = edits[(edits["attack"] == "none") & (edits["editor"] == editor) & np.isclose(edits["strength"], strength)]
+        ax.axhline(clean[metric].mean(), color="black", linestyle="--", label="clean")
+        ax.set_title(f"{editor.upper()} edit at strength {strength:g}")
+        ax.tick_params(axis="x", rotation=45)
+        ax.legend(title="eps", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def purification_figure(ldm_after, metric, strength, eps, *, seed=CHART_SEED):
+    """The report's chart (b): `metric` of the LDM edit after each purifier, per attack, at budget `eps` (the rows
+    `ldm_after` already chosen)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(12, 4))
+    _bars(ldm_after, x="attack", y=metric, hue="purifier", ax=ax, seed=seed)
+    ax.set_title(f"LDM edit after each purifier (eps {eps:g}, strength {strength:g})")
+    ax.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    return fig
+
+
 PAPER = "Pixel is a Barrier"
 REPORT = "pixel_barrier"
 CLAIMS = {  # claim -> what it says, as a sentence with {attack}, {eps}, {metric}, {pdm_margin}, {restore_margin}

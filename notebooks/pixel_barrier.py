@@ -38,8 +38,6 @@ import pandas as pd
 import yaml
 from IPython.display import Markdown, display
 
-from diffrobust import quality
-from diffrobust.attacks import protective
 from diffrobust.stages import pixel_barrier
 
 known = yaml.safe_load(open(published))["pixel_barrier"]

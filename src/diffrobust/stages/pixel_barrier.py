@@ -14,8 +14,10 @@ Jobs (one per protective attack, each over every budget of `pixel_barrier.budget
 `claims` turns the per-image tables into the paper's three claims, each with a paired bootstrap interval and a verdict.
 """
 
+import functools
 import logging
 import time
+
 import numpy as np
 import pandas as pd
 import torch
@@ -263,11 +265,7 @@ def edit_job(attack, sets, *, settings, models, device="cpu", seed=0):
     loaded = load_models(models, settings, device)
     classifier, extractor = loaded["classifier"], loaded["features"]
 
-    def features_of(images):
-        return quality.extract_features(extractor, images)
-
-    if extractor is None:
-        features_of = None
+    features_of = None if extractor is None else functools.partial(quality.extract_features, extractor)
 
     x_clean = torch.from_numpy(sets["x_clean"]).to(device)
     labels = torch.from_numpy(sets["labels"])

@@ -31,7 +31,7 @@ from diffrobust.stages import robustness
 from diffrobust.stages.plan import RDC_ROLES as ROLES
 from diffrobust.stages.plan import rdc_defense_attacks as defense_attacks
 from diffrobust.stages.plan import sweep_heads
-from diffrobust.stages.robustness import attack_names, read_set, threat_source
+from diffrobust.stages.robustness import read_set, threat_source
 
 DEFENSES = ("undefended", "adversarial", "dc", "rdc", "dc_multihead", "rdc_multihead")
 # The models each defense loads (roles of rdc.models).
@@ -169,7 +169,7 @@ def claims(sets, transfers, settings, *, diffpure_sets, dataset, known):
             ", ".join(f"{d} {e['values']['robust']:.4f}" if e else f"{d} {c.NOT_KNOWN}" for d, e in published.items())
             or f"{c.NOT_KNOWN} for {dataset}",
             "; ".join(f"{d}: {c.provenance(e)}" for d, e in published.items() if e)
-            or f"the paper evaluates CIFAR-10 (rdc_table.cifar10 in config/published_values.yaml)",
+            or "the paper evaluates CIFAR-10 (rdc_table.cifar10 in config/published_values.yaml)",
             ", ".join(f"{d} {c.interval_text(accuracy[d]['accuracy'], accuracy[d]['ci_low'], accuracy[d]['ci_high'])}"
                       for d in ORDER if d in accuracy) + " (point values compared: DiffPure's images are its own)",
             None, None, None,

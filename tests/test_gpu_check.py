@@ -24,6 +24,9 @@ def test_reduced_precision_shows_up_as_a_logit_difference():
     assert 0 < row["max_logit_difference"] < 5  # bf16 keeps 8 bits of mantissa: visible, but not garbage
     assert 0.0 <= row["label_agreement"] <= 1.0
     assert "bf16" in gpu_check.format_rows([row])
+    # one DDS image at paper scale: N0 + N = 100,100 draws at the candidate's measured rate
+    assert row["candidate_seconds_per_paper_image"] == pytest.approx(100_100 / row["candidate_samples_per_s"])
+    assert "s/image N=1e5" in gpu_check.format_rows([row]).splitlines()[0]
 
 
 def test_without_a_gpu_it_says_so_and_exits_1():

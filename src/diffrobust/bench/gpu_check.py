@@ -70,10 +70,13 @@ def compare(size, reverse, num_steps, votes, reference, candidate, *, images, dr
         rows[role] = _labels(size, reverse, num_steps, votes, device, variant, images, draws, sigma, batch_size)
     (ref_labels, ref_logits, ref_seconds), (labels, logits, seconds) = rows["reference"], rows["candidate"]
     samples = images * draws
+    paper_draws = bench_certify.PAPER_N0 + bench_certify.PAPER_N
     return {"size": size, "reverse": reverse, "votes": votes, "reference": "/".join(reference),
             "candidate": "/".join(candidate), "label_agreement": float(np.mean(ref_labels == labels)),
             "max_logit_difference": float((ref_logits - logits).abs().max()),
-            "reference_samples_per_s": samples / ref_seconds, "candidate_samples_per_s": samples / seconds}
+            "reference_samples_per_s": samples / ref_seconds, "candidate_samples_per_s": samples / seconds,
+            # DDS at paper scale: N0 + N draws of one image at the candidate's rate (the goal: <= 15 s on an H100)
+            "candidate_seconds_per_paper_image": paper_draws * seconds / samples if reverse == "one_shot" else None}
 
 
 COLUMNS = (  # format_table's (title, spec, text) of format_rows
@@ -86,6 +89,8 @@ COLUMNS = (  # format_table's (title, spec, text) of format_rows
     ("max |dlogit|", ">12", lambda r: f"{r['max_logit_difference']:.2e}"),
     ("ref/s", ">8", lambda r: f"{r['reference_samples_per_s']:.1f}"),
     ("cand/s", ">8", lambda r: f"{r['candidate_samples_per_s']:.1f}"),
+    ("s/image N=1e5", ">13", lambda r: "" if r["candidate_seconds_per_paper_image"] is None
+     else f"{r['candidate_seconds_per_paper_image']:,.1f}"),
 )
 
 
@@ -93,8 +98,10 @@ def format_rows(rows):
     return format_table(COLUMNS, rows)
 
 
-def run_checks(device="cuda", reference_device="cpu", paper_batch=32, paper_draws=64, variants=PAPER_VARIANTS):
-    """Every comparison of the module docstring, as rows."""
+def run_checks(device="cuda", reference_device="cpu", paper_batch=32, paper_draws=None, variants=PAPER_VARIANTS):
+    """Every comparison of the module docstring, as rows. The paper-size variants certify 2 images with
+    `paper_draws` draws each (default: two full batches, so no smaller last batch is compiled while timed)."""
+    paper_draws = paper_draws or max(64, 2 * paper_batch)
     s = SLICE
     common = {"images": s["images"], "draws": s["draws"], "sigma": s["sigma"], "batch_size": s["draws"]}
     rows = [compare("mini", "one_shot", None, 1, (reference_device, "fp32"), (device, "fp32"), **common),

@@ -13,21 +13,15 @@ import time
 def median_seconds(call, repeats, warmup=0):
     """Median wall time of `repeats` calls of `call()` after `warmup` untimed ones (compilation, caches); the median
     resists one slow call on a shared machine."""
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return interleaved_median_seconds([call], repeats, warmup)[0]
 
 
-def interleaved_median_seconds(calls, repeats):
-    """Median wall time of each of `calls`, timed in `repeats` rounds that call each once (after one untimed
-    warm-up call each), so that a change of load on a shared machine hits all of them alike and their ratios hold."""
+def interleaved_median_seconds(calls, repeats, warmup=1):
+    """Median wall time of each of `calls`, timed in `repeats` rounds that call each once (after `warmup` untimed
+    calls each), so that a change of load on a shared machine hits all of them alike and their ratios hold."""
     for call in calls:
-        call()
+        for _ in range(warmup):
+            call()
     times = [[] for _ in calls]
     for _ in range(repeats):
         for call, samples in zip(calls, times):

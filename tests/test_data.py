@@ -2,6 +2,7 @@
 
 import hashlib
 import io
+import os
 import pickle
 import tarfile
 
@@ -64,13 +65,32 @@ def test_take_selects_by_original_index(mnist):
         test.take([5000])
 
 
-def _fake_cifar_tarball(path, per_batch=4):
+def _official_format_batch(name, rng, per_batch=4):
+    """A batch laid out as the official data_batch_1: b"data" uint8 (N, 3072), b"labels" a list of ints,
+    b"batch_label" and b"filenames" as bytes (the Python 2 pickles read with encoding="bytes")."""
+    return {b"batch_label": f"{name} of the fake tarball".encode(),
+            b"labels": [int(label) for label in rng.integers(0, 10, per_batch)],
+            b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+            b"filenames": [f"image_{i}.png".encode() for i in range(per_batch)]}
+
+
+class _ShellPayload:
+    """Unpickling this runs `touch <marker>`: what a tampered batch could do to an unguarded pickle.load."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _fake_cifar_tarball(path, per_batch=4, replace=None, protocol=pickle.DEFAULT_PROTOCOL):
+    """The python tarball's layout with random images; `replace` maps a batch name to the object pickled instead."""
     rng = np.random.default_rng(0)
     with tarfile.open(path, "w:gz") as archive:
         for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-            batch = {b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
-                     b"labels": list(rng.integers(0, 10, per_batch))}
-            payload = pickle.dumps(batch)
+            batch = (replace or {}).get(name) or _official_format_batch(name, rng, per_batch)
+            payload = pickle.dumps(batch, protocol=protocol)
             info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
             info.size = len(payload)
             archive.addfile(info, io.BytesIO(payload))
@@ -87,6 +107,38 @@ def test_cifar10_from_tarball(tmp_path):
         raw = pickle.load(archive.extractfile("cifar-10-batches-py/test_batch"))
     # CHW order: the first 1024 bytes of a row are the red plane
     assert np.array_equal(dataset["test"].images[1, 0].ravel(), raw[b"data"][1, :1024])
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar10_reads_official_format_batches_of_every_pickle_protocol(tmp_path, protocol):
+    tarball = tmp_path / "cifar-10-python.tar.gz"
+    _fake_cifar_tarball(tarball, per_batch=3, protocol=protocol)
+    data.prepare_cifar10(tmp_path / "cifar10", tarball)
+    with tarfile.open(tarball) as archive:
+        raw = pickle.load(archive.extractfile("cifar-10-batches-py/data_batch_2"), encoding="bytes")
+    train = data.load_dataset(tmp_path / "cifar10")["train"]
+    assert np.array_equal(train.images[3:6].reshape(3, -1), raw[b"data"])  # batch 2 follows batch 1's 3 images
+    assert train.labels[3:6].tolist() == raw[b"labels"]
+
+
+@pytest.mark.parametrize("where", ["batch", "labels"])
+def test_cifar10_batch_with_a_pickled_payload_is_refused_and_never_runs(tmp_path, where):
+    marker = tmp_path / "payload-ran"
+    batch = _official_format_batch("data_batch_3", np.random.default_rng(1))
+    if where == "labels":
+        batch[b"labels"] = [_ShellPayload(marker)] * 4
+    tarball = tmp_path / "cifar-10-python.tar.gz"
+    md5 = _fake_cifar_tarball(tarball, replace={"data_batch_3": batch if where == "labels" else _ShellPayload(marker)})
+    with pytest.raises(data.DataError, match=r"member cifar-10-batches-py/data_batch_3: refused to unpickle \w+\.system"):
+        data.prepare_cifar10(tmp_path / "out", tarball, md5)  # the md5 matches: the user vouched for this file
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_cifar10_batch_of_another_layout_names_the_member(tmp_path):
+    tarball = tmp_path / "cifar-10-python.tar.gz"
+    _fake_cifar_tarball(tarball, replace={"test_batch": {b"data": np.zeros((2, 3072), np.float32), b"labels": [0, 1]}})
+    with pytest.raises(data.DataError, match="member cifar-10-batches-py/test_batch: not a CIFAR-10 batch"):
+        data.prepare_cifar10(tmp_path / "out", tarball)
 
 
 def test_cifar10_md5_mismatch_writes_nothing(tmp_path):

@@ -181,6 +181,52 @@ def prepare_mnist(out_dir, test_per_class=100, split_seed=0, pad_to=32):
 
 # --- CIFAR-10 ----------------------------------------------------------------------------------------------------
 
+# The only globals a CIFAR-10 python batch names: numpy array reconstruction (pickle protocols 0-4: _reconstruct,
+# ndarray, dtype; protocol 5: _frombuffer; numpy scalars: scalar) under numpy 1's and numpy 2's module names, and
+# _codecs.encode, which Python 3 pickles of bytes use under protocols 0-2. None of them runs code of the file's choosing.
+CIFAR10_PICKLE_GLOBALS = frozenset({
+    *((module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+      for name in ("_reconstruct", "scalar")),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+})
+
+
+class _Cifar10Unpickler(pickle.Unpickler):
+    """Reads a batch's dict of arrays, lists and bytes; refuses every other global, so that a tampered tarball (its
+    md5 is the user's to override) cannot run code: a pickle runs what its globals name."""
+
+    def __init__(self, file, member):
+        super().__init__(file, encoding="bytes")
+        self.member = member
+
+    def find_class(self, module, name):
+        if (module, name) not in CIFAR10_PICKLE_GLOBALS:
+            raise DataError(f"{self.member}: refused to unpickle {module}.{name}; a CIFAR-10 batch holds only numpy "
+                            "arrays, lists and bytes. The tarball is not the official cifar-10-python.tar.gz: "
+                            "delete it and download it again")
+        return super().find_class(module, name)
+
+
+def read_cifar10_batch(file, member):
+    """One batch (data_batch_N or test_batch) of the python tarball as its dict, read without running pickled code;
+    `member` names the file in errors. Its b"data" must be uint8 (N, 3072) and b"labels" N class indices."""
+    try:
+        batch = _Cifar10Unpickler(file, member).load()
+    except DataError:
+        raise
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as error:
+        raise DataError(f"{member}: not a CIFAR-10 batch ({type(error).__name__}: {error}); "
+                        "delete the tarball and download it again") from None
+    images = batch.get(b"data") if isinstance(batch, dict) else None
+    labels = batch.get(b"labels") if isinstance(batch, dict) else None
+    if not (isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 2
+            and images.shape[1] == 3072 and isinstance(labels, list) and len(labels) == len(images)
+            and all(isinstance(label, (int, np.integer)) for label in labels)):
+        raise DataError(f"{member}: not a CIFAR-10 batch (expected a dict with b'data' uint8 (N, 3072) and "
+                        "b'labels' a list of N integer labels); delete the tarball and download it again")
+    return batch
+
 
 def prepare_cifar10(out_dir, tarball, md5=None):
     """The official python tarball (data_batch_1..5 = train, test_batch = test), verified against `md5`."""
@@ -198,8 +244,8 @@ def prepare_cifar10(out_dir, tarball, md5=None):
     with tarfile.open(tarball, "r:gz") as archive:
         for member in archive.getmembers():
             name = Path(member.name).name
-            if name.startswith("data_batch_") or name == "test_batch":
-                batches[name] = pickle.load(archive.extractfile(member), encoding="bytes")
+            if member.isfile() and (name.startswith("data_batch_") or name == "test_batch"):
+                batches[name] = read_cifar10_batch(archive.extractfile(member), f"{tarball} member {member.name}")
     expected = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
     if sorted(batches) != sorted(expected):
         raise DataError(f"{tarball} lacks {sorted(set(expected) - set(batches))}; is it cifar-10-python.tar.gz?")

@@ -1,13 +1,74 @@
-"""Checkpoint files on disk: where they go, and whether they are present and verified."""
+"""Checkpoint files on disk: where they go, and whether they are present and verified.
 
-from pathlib import Path
+A registry entry (config/checkpoints.yaml) names a file as <name>/<path> below data/checkpoints/; the download job
+writes there and the loaders read there. `checkpoint_path` is the one place such a path is built, and it refuses one
+that leaves data/checkpoints/ (a '..' or '.' part, an absolute path, or a symlink out), so that an edited registry
+cannot make a download overwrite, or a loader read, a file elsewhere. The registry's schema refuses the same paths.
+"""
+
+from pathlib import Path, PurePosixPath
 
 from diffrobust.download import file_digest, read_lock
+from diffrobust.errors import DiffrobustError
 
 CHECKPOINTS_DIR = Path("data/checkpoints")
 
 
+class CheckpointPathError(DiffrobustError, ValueError):
+    """A registry entry whose file would lie outside data/checkpoints/."""
+
+
+def _relative_parts_problem(text):
+    """Why `text` is not a plain relative path (None when it is): no absolute path, no '', '.' or '..' parts."""
+    if not isinstance(text, str) or not text:
+        return "is empty"
+    if "\\" in text:
+        return "holds a backslash"
+    if PurePosixPath(text).is_absolute():
+        return "is an absolute path"
+    bad = [part for part in text.split("/") if part in ("", ".", "..")]
+    return f"has a {bad[0]!r} part" if bad else None
+
+
+def checkpoint_path_problem(name, file_entry, root=CHECKPOINTS_DIR):
+    """Why file `file_entry` of checkpoint `name` would not lie below `root`/<name>/ (None when it does): a name
+    that is not one plain folder name, a path with an absolute, '.' or '..' part, or a path that resolves outside
+    `root` through a symlink (checked on what is on disk now)."""
+    where = f"checkpoint registry entry {name!r}, file {file_entry.get('path')!r}"
+    name_problem = _relative_parts_problem(name) or ("holds a '/'" if "/" in name else None)
+    if name_problem:
+        return (f"{where}: the checkpoint name {name_problem}; a name is one folder below {root}/ "
+                "(letters, digits, '_', '-', '.', not '.' or '..')")
+    path_problem = _relative_parts_problem(file_entry.get("path"))
+    if path_problem:
+        return (f"{where}: the path {path_problem}; a path is relative to {root}/{name}/, its parts separated by "
+                "'/', none of them '.' or '..'")
+    path = Path(root) / name / file_entry["path"]
+    resolved, inside = path.resolve(), Path(root).resolve()
+    if not resolved.is_relative_to(inside):
+        return (f"{where}: {path} resolves to {resolved}, outside {inside} (a symlink leads out); checkpoint files "
+                f"are read and written only below {root}/: replace the link by the files themselves")
+    return None
+
+
+def registry_path_problems(registry, root=CHECKPOINTS_DIR):
+    """checkpoint_path_problem of every file of every registry entry, one line each ([] when all lie below `root`);
+    entries too malformed to have a path are left to the registry's schema."""
+    problems = []
+    for name, entry in registry.items() if isinstance(registry, dict) else ():
+        files = entry.get("files") if isinstance(entry, dict) else None
+        for file_entry in files if isinstance(files, list) else []:
+            if isinstance(file_entry, dict) and isinstance(file_entry.get("path"), str):
+                problems.append(checkpoint_path_problem(str(name), file_entry, root))
+    return [problem for problem in problems if problem]
+
+
 def checkpoint_path(name, file_entry, root=CHECKPOINTS_DIR):
+    """Where file `file_entry` of checkpoint `name` lies: `root`/<name>/<path>. Raises CheckpointPathError (naming
+    the entry) when that would be outside `root` (see checkpoint_path_problem)."""
+    problem = checkpoint_path_problem(name, file_entry, root)
+    if problem:
+        raise CheckpointPathError(problem)
     return Path(root) / name / file_entry["path"]
 
 

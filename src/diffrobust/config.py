@@ -723,13 +723,17 @@ def load_config(overrides=None, presets_dir=PRESETS_DIR, schema_path=CONFIG_SCHE
 
 
 def load_checkpoint_registry(path=CHECKPOINTS_REGISTRY, schema_path=CHECKPOINTS_SCHEMA):
-    """The checkpoint registry, validated against its schema."""
+    """The checkpoint registry, validated against its schema; every file must lie below data/checkpoints/ (no '..',
+    absolute path or symlink out: checked again here, in code, beside the schema's pattern)."""
+    from diffrobust.checkpoints import registry_path_problems
+
     registry = read_yaml(path) or {}
     schema = read_yaml(schema_path)
     validator = jsonschema.Draft202012Validator(schema)
     errors = list(validator.iter_errors(registry))
-    if errors:
-        lines = [f"'{dotted(error.absolute_path)}': {error.message}" for error in errors]
+    lines = [f"'{dotted(error.absolute_path)}': {error.message}" for error in errors]
+    lines += registry_path_problems(registry, REPO_ROOT / "data" / "checkpoints")
+    if lines:
         raise ConfigError(f"{path} is invalid:\n  - " + "\n  - ".join(lines))
     return registry
 

@@ -44,6 +44,7 @@ import yaml
 from torch import nn
 
 from diffrobust import diffusion as diffusion_lib
+from diffrobust.checkpoints import checkpoint_path
 from diffrobust.io import atomic_path
 from diffrobust.errors import DiffrobustError
 
@@ -592,7 +593,7 @@ def load_registry_checkpoint(name, root="data/checkpoints", *, registry=None, de
         raise ValueError(f"checkpoint {name!r} (family {family!r}) has no loader here; loadable families: "
                          f"{', '.join(sorted(REGISTRY_KINDS))}")
     for file_entry in entry["files"]:  # the weights are the last file (Hugging Face folders list config.json first)
-        path = Path(root) / name / file_entry["path"]
+        path = checkpoint_path(name, file_entry, root)  # refuses an entry that leads out of root
         if not path.is_file():
             how = (entry.get("manual") or "").strip() or (
                 f"download it with `snakemake --cores 1 {Path('data/checkpoints') / name / file_entry['path']}` "
@@ -626,7 +627,7 @@ def source_files(source, root="data/checkpoints", *, registry=None):
     """The files a model source is read from: the model file itself, or a registry checkpoint's files under root."""
     if looks_like_file(source):
         return [Path(source)]
-    return [Path(root) / str(source) / entry["path"] for entry in _registry_entry(source, registry)["files"]]
+    return [checkpoint_path(str(source), entry, root) for entry in _registry_entry(source, registry)["files"]]
 
 
 def load_source(source, root="data/checkpoints", *, registry=None, device="cpu"):

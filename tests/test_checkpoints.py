@@ -34,7 +34,8 @@ def test_registry_entry_leading_out_of_data_checkpoints_is_refused_at_load(tmp_p
 
 @pytest.mark.parametrize("name, file_path, reason", ESCAPES)
 def test_schema_alone_refuses_the_escapes(name, file_path, reason):
-    errors = list(jsonschema.Draft202012Validator(read_yaml(CHECKPOINTS_SCHEMA)).iter_errors(_registry(name, file_path)))
+    validator = jsonschema.Draft202012Validator(read_yaml(CHECKPOINTS_SCHEMA))
+    errors = list(validator.iter_errors(_registry(name, file_path)))
     assert errors and all(error.validator == "pattern" for error in errors)
 
 

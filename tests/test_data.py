@@ -129,7 +129,8 @@ def test_cifar10_batch_with_a_pickled_payload_is_refused_and_never_runs(tmp_path
         batch[b"labels"] = [_ShellPayload(marker)] * 4
     tarball = tmp_path / "cifar-10-python.tar.gz"
     md5 = _fake_cifar_tarball(tarball, replace={"data_batch_3": batch if where == "labels" else _ShellPayload(marker)})
-    with pytest.raises(data.DataError, match=r"member cifar-10-batches-py/data_batch_3: refused to unpickle \w+\.system"):
+    refused = r"member cifar-10-batches-py/data_batch_3: refused to unpickle \w+\.system"
+    with pytest.raises(data.DataError, match=refused):
         data.prepare_cifar10(tmp_path / "out", tarball, md5)  # the md5 matches: the user vouched for this file
     assert not marker.exists() and not (tmp_path / "out").exists()
 

@@ -561,6 +561,6 @@ def test_protect_cli_names_missing_settings_and_writes_nothing(tmp_path, capsys)
     out = tmp_path / "sets" / "advdm.npz"
     code = cli.main(["protect", "--attack", "advdm", "--settings", '{"budgets": [0.1]}', "--subset",
                      '{"start": 0, "stop": 2}', "--models", "{}", "--dataset-dir", str(tmp_path), "--out", str(out)])
-    assert code == 1
-    assert "--settings lacks steps" in capsys.readouterr().err
+    assert code == 2  # a usage error: argparse's status
+    assert "argument --settings: lacks steps" in capsys.readouterr().err
     assert not out.parent.exists()

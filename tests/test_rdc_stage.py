@@ -154,5 +154,5 @@ def test_the_command_line_refuses_a_defense_the_stage_does_not_have(project, tmp
                              "--models", json.dumps(sources), "--dataset-dir", str(root / "mnist"),
                              "--work-dir", str(tmp_path / "w"), "--out", str(tmp_path / "o.npz")],
                             capture_output=True, text=True)
-    assert result.returncode == 1 and "stage diffpure has undefended, diffpure" in result.stderr
+    assert result.returncode == 2 and "stage diffpure has undefended, diffpure" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "o.npz").exists()

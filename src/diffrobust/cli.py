@@ -1,8 +1,11 @@
 """Command-line entry point: `diffrobust <subcommand>` (or `python -m diffrobust`).
 
 Every Snakemake rule is one call of one subcommand; all logic lives in the library modules. Structured arguments
-(settings blocks of the config, notebook parameters) travel as JSON strings. Errors meant for the user exit with
-status 1 and a one-paragraph message instead of a traceback.
+(settings blocks of the config, notebook parameters) travel as JSON strings and are held to the config schema, as
+the DAG build holds the config. A bad argument (a value out of range, a settings block that is not the config's, a
+shard the subset does not have, an attack the settings do not define) exits with status 2, argparse's usage-error
+status, and one line naming the argument and what it allows; other errors meant for the user (a missing or damaged
+input file, say) exit with status 1 and a one-paragraph message. Neither prints a traceback (`-v` shows it).
 """
 
 import argparse
@@ -10,8 +13,27 @@ import importlib
 import json
 import logging
 import sys
+from pathlib import Path
+
+from diffrobust.errors import DiffrobustError
 
 log = logging.getLogger("diffrobust")
+
+
+class UsageError(DiffrobustError):
+    """A bad command-line argument found after parsing (it needs another argument to judge): `main` prints one line
+    naming `argument` and exits with status 2, as argparse does for the arguments it checks itself."""
+
+    def __init__(self, argument, message):
+        super().__init__(f"argument {argument}: {message}")
+        self.argument = argument
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line (the usage summary is one `--help` away), still exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see `{self.prog} --help`)\n")
 
 
 def _json(text):
@@ -24,11 +46,16 @@ def _json(text):
 def _schema_at(key):
     """The config schema's rule for `key` ("densepure.alpha"; "densepure.sigmas[]" for an item of a list), as one
     schema (its alternatives under anyOf), found by `config.schemas_at`, the walker the config's own checks use."""
+    nodes = _schemas_at(key)
+    return nodes[0] if len(nodes) == 1 else {"anyOf": nodes}
+
+
+def _schemas_at(key):
+    """Every schema config key `key` may follow (config.schemas_at of its dotted path; "[]" is an item of a list)."""
     from diffrobust.config import CONFIG_SCHEMA, read_yaml, schemas_at
 
     path = [part for name in key.split(".") for part in ([name[:-2], 0] if name.endswith("[]") else [name])]
-    nodes = schemas_at(read_yaml(CONFIG_SCHEMA), path)
-    return nodes[0] if len(nodes) == 1 else {"anyOf": nodes}
+    return schemas_at(read_yaml(CONFIG_SCHEMA), path)
 
 
 def schema_problems(value, key):
@@ -40,8 +67,69 @@ def schema_problems(value, key):
         "integer", lambda checker, v: isinstance(v, int) and not isinstance(v, bool))
     validator_class = jsonschema.validators.extend(jsonschema.Draft202012Validator, type_checker=strict_integers)
     errors = validator_class(_schema_at(key)).iter_errors(value)
-    return [f"{'.'.join([key.removesuffix('[]'), *map(str, error.absolute_path)])}: {error.message}"
-            for error in sorted(errors, key=lambda e: list(map(str, e.absolute_path)))]
+    return [_problem_line(key, error) for error in sorted(errors, key=lambda e: list(map(str, e.absolute_path)))]
+
+
+def _problem_line(key, error):
+    """One schema error as `key.path: message`; for a value that fits none of several forms (anyOf), the nearest
+    form's own error and the keys of each form, instead of jsonschema's bare "not valid under any"."""
+    if error.context:
+        forms = [option for option in error.schema.get(error.validator, []) if isinstance(option, dict)]
+        shapes = ["{" + ", ".join(form["properties"]) + "}" for form in forms if "properties" in form]
+        by_form = {}
+        for sub in error.context:  # schema_path starts with the index of the form the sub-error belongs to
+            by_form.setdefault(sub.schema_path[0], []).append(sub)
+        nearest = min(by_form.values(), key=len)[0]  # the form with the fewest errors is the one meant
+        where = [*error.absolute_path, *nearest.absolute_path]
+        suffix = f" (it takes one of the forms {' or '.join(shapes)})" if shapes else ""
+        return f"{'.'.join([key.removesuffix('[]'), *map(str, where)])}: {nearest.message}{suffix}"
+    return f"{'.'.join([key.removesuffix('[]'), *map(str, error.absolute_path)])}: {error.message}"
+
+
+def missing_keys(value, key):
+    """Dotted keys below config key `key` that `value` lacks although the merged config always holds them (the
+    schema requires them or gives them a default; a stage's seed takes the global one). A direct call must pass the
+    block the workflow passes; the schema alone would let `{}` through, its defaults being filled in before it is
+    checked."""
+    from diffrobust.config import CONFIG_SCHEMA, STAGE_SEEDS, _alternatives, read_yaml
+
+    schema = read_yaml(CONFIG_SCHEMA)  # the root, against which _alternatives follows a $ref
+
+    def walk(nodes, value, where):
+        if len(nodes) != 1 or not isinstance(value, dict):  # alternatives, or not a mapping: the schema check's
+            return []
+        node, missing = nodes[0], []
+        named = node.get("properties", {})
+        for name, child in named.items():
+            if name in value:
+                missing += walk(_alternatives(child, schema), value[name], f"{where}.{name}")
+            elif "default" in child or name in node.get("required", ()) or (where, name) in STAGE_SEEDS:
+                missing.append(f"{where}.{name}")
+        if isinstance(node.get("additionalProperties"), dict):  # maps of named entries (attacks, purifiers)
+            for name in value.keys() - named.keys():
+                missing += walk(_alternatives(node["additionalProperties"], schema), value[name], f"{where}.{name}")
+        return missing
+
+    return walk(_schemas_at(key), value, key.removesuffix("[]"))
+
+
+def block_problem(value, key):
+    """What keeps `value` (a JSON argument) from being config key `key` as the DAG build holds the config: a key
+    the merged config always holds that it lacks, or a value outside the schema; None when there is nothing."""
+    missing = missing_keys(value, key)
+    if missing:
+        return (f"lacks {', '.join(missing)} (the {key} config block as the workflow passes it: "
+                "`diffrobust check-config --preset <preset>` prints the merged config)")
+    problems = schema_problems(value, key)
+    return "out of range (as config key " + "; ".join(problems) + ")" if problems else None
+
+
+def check_block(value, key, argument):
+    """`value` when it is config key `key` (block_problem); else UsageError naming `argument`."""
+    problem = block_problem(value, key)
+    if problem:
+        raise UsageError(argument, problem)
+    return value
 
 
 def _checked(key, parse=json.loads):
@@ -59,6 +147,47 @@ def _checked(key, parse=json.loads):
         return value
 
     convert.__name__ = key  # argparse names the type in its message
+    return convert
+
+
+def existing_file(text):
+    """An argparse type: a path that names a file."""
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"no file {text}" + (" (it is a folder)" if Path(text).is_dir() else ""))
+    return text
+
+
+def positive_int(text):
+    """An argparse type: an integer of at least 1 (a batch size, a count)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give one of at least 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is below 1; give an integer of at least 1")
+    return value
+
+
+def positive_int_list(text):
+    """An argparse type: comma-separated integers of at least 1 ("10,125,1000")."""
+    try:
+        return [positive_int(part) for part in text.split(",")]
+    except argparse.ArgumentTypeError as error:
+        raise argparse.ArgumentTypeError(f"{text!r}: {error} (comma-separated, as 10,125,1000)") from None
+
+
+def choice_list(choices):
+    """An argparse type: comma-separated names, each one of `choices` ("mini,cifar10")."""
+
+    def convert(text):
+        names = text.split(",")
+        unknown = [name for name in names if name not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"{', '.join(map(repr, unknown))} not among {', '.join(choices)} "
+                                             "(comma-separated)")
+        return names
+
+    convert.__name__ = "list"
     return convert
 
 
@@ -193,17 +322,60 @@ ATTACK_STAGES = {"diffpure": ("undefended", "diffpure"),
 
 
 def _attack_stage(args):
-    """The stage module of an attack job, after holding its settings to the config schema's `<stage>` block."""
-    from diffrobust.errors import DiffrobustError
+    """The stage module of an attack, evaluate or sweep job, after holding its arguments to the config as the DAG
+    build does (torch is not loaded yet): --settings to the `<stage>` block, --models to `<stage>.models`, --subset
+    to `subsets.<stage>`, --defense, --threat, --attack and --shard to what these define, --sets to --threat."""
+    from diffrobust.stages import plan
 
-    if args.defense not in ATTACK_STAGES[args.stage]:
-        raise DiffrobustError(f"--defense {args.defense!r}: stage {args.stage} has {', '.join(ATTACK_STAGES[args.stage])}")
-    problems = schema_problems(args.settings, args.stage)
+    stage = getattr(args, "stage", "rdc")  # sigma-sweep: the rdc stage's
+    defense = getattr(args, "defense", None)
+    if defense is not None and defense not in ATTACK_STAGES[stage]:
+        raise UsageError("--defense", f"{defense!r}: stage {stage} has {', '.join(ATTACK_STAGES[stage])}")
+    settings = check_block(args.settings, stage, "--settings")
+    check_block(args.models, f"{stage}.models", "--models")
+    if args.threat not in settings["threats"]:
+        raise UsageError("--threat", f"{args.threat!r} is not a threat of --settings ({stage}.threats has "
+                                     f"{', '.join(settings['threats'])})")
     if getattr(args, "subset", None) is not None:
-        problems += schema_problems(args.subset, f"subsets.{args.stage}")
-    if problems:
-        raise DiffrobustError("--settings: out of range (as config key " + "; ".join(problems) + ")")
-    return importlib.import_module(f"diffrobust.stages.{args.stage}")
+        check_block(args.subset, f"subsets.{stage}", "--subset")
+    if getattr(args, "attack", None) is not None and args.attack not in plan.attack_names(settings):
+        raise UsageError("--attack", f"{args.attack!r} is not an attack of --settings ({stage}.attacks and the "
+                                     f"derived checks: {', '.join(plan.attack_names(settings))})")
+    if getattr(args, "shard", None) is not None:
+        _check_shard(args.shard, args.subset, settings["shard_size"], args.dataset_dir, stage)
+    for path in getattr(args, "sets", None) or ():
+        made_at = stored_set_threat(path)
+        if made_at is not None and made_at != args.threat:
+            raise UsageError("--sets", f"{path} was made at threat {made_at}, not --threat {args.threat}; pass the "
+                                       f"{args.threat} set, or --threat {made_at}")
+    return importlib.import_module(f"diffrobust.stages.{stage}")
+
+
+def _check_shard(shard, subset, shard_size, dataset_dir, stage):
+    """--shard against the shards `subset` makes of the dataset's evaluation split (read from its meta.json)."""
+    from diffrobust import data
+    from diffrobust.stages import plan
+
+    split_size = data.eval_split_size(data.read_meta(dataset_dir))
+    try:
+        shards = plan.num_shards(subset, split_size, shard_size, name=stage)
+    except data.DataError as error:
+        raise UsageError("--subset", str(error)) from None
+    if shard >= shards:
+        raise UsageError("--shard", f"{shard} is not a shard of subsets.{stage} (the subset makes {shards} shard(s) "
+                                    f"of {shard_size} images on {dataset_dir}: 0 to {shards - 1})")
+
+
+def stored_set_threat(path):
+    """The threat a stored adversarial set was made at (its identity's settings.threat); None when the file cannot
+    be read here, which the job's own reading of the set then reports."""
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as contents:
+            return json.loads(str(contents["identity"]))["settings"]["threat"]
+    except Exception:  # noqa: BLE001 -- a damaged or foreign file is reported by the stage's reader, naming it
+        return None
 
 
 def cmd_attack_shard(args):
@@ -260,17 +432,17 @@ def cmd_train_ldm(args):
 
 def _pixel_barrier_settings(args, kind):
     from diffrobust.config import missing_job_keys
-    from diffrobust.errors import DiffrobustError
 
     missing = missing_job_keys(args.settings, kind)
     if missing:
-        raise DiffrobustError(f"--settings lacks {', '.join(missing)}: pass the {kind} job's settings as the workflow "
-                              "does (diffrobust.config.pixel_barrier_job_settings of the merged pixel_barrier block)")
+        raise UsageError("--settings", f"lacks {', '.join(missing)}: pass the {kind} job's settings as the workflow "
+                                       "does (diffrobust.config.pixel_barrier_job_settings of the merged pixel_barrier "
+                                       "block)")
     problems = schema_problems(args.settings, "pixel_barrier")
-    if getattr(args, "subset", None) is not None:
-        problems += schema_problems(args.subset, "subsets.pdm_pure")
     if problems:
-        raise DiffrobustError("out of range (as config key " + "; ".join(problems) + ")")
+        raise UsageError("--settings", "out of range (as config key " + "; ".join(problems) + ")")
+    if getattr(args, "subset", None) is not None:
+        check_block(args.subset, "subsets.pdm_pure", "--subset")
     return args.settings
 
 
@@ -303,13 +475,10 @@ def cmd_edit_protected(args):
 
 
 def cmd_sigma_sweep(args):
-    from diffrobust.errors import DiffrobustError
     from diffrobust.provenance import run_record
     from diffrobust.stages import rdc
 
-    problems = schema_problems(args.settings, "rdc") + schema_problems(args.subset, "subsets.rdc")
-    if problems:
-        raise DiffrobustError("out of range (as config key " + "; ".join(problems) + ")")
+    _attack_stage(args)
     with run_record(args.run_record, config={"threat": args.threat, "settings": args.settings, "sets": args.sets,
                                              "models": args.models, "device": args.device},
                     seed=args.settings["seed"]) as record:
@@ -376,7 +545,7 @@ DEVICE_HELP = "auto (GPU when present), cpu, cuda or cuda:N"
 
 
 def build_parser(argv=None):
-    parser = argparse.ArgumentParser(prog="diffrobust", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="diffrobust", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -402,7 +571,7 @@ def build_parser(argv=None):
     fetch.set_defaults(func=cmd_fetch)
 
     render = commands.add_parser("render-notebook", help="execute a notebook with papermill and render HTML")
-    render.add_argument("--notebook", required=True)
+    render.add_argument("--notebook", required=True, type=existing_file, help="the notebook (.py, jupytext)")
     render.add_argument("--parameters", type=_json, default={})
     render.add_argument("--ipynb", required=True)
     render.add_argument("--html", required=True)
@@ -544,7 +713,6 @@ def build_parser(argv=None):
 
 def main(argv=None):
     from diffrobust.allocator import keep_freed_memory
-    from diffrobust.errors import DiffrobustError
 
     keep_freed_memory()  # before the first tensor: freed activations are reused, not faulted in again
     args = build_parser(argv).parse_args(argv)
@@ -556,5 +724,5 @@ def main(argv=None):
         if args.verbose:
             log.exception("traceback of the error below")
         print(f"diffrobust {args.command}: error: {error}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(error, UsageError) else 1
     return 0

@@ -94,6 +94,13 @@ def load_dataset(folder):
 # --- evaluation subsets ------------------------------------------------------------------------------------------
 
 
+def eval_split_size(meta):
+    """Images of the evaluation split that the `subsets` index, from a prepared dataset's meta.json: the split as
+    stored, or for ImageNet (stored only in part) the validation set it was read from (num_files)."""
+    return int(meta.get("num_files", meta["splits"][EVAL_SPLIT[meta["name"]]]["count"]))
+
+
+
 def subset_indices(spec, split_size, name="subset"):
     """Indices into the evaluation split for one `subsets` config entry.
 
@@ -183,7 +190,7 @@ def prepare_mnist(out_dir, test_per_class=100, split_seed=0, pad_to=32):
 
 # The only globals a CIFAR-10 python batch names: numpy array reconstruction (pickle protocols 0-4: _reconstruct,
 # ndarray, dtype; protocol 5: _frombuffer; numpy scalars: scalar) under numpy 1's and numpy 2's module names, and
-# _codecs.encode, which Python 3 pickles of bytes use under protocols 0-2. None of them runs code of the file's choosing.
+# _codecs.encode, which Python 3 pickles of bytes use under protocols 0-2. None runs code of the file's choosing.
 CIFAR10_PICKLE_GLOBALS = frozenset({
     *((module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
       for name in ("_reconstruct", "scalar")),

@@ -136,15 +136,17 @@ def format_rows(rows):
 
 
 def add_arguments(parser):
-    parser.add_argument("--sizes", default="mini,cifar10", help="comma-separated: mini, cifar10")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
+    from diffrobust.cli import choice_list, positive_int
+
+    parser.add_argument("--sizes", type=choice_list(list(SIZES)), default="mini,cifar10",
+                        help="comma-separated: mini, cifar10")
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--threat", default="linf", choices=["linf", "l2"])
     return parser
 
 
 def run(args):
-    rows = [row for size in args.sizes.split(",") for row in attack_costs(size, args.batch_size, args.repeats,
-                                                                         args.threat)]
+    rows = [row for size in args.sizes for row in attack_costs(size, args.batch_size, args.repeats, args.threat)]
     print(format_rows(rows))
     return rows

@@ -112,16 +112,19 @@ def format_rows(rows):
 
 
 def add_arguments(parser):
-    parser.add_argument("--sizes", default="mini,cifar10", help="comma-separated: mini, cifar10")
-    parser.add_argument("--points", default="10,125,1000", help="sigma points of the DC (RDC: 1000; its demos 125)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
+    from diffrobust.cli import choice_list, positive_int, positive_int_list
+
+    parser.add_argument("--sizes", type=choice_list(list(SIZES)), default="mini,cifar10",
+                        help="comma-separated: mini, cifar10")
+    parser.add_argument("--points", type=positive_int_list, default="10,125,1000",
+                        help="sigma points of the DC, comma-separated (RDC: 1000; its demos 125)")
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     return parser
 
 
 def run(args):
-    points = [int(p) for p in args.points.split(",")]
-    rows = [row for size in args.sizes.split(",") for row in dc_costs(size, points, batch_size=args.batch_size,
-                                                                     repeats=args.repeats)]
+    rows = [row for size in args.sizes for row in dc_costs(size, args.points, batch_size=args.batch_size,
+                                                           repeats=args.repeats)]
     print(format_rows(rows))
     return rows

@@ -60,6 +60,10 @@ def test_symlink_out_of_data_checkpoints_is_refused(tmp_path):
     (root / "real").mkdir()
     (root / "alias").symlink_to(root / "real", target_is_directory=True)
     assert checkpoint_path("alias", {"path": "sub/model.pt"}, root) == root / "alias" / "sub" / "model.pt"
+    # data/checkpoints itself a link to another disk (what the README suggests): its files are inside it
+    (tmp_path / "data" / "linked-root").symlink_to(outside, target_is_directory=True)
+    linked_root = tmp_path / "data" / "linked-root"
+    assert checkpoint_path("edm", {"path": "model.pkl"}, linked_root) == linked_root / "edm" / "model.pkl"
 
 
 def test_project_registry_paths_are_below_data_checkpoints():

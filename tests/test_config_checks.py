@@ -93,7 +93,7 @@ BAD_OVERRIDES = {
          "set it to null for the checkerboard"]),
     "purifier list without pdm_pure": (
         "pixel_barrier={purifier_list: [jpeg]}",
-        ["config key 'pixel_barrier.purifier_list' = ['jpeg'] (from --config) must include 'pdm_pure'"]),
+        ["config key 'pixel_barrier.purifier_list' = ['jpeg'] (from --config) must include 'pdm_pure'", "add it"]),
     "purified_strength not an edit strength": (
         "pixel_barrier={edit: {purified_strength: 0.2}}",
         ["config key 'pixel_barrier.edit.purified_strength' = 0.2 (from --config) is not one of "
@@ -167,6 +167,30 @@ def test_good_values_next_to_the_refused_ones_are_accepted(tmp_path):
 def test_every_preset_passes_the_dag_build_checks():
     for preset in ("smoke", "mini", "cifar10", "imagenet"):
         assert dag_build(f"preset={preset}")["preset"] == preset
+
+
+def test_the_jobs_blocks_of_every_preset_pass_the_command_lines_schema_check():
+    """The CLI holds a job's block to its part of the schema alone: a rule there must not need the rest of the
+    schema (a $ref) nor the whole block (a protect job gets no purifiers)."""
+    from diffrobust.cli import schema_problems
+    from diffrobust.config import pixel_barrier_job_settings
+
+    for preset in ("smoke", "mini", "cifar10", "imagenet"):
+        config = dag_build(f"preset={preset}")
+        for stage in ("diffpure", "rdc"):
+            assert schema_problems(config[stage], stage) == [], (preset, stage)
+        for kind in ("protect", "edit"):
+            settings = pixel_barrier_job_settings(config["pixel_barrier"], kind)
+            assert schema_problems(settings, "pixel_barrier") == [], (preset, kind)
+    broken = {"attacks": {"pgd.v2": {"method": "eot_pgd", "steps": 2}}, "threats": {"linf": {"eps": 8}}}
+    assert schema_problems(broken, "diffpure") == [
+        "diffpure.attacks: 'pgd.v2' does not match '^[A-Za-z0-9_-]+$'",
+        "diffpure.attacks.pgd.v2: 'relative_step_size' is a required property",
+        "diffpure.attacks.pgd.v2: 'eot_attack_reps' is a required property",
+        "diffpure.attacks.pgd.v2: 'eot_defense_reps' is a required property",
+        "diffpure.threats.linf: 't_star' is a required property",
+        "diffpure.threats.linf: 'large_eps' is a required property",
+        "diffpure.threats.linf.eps: 8 is greater than the maximum of 1"]
 
 
 def test_the_torch_free_tables_agree_with_the_loaders():

@@ -805,6 +805,8 @@ PIXEL_BARRIER_ROLE_FOLDERS = {
 PIXEL_BARRIER_WEIGHT_FILES = ("lpips", "fid_inception")
 # The value of a role that means the DAG's own model instead of a checkpoint
 PIXEL_BARRIER_OWN_MODELS = {"ldm": "train", "pixel": "train", "classifier": "train", "features": "classifier"}
+# The purifier whose edits the claims read (stages.pixel_barrier.claims)
+CLAIMS_PURIFIER = "pdm_pure"
 # Purifiers that load a model of their own, by the role of pixel_barrier.models that names it
 PURIFIER_MODELS = {"pdm_pure_if": "if_stage2", "noisy_upscaling": "upscaler"}
 
@@ -858,10 +860,16 @@ def describe_role(role):
 
 
 def pixel_barrier_problems(config, origins):
-    """Pixel is a Barrier: the purifiers' models are named, the claims' strength is an edit strength, the claims'
-    metric has the model it needs."""
+    """Pixel is a Barrier: the claims' purifier runs and its strength is an edit strength, the purifiers' models are
+    named, the claims' metric has the model it needs. (Rules of the whole block, not the schema's: a protect job's
+    block holds no purifiers.)"""
     block, problems = config["pixel_barrier"], []
     models = block["models"]
+    if CLAIMS_PURIFIER not in block["purifier_list"]:
+        path = ["pixel_barrier", "purifier_list"]
+        problems.append(
+            f"config key '{dotted(path)}' = {block['purifier_list']} ({origins.of(path)}) must include "
+            f"{CLAIMS_PURIFIER!r}: the claim 'PDM-Pure restores the clean edit' reads its edits; add it")
     for purifier, role in PURIFIER_MODELS.items():
         if purifier in block["purifier_list"] and not models[role]:
             path, role_path = ["pixel_barrier", "purifier_list"], ["pixel_barrier", "models", role]

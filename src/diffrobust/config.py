@@ -7,9 +7,11 @@ YAML's BaseLoader, which types nothing) and are read here as YAML would read the
 takes a string keeps the text as written (`val_dir: /data/2012`, `attention_resolutions: 8`).
 
 Then, before any job runs: whole floats where the schema says integer become integers (`n: 6.0e+1` -> 60, reported
-as a note), the schema is checked (every block is closed), stage seeds follow the global seed, the evaluation subsets
-are checked against the split sizes, and the networks the DAG trains are built on PyTorch's meta device. Every error
-names the key, the source its value came from, what is allowed and how to fix it.
+as a note), the schema is checked (every block is closed; what one block needs, e.g. an eot_pgd attack's steps, is an
+if/then there), stage seeds follow the global seed, the evaluation subsets are checked against the split sizes, named
+files must exist, the rules between keys of what the DAG will plan are checked (`plan_problems`: reserved attack
+names, budgets, sigma ranges, Pixel is a Barrier's models and claims), and the networks the DAG trains are built on
+PyTorch's meta device. Every error names the key, the source its value came from, what is allowed and how to fix it.
 """
 
 import copy

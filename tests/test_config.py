@@ -195,12 +195,14 @@ def test_typo_in_a_configfile_names_the_file_and_the_closest_key(tmp_path):
 
 
 def _objects(node, path=()):
-    """Every object schema in the config schema, with where it sits."""
+    """Every object schema in the config schema, with where it sits (not the conditions of an if/then: they test
+    values that the block around them describes)."""
     if isinstance(node, dict):
         if node.get("type") == "object" or "properties" in node:
             yield path, node
         for key, child in node.items():
-            yield from _objects(child, (*path, key))
+            if key != "if":
+                yield from _objects(child, (*path, key))
     elif isinstance(node, list):
         for index, child in enumerate(node):
             yield from _objects(child, (*path, index))

@@ -7,9 +7,11 @@ YAML's BaseLoader, which types nothing) and are read here as YAML would read the
 takes a string keeps the text as written (`val_dir: /data/2012`, `attention_resolutions: 8`).
 
 Then, before any job runs: whole floats where the schema says integer become integers (`n: 6.0e+1` -> 60, reported
-as a note), the schema is checked (every block is closed), stage seeds follow the global seed, the evaluation subsets
-are checked against the split sizes, and the networks the DAG trains are built on PyTorch's meta device. Every error
-names the key, the source its value came from, what is allowed and how to fix it.
+as a note), the schema is checked (every block is closed; what one block needs, e.g. an eot_pgd attack's steps, is an
+if/then there), stage seeds follow the global seed, the evaluation subsets are checked against the split sizes, named
+files must exist, the rules between keys of what the DAG will plan are checked (`plan_problems`: reserved attack
+names, budgets, sigma ranges, Pixel is a Barrier's models and claims), and the networks the DAG trains are built on
+PyTorch's meta device. Every error names the key, the source its value came from, what is allowed and how to fix it.
 """
 
 import copy
@@ -383,9 +385,25 @@ def describe_error(error, schema, origins):
         return f"config key '{key}' = {error.instance!r} ({where}) must be {bound} {error.validator_value}{hint}"
     if error.validator == "enum":
         options = ", ".join(repr(value) for value in error.validator_value)
-        return f"config key '{key}' = {error.instance!r} ({where}) must be one of {options}{hint}"
+        close = difflib.get_close_matches(error.instance, [str(v) for v in error.validator_value], n=1) \
+            if isinstance(error.instance, str) else []
+        suggestion = f"; did you mean {close[0]!r}?" if close else ""
+        return f"config key '{key}' = {error.instance!r} ({where}) must be one of {options}{suggestion}{hint}"
     if error.validator == "required":
-        return f"config is missing the key {error.message.split()[0]} in {key} ({where}){hint}"
+        return describe_missing_keys(key, [error], where, hint)
+    if "propertyNames" in error.relative_schema_path:
+        # a user-chosen name of a map (an attack's name): the key is the name itself
+        name = error.instance
+        return (f"config key '{dotted([*path, name])}' ({origins.of([*path, name])}): the name {name!r} is not "
+                f"allowed: {error.schema.get('description', error.message).strip()} (the pattern "
+                f"{error.schema.get('pattern', '')})")
+    if error.validator == "contains" and "const" in error.validator_value:
+        return (f"config key '{key}' = {error.instance!r} ({where}) must include {error.validator_value['const']!r}"
+                f"{hint}")
+    if error.validator == "minItems":
+        return f"config key '{key}' = {error.instance!r} ({where}) must list at least {error.validator_value}{hint}"
+    if error.validator == "uniqueItems":
+        return f"config key '{key}' = {error.instance!r} ({where}) names a value twice: drop the repeat{hint}"
     if error.validator == "oneOf" and error.context:
         # Report the problem within the alternative that came closest (e.g. a negative 'stop' in a range).
         closest = _closest_alternative(error)
@@ -399,11 +417,38 @@ def describe_error(error, schema, origins):
     return f"config key '{key}' = {error.instance!r} ({where}): {error.message}{hint}"
 
 
+def describe_missing_keys(key, errors, where, hint):
+    """One line for the keys a block lacks (`errors`: the `required` errors of one block and one rule); the fix is
+    the description of the rule that requires them (an if/then of the schema), else the block's."""
+    missing = ", ".join(repr(name) for name in errors[0].validator_value if name not in errors[0].instance)
+    fix = errors[0].schema.get("description", "").strip()
+    block = f"config key '{key}'" if key != dotted([]) else "the config"
+    return f"{block} ({where}) lacks {missing}" + (f": {fix}" if fix else hint)
+
+
 def schema_problems(instance, schema, origins):
-    """One readable line per schema violation (sorted by key)."""
+    """One readable line per schema violation (sorted by key); the keys one rule requires of one block share a
+    line (an eot_pgd attack without its four settings is one problem)."""
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(instance), key=lambda e: list(map(str, e.absolute_path)))
-    return [describe_error(error, schema, origins) for error in errors]
+    required, lines = {}, []
+    for error in errors:
+        if error.validator == "required":
+            group = (tuple(error.absolute_path), tuple(map(str, error.relative_schema_path)))
+            if group not in required:
+                required[group] = []
+                lines.append(group)
+            required[group].append(error)
+        else:
+            lines.append(error)
+    return [describe_error(line, schema, origins) if not isinstance(line, tuple)
+            else _describe_required(required[line], schema, origins) for line in lines]
+
+
+def _describe_required(errors, schema, origins):
+    path = list(errors[0].absolute_path)
+    description = _description(schema, path)
+    return describe_missing_keys(dotted(path), errors, origins.of(path), f" ({description})" if description else "")
 
 
 def raise_problems(problems):
@@ -551,17 +596,29 @@ def architecture_problems(config, origins, checked=None):
     return problems
 
 
+# Files the user may name, with what to do when one is not there (ImageNet's folder is checked when its data job
+# runs, so that `snakemake -n --config preset=imagenet` works on a machine without it).
+NAMED_FILES = (
+    (("datasets", "cifar10", "tarball"),
+     "Point it at a copy of cifar-10-python.tar.gz, or set it to null to download the tarball."),
+    (("pixel_barrier", "target", "file"),
+     "Point it at Mist's target image (a PNG; relative paths start at the workflow folder), or set it to null for "
+     "the checkerboard of pixel_barrier.target.period."),
+)
+
+
 def check_paths(config, origins=None):
-    """Paths the user named explicitly must exist (ImageNet's folder is checked when its data job runs,
-    so that `snakemake -n --config preset=imagenet` works on a machine without it)."""
+    """Files the user named explicitly must exist now, not when the first job that reads them runs."""
     origins = origins or Origins([])
-    tarball = config["datasets"]["cifar10"]["tarball"]
-    if tarball is not None and not Path(tarball).is_file():
-        raise ConfigError(
-            f"config key 'datasets.cifar10.tarball' = {tarball!r} "
-            f"({origins.of(['datasets', 'cifar10', 'tarball'])}): no such file. Point it at a copy of "
-            "cifar-10-python.tar.gz, or set it to null to download the tarball."
-        )
+    problems = []
+    for path, fix in NAMED_FILES:
+        value = config
+        for part in path:
+            value = value[part]
+        if value is not None and not Path(value).is_file():
+            problems.append(f"config key '{dotted(path)}' = {value!r} ({origins.of(path)}): no such file. {fix}")
+    if problems:
+        raise ConfigError("\n".join(problems))
 
 
 def check_consistency(config, registry, origins=None):
@@ -662,6 +719,204 @@ def check_adversarial_source(config, origins=None):
             "config/checkpoints.yaml.")
 
 
+# --- checks of what the DAG will plan: rules between keys that the schema cannot relate -----------------------------
+
+
+def attack_name_problems(config, origins):
+    """A configured attack may not take a name the masking checks derive ('<checks.attack>-more', and so any name
+    ending in -more or -large, which the jobs read as a derived check of the part before the suffix)."""
+    from diffrobust.stages import plan
+
+    problems = []
+    for stage in ("diffpure", "rdc"):
+        check = config[stage]["checks"]["attack"]
+        for name in config[stage]["attacks"]:
+            suffix = plan.reserved_suffix(name)
+            if suffix:
+                path = [stage, "attacks", name]
+                problems.append(
+                    f"config key '{dotted(path)}' ({origins.of(path)}): attack names ending in "
+                    f"{' or '.join(plan.DERIVED_SUFFIXES)} are reserved for the masking checks derived from "
+                    f"'{stage}.checks.attack' (now {check!r}: {check}{plan.MORE}, {check}{plan.LARGE}); rename the "
+                    f"attack (e.g. {name[:-len(suffix)]}_{suffix[1:]})")
+    return problems
+
+
+def budget_problems(config, origins):
+    """The large budget of the masking check must exceed the threat's budget (else the check is no check)."""
+    problems = []
+    for stage in ("diffpure", "rdc"):
+        for threat, budget in config[stage]["threats"].items():
+            if budget["large_eps"] <= budget["eps"]:
+                path, eps_path = [stage, "threats", threat, "large_eps"], [stage, "threats", threat, "eps"]
+                problems.append(
+                    f"config key '{dotted(path)}' = {budget['large_eps']} ({origins.of(path)}) must be larger than "
+                    f"'{dotted(eps_path)}' = {budget['eps']} ({origins.of(eps_path)}): the large-budget check must "
+                    "drive the defense to about 0%; raise large_eps")
+    return problems
+
+
+def chain_levels(config, role):
+    """Levels of the diffusion chain the RDC role (conditional, multihead) runs on, where the config says it: the
+    DAG's own models have models.diffusion.num_timesteps; None for a checkpoint (its job checks the indices)."""
+    source = config["rdc"]["models"][role]
+    own = source == "train" and (role != "multihead" or config["models"]["multihead"]["init"] == "diffusion")
+    return config["models"]["diffusion"]["num_timesteps"] if own else None
+
+
+def diffusion_classifier_problems(config, origins):
+    """RDC's diffusion classifiers and LM: sigma ranges the right way round, vp table indices inside the chain."""
+    problems = []
+    for block, role, strict in (("dc", "conditional", True), ("multihead_dc", "multihead", True), ("lm", None, False)):
+        settings = config["rdc"][block]
+        low, high = settings["sigma_min"], settings["sigma_max"]
+        if low > high or (strict and low == high):
+            low_path, high_path = ["rdc", block, "sigma_min"], ["rdc", block, "sigma_max"]
+            problems.append(
+                f"config key '{dotted(low_path)}' = {low} ({origins.of(low_path)}) must be "
+                f"{'below' if strict else 'at most'} '{dotted(high_path)}' = {high} ({origins.of(high_path)}): "
+                f"{'the edm grid runs' if strict else 'LM draws its noise levels'} from sigma_min to sigma_max; "
+                "swap them or change one")
+        levels = chain_levels(config, role) if role else None
+        outside = [t for t in settings.get("timesteps") or [] if levels is not None and t >= levels]
+        if outside:
+            path, steps_path = ["rdc", block, "timesteps"], ["models", "diffusion", "num_timesteps"]
+            problems.append(
+                f"config key '{dotted(path)}' ({origins.of(path)}) has {outside}, outside the chain of "
+                f"'{dotted(steps_path)}' = {levels} levels ({origins.of(steps_path)}): the indices run from 0 to "
+                f"{levels - 1}; drop or lower them")
+    return problems
+
+
+# Families of config/checkpoints.yaml and the kind of model each is: diffrobust.models.REGISTRY_KINDS, spelled here
+# without torch so that the DAG build can check what a checkpoint is (tests/test_config.py holds the two equal).
+REGISTRY_FAMILY_KINDS = {
+    "improved_diffusion_unet": "diffusion", "guided_diffusion_unet": "diffusion", "edm_vp_songunet": "diffusion",
+    "score_sde_ncsnpp": "diffusion", "robustbench_wrn": "classifier", "robustbench_dm_wrn": "classifier",
+    "hf_vit": "classifier", "timm_beit": "classifier", "hf_clip_vision": "features",
+}
+# What each role of pixel_barrier.models reads from a checkpoint: a network of a kind (by its registry family), a
+# diffusers folder with the subfolders its loader opens (networks.ldm.SUBFOLDERS, defenses.sdedit.load_if_stage2,
+# defenses.upscaling.UPSCALER_FOLDERS), or one weight file read by its own loader (no architecture in the registry).
+PIXEL_BARRIER_ROLE_KINDS = {"pixel": "diffusion", "classifier": "classifier", "features": "features"}
+PIXEL_BARRIER_ROLE_FOLDERS = {
+    "ldm": ("vae", "unet", "scheduler"),
+    "if_stage2": ("unet", "scheduler", "image_noising_scheduler"),
+    "upscaler": ("vae", "unet", "text_encoder", "tokenizer", "scheduler", "low_res_scheduler"),
+}
+PIXEL_BARRIER_WEIGHT_FILES = ("lpips", "fid_inception")
+# The value of a role that means the DAG's own model instead of a checkpoint
+PIXEL_BARRIER_OWN_MODELS = {"ldm": "train", "pixel": "train", "classifier": "train", "features": "classifier"}
+# The purifier whose edits the claims read (stages.pixel_barrier.claims)
+CLAIMS_PURIFIER = "pdm_pure"
+# Purifiers that load a model of their own, by the role of pixel_barrier.models that names it
+PURIFIER_MODELS = {"pdm_pure_if": "if_stage2", "noisy_upscaling": "upscaler"}
+
+
+def checkpoint_fits_role(role, entry):
+    """Whether the registry `entry` is what pixel_barrier.models.`role` loads (PIXEL_BARRIER_ROLE_*)."""
+    architecture = entry.get("architecture")
+    if role in PIXEL_BARRIER_ROLE_KINDS:
+        return architecture is not None and REGISTRY_FAMILY_KINDS.get(architecture["family"]) == (
+            PIXEL_BARRIER_ROLE_KINDS[role])
+    if architecture is not None:
+        return False
+    if role in PIXEL_BARRIER_ROLE_FOLDERS:
+        # the most specific role whose folders it has (the x4 upscaler's folders include an LDM's)
+        folders = {file["path"].split("/")[0] for file in entry["files"] if "/" in file["path"]}
+        fitting = [name for name, needed in PIXEL_BARRIER_ROLE_FOLDERS.items() if set(needed) <= folders]
+        return bool(fitting) and max(fitting, key=lambda name: len(PIXEL_BARRIER_ROLE_FOLDERS[name])) == role
+    return len(entry["files"]) == 1 and "/" not in entry["files"][0]["path"]
+
+
+def pixel_barrier_model_problems(config, registry, origins):
+    """Every checkpoint pixel_barrier.models names is in the registry, in the preset's `checkpoints` (else its
+    download is queued unannounced) and of the kind its role loads."""
+    problems = []
+    for role, source in config["pixel_barrier"]["models"].items():
+        if source is None or source == PIXEL_BARRIER_OWN_MODELS.get(role):
+            continue
+        path = ["pixel_barrier", "models", role]
+        fitting = sorted(name for name, entry in registry.items() if checkpoint_fits_role(role, entry))
+        own = f"{PIXEL_BARRIER_OWN_MODELS[role]!r} (the DAG's own), " if role in PIXEL_BARRIER_OWN_MODELS else ""
+        options = f"{own}null (none)" if role not in ("ldm", "pixel") else own.rstrip(", ")
+        choices = f"name {options} or one of {', '.join(fitting) or 'none in the registry'}"
+        where = f"config key '{dotted(path)}' = {source!r} ({origins.of(path)})"
+        if source not in registry:
+            problems.append(f"{where} is not a checkpoint of config/checkpoints.yaml: {choices}")
+        elif not checkpoint_fits_role(role, registry[source]):
+            problems.append(f"{where} is not what the {role} role loads "
+                            f"({describe_role(role)}): {choices}")
+        elif source not in config["checkpoints"]:
+            problems.append(f"{where}: add it to the preset's 'checkpoints' list too ({origins.of(['checkpoints'])}), "
+                            "which says what the preset downloads")
+    return problems
+
+
+def describe_role(role):
+    if role in PIXEL_BARRIER_ROLE_KINDS:
+        return f"a {PIXEL_BARRIER_ROLE_KINDS[role]} network"
+    if role in PIXEL_BARRIER_ROLE_FOLDERS:
+        return f"a diffusers folder with {', '.join(PIXEL_BARRIER_ROLE_FOLDERS[role])}"
+    return "one weight file"
+
+
+def pixel_barrier_problems(config, origins):
+    """Pixel is a Barrier: the claims' purifier runs and its strength is an edit strength, the purifiers' models are
+    named, the claims' metric has the model it needs. (Rules of the whole block, not the schema's: a protect job's
+    block holds no purifiers.)"""
+    block, problems = config["pixel_barrier"], []
+    models = block["models"]
+    if CLAIMS_PURIFIER not in block["purifier_list"]:
+        path = ["pixel_barrier", "purifier_list"]
+        problems.append(
+            f"config key '{dotted(path)}' = {block['purifier_list']} ({origins.of(path)}) must include "
+            f"{CLAIMS_PURIFIER!r}: the claim 'PDM-Pure restores the clean edit' reads its edits; add it")
+    for purifier, role in PURIFIER_MODELS.items():
+        if purifier in block["purifier_list"] and not models[role]:
+            path, role_path = ["pixel_barrier", "purifier_list"], ["pixel_barrier", "models", role]
+            problems.append(
+                f"config key '{dotted(path)}' ({origins.of(path)}) runs {purifier}, which needs "
+                f"'{dotted(role_path)}' ({origins.of(role_path)}, now null): name its checkpoint "
+                f"({', '.join(PIXEL_BARRIER_ROLE_FOLDERS[role])} folders; see config/checkpoints.yaml) and add it "
+                f"to 'checkpoints', or drop {purifier}")
+    edit = block["edit"]
+    if not any(math.isclose(edit["purified_strength"], strength) for strength in edit["strengths"]):
+        path, strengths_path = ["pixel_barrier", "edit", "purified_strength"], ["pixel_barrier", "edit", "strengths"]
+        problems.append(
+            f"config key '{dotted(path)}' = {edit['purified_strength']} ({origins.of(path)}) is not one of "
+            f"'{dotted(strengths_path)}' = {edit['strengths']} ({origins.of(strengths_path)}): the claims compare the "
+            "edits at that strength; add it to strengths or choose one of them")
+    metric = block["claims"]["metric"]
+    role = METRIC_MODELS.get(metric)
+    if role and model_of_role(models, role) is None:
+        path, role_path = ["pixel_barrier", "claims", "metric"], ["pixel_barrier", "models", role]
+        value = "null" if models[role] is None else f"{models[role]!r} while 'pixel_barrier.models.classifier' is null"
+        problems.append(
+            f"config key '{dotted(path)}' = {metric!r} ({origins.of(path)}) needs a {role} model, but "
+            f"'{dotted(role_path)}' is {value} ({origins.of(role_path)}): name one, or choose a metric that needs "
+            "none (ssim, psnr)")
+    return problems
+
+
+# The model a per-image metric of the claims is computed with (ssim and psnr need none)
+METRIC_MODELS = {"correct": "classifier", "feature_distance": "features"}
+
+
+def model_of_role(models, role):
+    """What gives pixel_barrier.models' `role`, or None: features 'classifier' is the classifier's penultimate layer,
+    so it is None where the classifier is."""
+    source = models[role]
+    return models["classifier"] if role == "features" and source == "classifier" else source
+
+
+def plan_problems(config, registry, origins):
+    """Every problem of what the DAG would plan from this config, one line each (see the functions above)."""
+    return (attack_name_problems(config, origins) + budget_problems(config, origins)
+            + diffusion_classifier_problems(config, origins) + pixel_barrier_problems(config, origins)
+            + pixel_barrier_model_problems(config, registry, origins))
+
+
 # --- putting it together -------------------------------------------------------------------------------------------
 
 
@@ -707,6 +962,7 @@ def resolve_config(sources, presets_dir=PRESETS_DIR, schema_path=CONFIG_SCHEMA, 
     check_paths(merged, origins)
     registry = load_checkpoint_registry()
     check_consistency(merged, registry, origins)
+    raise_problems(plan_problems(merged, registry, origins))
     raise_problems(architecture_problems(merged, origins, checked_architectures))
     return ResolvedConfig(merged, notes)
 

@@ -611,7 +611,7 @@ def test_a_set_protected_with_an_old_target_is_never_edited_with_the_new_one(tmp
     atomic_write_npz(made_before_digests, {"x_clean": np.zeros((1, 1, 4, 4), np.float32)})
     outputs = {"out_tsv": tmp_path / "edits/mist.tsv", "out_grid": tmp_path / "edits/mist.grid.npz"}
     with pytest.raises(DiffrobustError, match=f"{made_with_old} was made with the target image of sha256 aaaaaaaaaaaa"
-                                              f"\\.\\.\\., but pixel_barrier.target.file now holds sha256 bbbbbbbbbbbb"):
+                                              "\\.\\.\\., but pixel_barrier.target.file now holds sha256 bbbbbbbbbbbb"):
         pixel_barrier.run_edit("mist", settings={}, models={}, set_path=made_with_old, target_sha256=new, **outputs)
     with pytest.raises(DiffrobustError, match="was made with no recorded target image"):
         pixel_barrier.run_edit("texture_only", settings={}, models={}, set_path=made_before_digests,

@@ -114,8 +114,8 @@ def _stat_key(path):
 def file_digests(paths, cache=None):
     """({file: sha256} of every file behind `paths`, updated cache).
 
-    cache: {file: [size, mtime_ns, inode, ctime_ns, sha256]} from an earlier call; a file whose stat is unchanged is not read
-    again. Without a cache (the default) every file is read: what a job records is the bytes it saw."""
+    cache: {file: [size, mtime_ns, inode, ctime_ns, sha256]} from an earlier call; a file whose stat is unchanged
+    is not read again. Without a cache (the default) every file is read: what a job records is the bytes it saw."""
     from diffrobust.download import file_digest  # imports requests: only when a file is actually read
 
     cache = dict(cache or {})
@@ -155,7 +155,8 @@ def dag_fingerprints(paths, cache_file, max_bytes=DAG_DIGEST_MAX_BYTES):
                 fingerprints[file] = f"size {stat.st_size} mtime {stat.st_mtime_ns}"
             else:
                 small.append(file)
-    digests, updated = file_digests(small, {file: cache[file] for file in small if file in cache})
+    known = {file: cache[file] for file in small if isinstance(cache.get(file), list) and len(cache[file]) == 5}
+    digests, updated = file_digests(small, known)
     fingerprints.update(digests)
     if {file: cache.get(file) for file in updated} != updated:
         atomic_write_json(cache_file, {**cache, **updated})

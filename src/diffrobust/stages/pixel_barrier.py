@@ -121,9 +121,9 @@ def read_target(settings, attack, expected_sha256=None):
                               "at Mist's target image, or set it to null for the checkerboard") from None
     digest = hashlib.sha256(data).hexdigest()
     if expected_sha256 is not None and digest != expected_sha256:
-        raise DiffrobustError(f"pixel_barrier.target.file {file} changed after the workflow planned this job (sha256 "
-                              f"{expected_sha256[:12]}... then, {digest[:12]}... now): run snakemake again, so that the "
-                              f"{attack} set is protected with the target the workflow records")
+        raise DiffrobustError(f"pixel_barrier.target.file {file} changed after the workflow planned this job "
+                              f"(sha256 {expected_sha256[:12]}... then, {digest[:12]}... now): run snakemake again, so "
+                              f"that the {attack} set is protected with the target the workflow records")
     return data, digest
 
 
@@ -150,7 +150,8 @@ def target_image(settings, shape, data=None):
         from PIL import Image
 
         data = Path(spec["file"]).read_bytes() if data is None else data
-        image = Image.open(io.BytesIO(data)).convert("RGB" if channels == 3 else "L").resize((size, size), Image.BICUBIC)
+        image = Image.open(io.BytesIO(data)).convert("RGB" if channels == 3 else "L")
+        image = image.resize((size, size), Image.BICUBIC)
         array = np.asarray(image, dtype=np.uint8)
         array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
         return imagespace.uint8_to_float(array[None].copy())

@@ -114,3 +114,25 @@ def test_a_changed_target_image_reruns_the_protect_and_edit_jobs_that_read_it(re
     plan = snakemake(repo_copy, "-n", "-p", *config, "--", *sets).stdout
     assert planned_jobs(plan) == {"protect": 1, "edit_protected": 1}, plan
     assert planned_target_digests(plan) == {"mist": digest} and "Params have changed" in plan
+
+
+def test_an_input_replaced_during_a_render_fails_the_job_naming_it_and_the_next_run_renders_again(repo_copy):
+    """As after a failed notebook: the previous HTML is restored (update()), the executed notebook is gone, so that
+    `snakemake -n` lists the report again; the log names the file that changed."""
+    targets = ["results/smoke/reports/data_report.html", "results/smoke/reports/data_report.ipynb"]
+    snakemake(repo_copy, *targets, "--config", "preset=smoke")
+    previous = (repo_copy / targets[0]).read_bytes()
+    notebook = repo_copy / "notebooks/data_report.py"
+    working = notebook.read_text()
+    meta = "data/datasets/mnist/meta.json"
+    # a cell that replaces an input after the report read it (another run's job, in the probe)
+    notebook.write_text(working + f"\n# %%\nfrom pathlib import Path\nPath({str(repo_copy / meta)!r}).write_text("
+                                  f"Path({str(repo_copy / meta)!r}).read_text() + ' ')\n")
+    result = snakemake(repo_copy, *targets, "--config", "preset=smoke", check=False)
+    assert result.returncode != 0
+    log = (repo_copy / "logs/smoke/render_report/data_report.log").read_text()
+    assert f"diffrobust render-notebook: error: {meta} changed while {targets[0]} was being rendered" in log
+    assert (repo_copy / targets[0]).read_bytes() == previous and not (repo_copy / targets[1]).exists()
+    notebook.write_text(working)
+    plan = snakemake(repo_copy, "-n", *targets, "--config", "preset=smoke").stdout
+    assert planned_jobs(plan) == {"render_report": 1}, plan

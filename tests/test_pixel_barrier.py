@@ -564,3 +564,59 @@ def test_protect_cli_names_missing_settings_and_writes_nothing(tmp_path, capsys)
     assert code == 2  # a usage error: argparse's status
     assert "argument --settings: lacks steps" in capsys.readouterr().err
     assert not out.parent.exists()
+
+
+# --- Mist's target image as part of a set's identity (issue 21, item 2) ----------------------------------------------
+
+
+def _target_png(path, seed):
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def test_the_protect_job_reads_the_target_once_and_refuses_other_bytes_than_planned(tmp_path):
+    import hashlib
+
+    from diffrobust.errors import DiffrobustError
+
+    target = _target_png(tmp_path / "MIST.png", seed=0)
+    settings = {"target": {"file": str(target), "period": 4}}
+    data, digest = pixel_barrier.read_target(settings, "mist")
+    assert digest == hashlib.sha256(target.read_bytes()).hexdigest() and data == target.read_bytes()
+    assert pixel_barrier.read_target(settings, "advdm") == (None, None)  # photoguard, advdm, ... read no target
+    assert pixel_barrier.read_target({"target": {"file": None, "period": 4}}, "mist") == (None, None)
+    # the pixels come from the bytes that were hashed, not from a second read of the file
+    from_bytes = pixel_barrier.target_image(settings, (1, 1, 8, 8), data)
+    _target_png(target, seed=1)
+    assert torch.equal(from_bytes, pixel_barrier.target_image(settings, (1, 1, 8, 8), data))
+    assert not torch.equal(from_bytes, pixel_barrier.target_image(settings, (1, 1, 8, 8)))
+    with pytest.raises(DiffrobustError, match=f"pixel_barrier.target.file {target} changed after the workflow planned "
+                                              f"this job \\(sha256 {digest[:12]}\\.\\.\\. then"):
+        pixel_barrier.read_target(settings, "mist", expected_sha256=digest)
+
+
+def test_a_set_protected_with_an_old_target_is_never_edited_with_the_new_one(tmp_path):
+    """The changed-target fault case: the edit job of a set made with the old target refuses it (before loading any
+    model) when the workflow now plans the new target, and writes nothing."""
+    from diffrobust.errors import DiffrobustError
+    from diffrobust.io import atomic_write_npz
+
+    old, new = "a" * 64, "b" * 64
+    made_with_old = tmp_path / "mist.npz"
+    atomic_write_npz(made_with_old, {"x_clean": np.zeros((1, 1, 4, 4), np.float32), "target_sha256": np.str_(old)})
+    made_before_digests = tmp_path / "texture_only.npz"
+    atomic_write_npz(made_before_digests, {"x_clean": np.zeros((1, 1, 4, 4), np.float32)})
+    outputs = {"out_tsv": tmp_path / "edits/mist.tsv", "out_grid": tmp_path / "edits/mist.grid.npz"}
+    with pytest.raises(DiffrobustError, match=f"{made_with_old} was made with the target image of sha256 aaaaaaaaaaaa"
+                                              "\\.\\.\\., but pixel_barrier.target.file now holds sha256 bbbbbbbbbbbb"):
+        pixel_barrier.run_edit("mist", settings={}, models={}, set_path=made_with_old, target_sha256=new, **outputs)
+    with pytest.raises(DiffrobustError, match="was made with no recorded target image"):
+        pixel_barrier.run_edit("texture_only", settings={}, models={}, set_path=made_before_digests,
+                               target_sha256=new, **outputs)
+    assert not (tmp_path / "edits").exists()
+    sets = pixel_barrier.read_protected(made_with_old)
+    pixel_barrier.check_set_target(made_with_old, sets, "mist", old)  # the target it was made with: accepted
+    pixel_barrier.check_set_target(made_before_digests, {}, "advdm", None)  # no target file planned: nothing to check

@@ -231,11 +231,17 @@ def cmd_fetch(args):
 
 
 def cmd_render_notebook(args):
-    from diffrobust.provenance import run_record
+    """Render a report; its run record lists the sha256 of every input it read (`inputs`) and, against the record of
+    the last render, which of them changed since (`changed_since_last_render`, why it was rendered again)."""
+    from diffrobust.provenance import changed_files, recorded_inputs, run_record
     from diffrobust.reports import render_notebook
 
-    with run_record(args.run_record, config={"notebook": args.notebook, "parameters": args.parameters}):
-        render_notebook(args.notebook, args.parameters, args.ipynb, args.html)
+    last = recorded_inputs(args.run_record)
+    with run_record(args.run_record, config={"notebook": args.notebook, "parameters": args.parameters}) as record:
+        record["inputs"] = render_notebook(args.notebook, args.parameters, args.ipynb, args.html, inputs=args.inputs)
+        record["changed_since_last_render"] = changed_files(last, record["inputs"]) if last else None
+    if record["changed_since_last_render"]:
+        log.info("inputs changed since the last render: %s", ", ".join(record["changed_since_last_render"]))
     log.info("rendered %s -> %s", args.notebook, args.html)
 
 
@@ -456,7 +462,7 @@ def cmd_protect(args):
                     seed=settings["seed"]) as record:
         record.update(pixel_barrier.run_protect(args.attack, settings=settings, subset=args.subset,
                                                 models=args.models, dataset_dir=args.dataset_dir, out=args.out,
-                                                device=_device(args.device)))
+                                                device=_device(args.device), target_sha256=args.target_sha256))
     log.info("protected %d images with %s -> %s", record["images"], args.attack, args.out)
 
 
@@ -470,7 +476,7 @@ def cmd_edit_protected(args):
                     seed=settings["seed"]) as record:
         record.update(pixel_barrier.run_edit(args.attack, settings=settings, models=args.models, set_path=args.set,
                                              out_tsv=args.out_tsv, out_grid=args.out_grid,
-                                             device=_device(args.device)))
+                                             device=_device(args.device), target_sha256=args.target_sha256))
     log.info("edited and purified the %s sets: %d rows -> %s", args.attack, record["rows"], args.out_tsv)
 
 
@@ -575,6 +581,8 @@ def build_parser(argv=None):
     render.add_argument("--parameters", type=_json, default={})
     render.add_argument("--ipynb", required=True)
     render.add_argument("--html", required=True)
+    render.add_argument("--inputs", nargs="*", default=[],
+                        help="the files (or folders) the notebook reads: hashed before and after the render")
     render.add_argument("--run-record")
     render.set_defaults(func=cmd_render_notebook)
 
@@ -686,6 +694,8 @@ def build_parser(argv=None):
                              help='{"ldm": folder, "pixel": model, "classifier": model or null}')
         command.add_argument("--device", default="auto", help=DEVICE_HELP)
         command.add_argument("--run-record")
+        command.add_argument("--target-sha256", help="sha256 of pixel_barrier.target.file, for the attacks that read it "
+                                                     "(the protect job refuses other bytes, the edit job a set made with them)")
         if name == "protect":
             command.add_argument("--subset", required=True, type=_json, help="the subsets.pdm_pure entry (JSON)")
             command.add_argument("--dataset-dir", required=True)

@@ -1008,6 +1008,17 @@ PIXEL_BARRIER_JOB_KEYS = {
 }
 
 
+# The protective attacks that pull the latent toward Mist's target image (attacks.protective.objective_for): only
+# their protect jobs read pixel_barrier.target, so only they have its file as an input and its digest as identity.
+TARGET_IMAGE_ATTACKS = ("texture_only", "mist")
+
+
+def pixel_barrier_target_file(block, attack):
+    """The target image file the protect job of `attack` reads (None: it reads none, or the target is the
+    checkerboard), from the merged pixel_barrier block."""
+    return block["target"].get("file") if attack in TARGET_IMAGE_ATTACKS else None
+
+
 def pixel_barrier_job_settings(block, kind):
     """The settings a protect or edit job takes, from the merged pixel_barrier block (see PIXEL_BARRIER_JOB_KEYS):
     the edit job gets only the purifiers it runs, the protect job none."""

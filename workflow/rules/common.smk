@@ -450,6 +450,27 @@ def pixel_barrier_model_files(wildcards):
     return files
 
 
+def pixel_barrier_target_input(wildcards):
+    """The target image file, an input of the protect job of an attack that reads it (config.TARGET_IMAGE_ATTACKS):
+    a newer file reruns the job."""
+    from diffrobust.config import pixel_barrier_target_file
+
+    file = pixel_barrier_target_file(PIXEL_BARRIER, wildcards.attack)
+    return {"target": file} if file else {}
+
+
+def pixel_barrier_target_argument(wildcards):
+    """Params helper: `--target-sha256 <digest of the target image>` for the protect and edit jobs of an attack that
+    reads it ("" for the others). As a param the digest is part of the jobs' identity: a target with other pixels
+    reruns them even when its modification time is older than their outputs, and the jobs check it."""
+    from diffrobust.config import pixel_barrier_target_file
+    from diffrobust.provenance import dag_fingerprints
+
+    file = pixel_barrier_target_file(PIXEL_BARRIER, wildcards.attack)
+    digest = dag_fingerprints([file], INPUT_DIGESTS, max_bytes=None)[file] if file else None
+    return f"--target-sha256 {digest}" if digest else ""
+
+
 def pixel_barrier_job_settings(kind):
     """The CLI --settings of a protect or edit job (diffrobust.config.PIXEL_BARRIER_JOB_KEYS)."""
     from diffrobust.config import pixel_barrier_job_settings as job_settings
@@ -515,6 +536,29 @@ def summary_inputs(wildcards):
             inputs.update({f"{name}_{key}": value for key, value in notebook_inputs(name).items()
                            if key not in ("notebook", "published")})
     return inputs
+
+
+# Stat cache of dag_fingerprints: an input is read again at DAG build only when its size, mtime or inode changed.
+INPUT_DIGESTS = ".snakemake/diffrobust/input-digests.json"
+
+
+def flat_inputs(inputs):
+    """The paths of an input dict ({name: path or [paths]}), in order."""
+    return [path for value in inputs.values() for path in ([value] if isinstance(value, str) else value)]
+
+
+def report_input_fingerprints(wildcards):
+    """Params helper: the fingerprints of a report's inputs (provenance.dag_fingerprints), its identity by content."""
+    from diffrobust.provenance import dag_fingerprints
+
+    return as_json(dag_fingerprints(flat_inputs(report_inputs(wildcards)), INPUT_DIGESTS))
+
+
+def summary_input_fingerprints(wildcards):
+    """Params helper: report_input_fingerprints of the summary."""
+    from diffrobust.provenance import dag_fingerprints
+
+    return as_json(dag_fingerprints(flat_inputs(summary_inputs(wildcards)), INPUT_DIGESTS))
 
 
 def summary_parameters(wildcards):

@@ -1,6 +1,8 @@
 # Pixel is a Barrier (Xue & Chen): the mini latent diffusion model (trained here; Stable Diffusion at paper scale),
 # one protect job and one edit job per protective attack (each over every budget), and the pseudo-attacks `none`
 # (clean images) and `random` (the ±eps sign-noise control). Report: notebooks/pixel_barrier.
+# Mist's target image file (pixel_barrier.target.file) is an input of the protect jobs that read it, and its sha256 a
+# param of their protect and edit jobs (common.smk: pixel_barrier_target_argument), so other pixels rerun them.
 
 
 rule train_ldm:
@@ -36,6 +38,7 @@ rule train_ldm:
 rule protect:
     input:
         unpack(pixel_barrier_model_files),
+        unpack(pixel_barrier_target_input),
         **dataset_files(),
     output:
         npz=PATHS["protected_set"],
@@ -58,12 +61,13 @@ rule protect:
         models=as_json(pixel_barrier_models()),
         dataset_dir=input_dataset_folder,
         device=CFG["device"],
+        target=pixel_barrier_target_argument,
     message:
         "Protecting the images with {wildcards.attack} (every budget)"
     shell:
         "OMP_NUM_THREADS={threads} python -m diffrobust protect --attack {wildcards.attack} --settings {params.settings:q}"
         " --subset {params.subset:q} --models {params.models:q} --dataset-dir {params.dataset_dir}"
-        " --device {params.device} --out {output.npz} --run-record {log.record} 2> {log.log}"
+        " --device {params.device} --out {output.npz} {params.target} --run-record {log.record} 2> {log.log}"
 
 
 rule edit_protected:
@@ -90,9 +94,10 @@ rule edit_protected:
         settings=pixel_barrier_job_settings("edit"),
         models=as_json(pixel_barrier_models()),
         device=CFG["device"],
+        target=pixel_barrier_target_argument,
     message:
         "Editing (LDM, PDM) and purifying the {wildcards.attack} sets"
     shell:
         "OMP_NUM_THREADS={threads} python -m diffrobust edit-protected --attack {wildcards.attack} --settings {params.settings:q}"
         " --models {params.models:q} --set {input.set} --device {params.device} --out-tsv {output.tsv}"
-        " --out-grid {output.grid} --run-record {log.record} 2> {log.log}"
+        " --out-grid {output.grid} {params.target} --run-record {log.record} 2> {log.log}"

@@ -7,6 +7,10 @@
 # render-notebook replaces it only once the new one is complete (temporary file, then rename). The executed .ipynb
 # is not flagged: a failed job loses it, and the missing file makes the next run render again (the restored HTML
 # has a fresh modification time and would look up to date on its own).
+# Each report lists the sha256 of every input at its end and in its run record; an input that changes during the
+# render fails the job (render-notebook names it; the previous HTML is restored as for any failed render, and the
+# missing .ipynb renders it again). The params' input_digests are the inputs' fingerprints (common.smk): an input
+# now holding other bytes reruns the report even when its modification time is older than the report's.
 
 
 rule render_report:
@@ -32,11 +36,12 @@ rule render_report:
         "../envs/diffrobust.yaml"
     params:
         parameters=report_parameters,
+        input_digests=report_input_fingerprints,
     message:
         f"Rendering notebooks/{{wildcards.notebook}}.py for preset {PRESET}"
     shell:
         "python -m diffrobust render-notebook --notebook {input.notebook} --parameters {params.parameters:q}"
-        " --ipynb {output.ipynb} --html {output.html} --run-record {log.record} 2> {log.log}"
+        " --ipynb {output.ipynb} --html {output.html} --inputs {input:q} --run-record {log.record} 2> {log.log}"
 
 
 rule render_summary:
@@ -60,8 +65,9 @@ rule render_summary:
         "../envs/diffrobust.yaml"
     params:
         parameters=summary_parameters,
+        input_digests=summary_input_fingerprints,
     message:
         f"Rendering notebooks/summary.py (every claim) for preset {PRESET}"
     shell:
         "python -m diffrobust render-notebook --notebook {input.notebook} --parameters {params.parameters:q}"
-        " --ipynb {output.ipynb} --html {output.html} --run-record {log.record} 2> {log.log}"
+        " --ipynb {output.ipynb} --html {output.html} --inputs {input:q} --run-record {log.record} 2> {log.log}"

@@ -12,11 +12,19 @@ Jobs (one per protective attack, each over every budget of `pixel_barrier.budget
   differences between sets are the perturbations' and not the sampler's.
 
 `claims` turns the per-image tables into the paper's three claims, each with a paired bootstrap interval and a verdict.
+
+Mist's target image (`pixel_barrier.target.file`) is part of the identity of the sets of the attacks that read it
+(`config.TARGET_IMAGE_ATTACKS`): the workflow passes its sha256 to their protect and edit jobs; the protect job reads
+the file once, refuses other bytes than planned and stores the digest in the set (`target_sha256`), and the edit job
+refuses a set made with another target, so a set made with an old target is never edited as if made with the new one.
 """
 
 import functools
+import hashlib
+import io
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -25,11 +33,13 @@ from tqdm import tqdm
 
 from diffrobust import imagespace, quality
 from diffrobust.attacks import protective
+from diffrobust.config import TARGET_IMAGE_ATTACKS, pixel_barrier_target_file
 from diffrobust.data import load_dataset, subset_indices
 from diffrobust.defenses.sdedit import (GrIDPure, IFStageIIPure, LDMPure, PDMPure, ldm_sdedit, load_if_stage2,
                                         pixel_sdedit)
 from diffrobust.defenses.transforms import CropResize, JPEGCompression, identity
 from diffrobust.defenses.upscaling import NoisyUpscaling, load_sd_upscaler
+from diffrobust.errors import DiffrobustError
 from diffrobust.models import eps_model, load_source
 from diffrobust.networks.ldm import load_ldm
 
@@ -96,15 +106,52 @@ def evaluation_images(dataset_dir, subset):
             np.asarray(split.indices[indices]))
 
 
-def target_image(settings, shape):
+def read_target(settings, attack, expected_sha256=None):
+    """(bytes, sha256) of the target image file the protect job of `attack` reads, read once so that every budget
+    uses the same pixels; (None, None) where it reads no file (another attack, or the checkerboard).
+    expected_sha256: the digest the workflow planned the job with (its identity); a file holding other bytes now is
+    refused rather than protected with and recorded under that identity."""
+    file = pixel_barrier_target_file(settings, attack)
+    if file is None:
+        return None, None
+    try:
+        data = Path(file).read_bytes()
+    except OSError as error:
+        raise DiffrobustError(f"cannot read pixel_barrier.target.file {file} ({error.strerror}): point the config key "
+                              "at Mist's target image, or set it to null for the checkerboard") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if expected_sha256 is not None and digest != expected_sha256:
+        raise DiffrobustError(f"pixel_barrier.target.file {file} changed after the workflow planned this job "
+                              f"(sha256 {expected_sha256[:12]}... then, {digest[:12]}... now): run snakemake again, so "
+                              f"that the {attack} set is protected with the target the workflow records")
+    return data, digest
+
+
+def check_set_target(set_path, sets, attack, expected_sha256):
+    """Refuse a protected set of `attack` made with another target image than the one of sha256 `expected_sha256`
+    (None: the job depends on no target file, nothing to check)."""
+    if expected_sha256 is None:
+        return
+    recorded = str(sets["target_sha256"]) if "target_sha256" in sets else None
+    if recorded != expected_sha256:
+        made_with = f"the target image of sha256 {recorded[:12]}..." if recorded else "no recorded target image"
+        raise DiffrobustError(f"{set_path} was made with {made_with}, but pixel_barrier.target.file now holds sha256 "
+                              f"{expected_sha256[:12]}...: its {attack} set is not edited as if made with the new "
+                              f"target. Delete {set_path} and run snakemake again (its protect job remakes it)")
+
+
+def target_image(settings, shape, data=None):
     """Mist's target image: a checkerboard of `target.period`-pixel squares at mini (Mist's MIST.png is a texture
-    of high-contrast patterns; MNIST is 1-channel), or a user's image file at paper scale."""
+    of high-contrast patterns; MNIST is 1-channel), or a user's image file at paper scale (`data`: its bytes, as
+    read_target read them; read from the file when not given)."""
     spec = settings["target"]
     channels, size = shape[-3], shape[-1]
     if spec.get("file"):
         from PIL import Image
 
-        image = Image.open(spec["file"]).convert("RGB" if channels == 3 else "L").resize((size, size), Image.BICUBIC)
+        data = Path(spec["file"]).read_bytes() if data is None else data
+        image = Image.open(io.BytesIO(data)).convert("RGB" if channels == 3 else "L")
+        image = image.resize((size, size), Image.BICUBIC)
         array = np.asarray(image, dtype=np.uint8)
         array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
         return imagespace.uint8_to_float(array[None].copy())
@@ -131,8 +178,9 @@ def in_batches(fn, x01, batch_size, seed):
 # Protection
 # ---------------------------------------------------------------------------------------------------------------
 
-def protect_images(attack, x01, settings, models, seed):
-    """{budget index: (protected images, objective before, after)} for one attack over every budget."""
+def protect_images(attack, x01, settings, models, seed, target01=None):
+    """{budget index: (protected images, objective before, after)} for one attack over every budget (target01: Mist's
+    target image, for the attacks of TARGET_IMAGE_ATTACKS)."""
     out, batch_size = {}, settings["batch_size"]
     for k, eps in enumerate(settings["budgets"]):
         stream = seed * 100 + k
@@ -145,7 +193,7 @@ def protect_images(attack, x01, settings, models, seed):
             continue
         objective = protective.objective_for(
             attack, ldm=models["ldm"], pixel_eps_model=models["pixel_eps"], pixel_schedule=models["pixel_schedule"],
-            target01=target_image(settings, x01.shape), rate=settings["mist_rate"])
+            target01=target01, rate=settings["mist_rate"])
         random_start = attack not in settings["no_random_start"]
         results = []
         with tqdm(total=settings["steps"] * len(range(0, len(x01), batch_size)), desc=f"{attack} eps {eps:g}",
@@ -162,16 +210,19 @@ def protect_images(attack, x01, settings, models, seed):
     return out
 
 
-def protect_job(attack, *, settings, subset, models, dataset_dir, device="cpu", seed=0):
+def protect_job(attack, *, settings, subset, models, dataset_dir, device="cpu", seed=0, target_sha256=None):
     """The arrays of one attack's protected sets (see the module docstring); also the latent distance each
-    perturbation causes, against the random control's (the encoder-amplification figure)."""
+    perturbation causes, against the random control's (the encoder-amplification figure), and the sha256 of the
+    target image file it read ("" for none; target_sha256: the digest the workflow planned, see read_target)."""
+    target_data, target_digest = read_target(settings, attack, target_sha256)
     loaded = load_models(models, settings, device)
     x01, labels, indices = evaluation_images(dataset_dir, subset)
     x01 = x01.to(device)
+    target01 = target_image(settings, x01.shape, target_data).to(device) if attack in TARGET_IMAGE_ATTACKS else None
     clock = time.perf_counter()
-    protected = protect_images(attack, x01, settings, loaded, seed)
+    protected = protect_images(attack, x01, settings, loaded, seed, target01)
     arrays = {"indices": np.asarray(indices), "labels": labels.numpy(), "x_clean": x01.cpu().numpy(),
-              "budgets": np.asarray(settings["budgets"], dtype=np.float64)}
+              "budgets": np.asarray(settings["budgets"], dtype=np.float64), "target_sha256": np.str_(target_digest or "")}
     for k, (x_protected, before, after) in protected.items():
         key = budget_key(k)
         arrays[f"{key}/x"] = x_protected.detach().cpu().numpy().astype(np.float32)
@@ -503,14 +554,16 @@ def report_claims(parameters, known):
 # The jobs' files
 # ---------------------------------------------------------------------------------------------------------------
 
-def run_protect(attack, *, settings, subset, models, dataset_dir, out, device="cpu"):
-    """protect_job, written atomically to `out` (.npz); returns the run record's summary."""
+def run_protect(attack, *, settings, subset, models, dataset_dir, out, device="cpu", target_sha256=None):
+    """protect_job, written atomically to `out` (.npz); returns the run record's summary (with the sha256 of the
+    target image file it read, or None)."""
     from diffrobust.io import atomic_write_npz
 
     arrays = protect_job(attack, settings=settings, subset=subset, models=models, dataset_dir=dataset_dir,
-                         device=device, seed=settings["seed"])
+                         device=device, seed=settings["seed"], target_sha256=target_sha256)
     atomic_write_npz(out, arrays)
-    summary = {"attack": attack, "images": int(len(arrays["labels"])), "seconds": float(arrays["seconds"])}
+    summary = {"attack": attack, "images": int(len(arrays["labels"])), "seconds": float(arrays["seconds"]),
+               "target_sha256": str(arrays["target_sha256"]) or None}
     for k, eps in enumerate(settings["budgets"]):
         key = budget_key(k)
         summary[f"latent_distance_eps{eps:g}"] = float(arrays[f"{key}/latent_distance"].mean())
@@ -526,13 +579,15 @@ def read_protected(path):
         return {name: arrays[name] for name in arrays.files}
 
 
-def run_edit(attack, *, settings, models, set_path, out_tsv, out_grid, device="cpu"):
-    """edit_job on the set at `set_path`, its table and grid images written atomically; returns a summary."""
+def run_edit(attack, *, settings, models, set_path, out_tsv, out_grid, device="cpu", target_sha256=None):
+    """edit_job on the set at `set_path`, its table and grid images written atomically; returns a summary.
+    target_sha256: the target image the set must have been made with (check_set_target)."""
     from diffrobust.io import atomic_path, atomic_write_npz
 
     clock = time.perf_counter()
-    table, grids = edit_job(attack, read_protected(set_path), settings=settings, models=models, device=device,
-                            seed=settings["seed"])
+    sets = read_protected(set_path)
+    check_set_target(set_path, sets, attack, target_sha256)
+    table, grids = edit_job(attack, sets, settings=settings, models=models, device=device, seed=settings["seed"])
     with atomic_path(out_tsv) as temp:
         table.to_csv(temp, sep="\t", index=False)
     atomic_write_npz(out_grid, grids)

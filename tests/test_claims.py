@@ -5,6 +5,7 @@ claims and the summary use; claims with evidence keep their verdicts. Synthetic 
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -124,3 +125,30 @@ def test_rdc_claims_with_some_correctly_classified_images_keep_their_verdicts():
     sets, dp = rdc_sets(some, adversarial, outcome([1] * 6 + [0] * 2), outcome([1] * 7 + [0]))
     assert rdc.claims(sets, {"linf": transfer()}, RDC, diffpure_sets={"linf": dp}, dataset="mnist",
                       known=KNOWN)[0].verdict == "fails"  # DiffPure ahead: 0.75 < 0.875
+
+
+def densepure_cells(dds_predict, dense_predict):
+    """DensePure >= DDS per radius on N images of label 0 (both certify every prediction at radius 0.3)."""
+    from diffrobust.stages import densepure
+
+    def table(predict):
+        return pd.DataFrame({"idx": np.arange(N), "label": 0, "predict": predict, "radius": 0.3, "correct": 0,
+                             "time": 0.1})
+
+    tables = {"dds": table(dds_predict), "densepure": table(dense_predict)}
+    rows = densepure.claims(lambda method, sigma, k: tables[method], sigmas=[0.5], radii=[0.0, 0.25], votes=3,
+                            n=1000, alpha=0.001, dataset="mnist", known=KNOWN)
+    return [row for row in rows if not row.headline]
+
+
+def test_densepure_at_least_dds_on_images_neither_gets_right_is_inconclusive():
+    wrong = [6] * N  # the smoke run before issue 21: DensePure and DDS right on 0 of its 2 images
+    cells = densepure_cells(wrong, wrong)
+    assert [cell.verdict for cell in cells] == ["inconclusive", "inconclusive"]  # 0 >= 0
+    assert cells[0].ours.endswith("; inconclusive: no image is correctly classified clean by DensePure or DDS "
+                                  "(0 of 8 images)")
+    # DDS right on one image, DensePure on none: evidence; -1/8 with a paired interval that holds 0
+    cells = densepure_cells([0] + [6] * (N - 1), wrong)
+    assert [cell.verdict for cell in cells] == ["inconclusive", "inconclusive"] and "no image" not in cells[0].ours
+    assert [cell.verdict for cell in densepure_cells([0] * N, wrong)] == ["fails", "fails"]
+    assert [cell.verdict for cell in densepure_cells(wrong, [0] * N)] == ["holds", "holds"]

@@ -89,7 +89,7 @@ pd.DataFrame(protocol).set_index("what")
 # %%
 check_rows = [row for threat in threats for row in diffpure.masking_checks(sets[threat], transfers[threat], threat,
                                                                            settings)]
-failed = [row for row in check_rows if not row["passed"]]
+failed = masking.failed(check_rows)
 
 
 def doubts(defense, attack, threat):

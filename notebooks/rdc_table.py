@@ -91,7 +91,7 @@ pd.DataFrame(protocol).set_index("what")
 # %%
 check_rows = [row for threat in threats
               for row in robustness.masking_checks(sets[threat], transfers[threat], threat, settings, "rdc")]
-failed = [row for row in check_rows if not row["passed"]]
+failed = masking.failed(check_rows)
 
 
 def interval(values):
@@ -99,13 +99,14 @@ def interval(values):
     return f"{a['accuracy']:.3f} [{a['ci_low']:.2f}, {a['ci_high']:.2f}]", a["accuracy"]
 
 
-rows, strongest = [], {}
+rows, strongest, clean_images = [], {}, {}
 for threat in threats:
     eps = settings["threats"][threat]["eps"]
     same_budget = diffpure_settings["threats"].get(threat, {}).get("eps") == eps
     dp_sets = (diffpure.load_table_sets(results_dir, diffpure_settings, diffpure_shards, threat) if same_budget
                else None)
     worst = rdc.worst_cases(sets[threat], settings, dp_sets)
+    clean_images[threat] = rdc.clean_cases(sets[threat], settings, dp_sets)
     for defense in settings["defenses"]:
         per_attack = {a: sets[threat][(defense, a)] for a in attacks if (defense, a) in sets[threat]}
         clean = interval(next(iter(per_attack.values()))["clean_correct"])[0]
@@ -132,12 +133,13 @@ ours
 order = []
 for threat in threats:
     values = {d: strongest.get((threat, d)) for d in rdc.ORDER}
-    holds = rdc.ordering(values)
-    if holds is None:
-        order.append({"threat": threat, "holds": "n/a (DiffPure ran at another budget)"})
+    verdict, reason = rdc.ordering_verdict(values, clean_images[threat])
+    if verdict == "not run at this preset":
+        order.append({"threat": threat, "verdict": f"n/a ({reason})"})
         continue
     order.append({"threat": threat, **{d: f"{v:.3f}" for d, v in values.items()},
-                  "RDC - DiffPure": f"{values['rdc'] - values['diffpure']:+.3f}", "holds": holds})
+                  "RDC - DiffPure": f"{values['rdc'] - values['diffpure']:+.3f}",
+                  "verdict": f"{verdict} ({reason})" if reason else verdict})
 display(pd.DataFrame(order).set_index("threat"))
 display(Markdown("The DiffPure and RDC rows are measured on different image subsets (DiffPure's data seeds, RDC's "
                  "first images), so their difference is not paired; read it with both intervals above."))

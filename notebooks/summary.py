@@ -18,10 +18,12 @@
 # **ours** with its 95% interval, the **verdict** and the report that shows the numbers.
 #
 # Verdicts: *holds* when the whole interval supports the claim, *fails* when the whole interval contradicts it,
-# *inconclusive* otherwise; a published number reproduces (*holds*) when it lies inside our interval. *Not run at
-# this preset*: the papers' headline numbers, which are measured only at paper scale (their dataset, models and
-# protocol), or a report this preset does not render. The numbers of this page and of the paper reports are
-# computed by the same functions (`diffrobust.claims` and the `claims` functions of `diffrobust.stages`).
+# *inconclusive* otherwise, and *inconclusive* with the reason when a claim about robust (or certified) accuracy
+# rests on no image that a defense it compares classifies correctly clean (0 = 0 is no evidence) or a check against
+# gradient masking has nothing to check; a published number reproduces (*holds*) when it lies inside our interval.
+# *Not run at this preset*: the papers' headline numbers, which are measured only at paper scale (their dataset,
+# models and protocol), or a report this preset does not render. The numbers of this page and of the paper reports
+# are computed by the same functions (`diffrobust.claims` and the `claims` functions of `diffrobust.stages`).
 #
 # Where this code departs from the official code, and by how much: `docs/fidelity.md` in the project
 # ([on disk](../../../docs/fidelity.md) from this report's folder).

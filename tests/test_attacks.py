@@ -180,17 +180,18 @@ def test_run_attack_reports_its_cost_and_refuses_unknown_methods():
 
 
 def test_masking_checks_judge_the_numbers_they_are_given():
-    assert masking.undefended_falls([False] * 39 + [True]).passed  # 2.5%
-    assert not masking.undefended_falls([False] * 30 + [True] * 10).passed
-    assert masking.large_budget_breaks([False] * 20, 0.5).passed
-    assert not masking.large_budget_breaks([True] * 5 + [False] * 15, 0.5).passed
+    clean = [True] * 40  # every image correctly classified clean: each check has 40 images to judge
+    assert masking.undefended_falls([False] * 39 + [True], clean).passed  # 2.5%
+    assert not masking.undefended_falls([False] * 30 + [True] * 10, clean).passed
+    assert masking.large_budget_breaks([False] * 20, clean[:20], 0.5).passed
+    assert not masking.large_budget_breaks([True] * 5 + [False] * 15, clean[:20], 0.5).passed
     reported = [True] * 20 + [False] * 20  # 0.5, interval about [0.34, 0.66]
-    assert masking.more_iterations_agree(reported, [True] * 16 + [False] * 24).passed
-    failed = masking.more_iterations_agree(reported, [True] * 8 + [False] * 32)
-    assert not failed.passed and failed.value == pytest.approx(0.2)
-    assert masking.transfer_not_stronger(reported, [True] * 40).passed
-    stronger = masking.transfer_not_stronger([True] * 30 + [False] * 10, [False] * 40)
-    assert not stronger.passed and stronger.value == pytest.approx(-0.75)
+    assert masking.more_iterations_agree(reported, [True] * 16 + [False] * 24, clean).passed
+    failed = masking.more_iterations_agree(reported, [True] * 8 + [False] * 32, clean)
+    assert failed.passed is False and failed.value == pytest.approx(0.2)
+    assert masking.transfer_not_stronger(reported, [True] * 40, clean).passed
+    stronger = masking.transfer_not_stronger([True] * 30 + [False] * 10, [False] * 40, clean)
+    assert stronger.passed is False and stronger.value == pytest.approx(-0.75)
     flips = masking.flip_rate([1, 2, 3, 4], [1, 2, 0, 4])
     assert flips.value == pytest.approx(0.25)
     interval = masking.accuracy([True] * 3 + [False])
@@ -198,11 +199,12 @@ def test_masking_checks_judge_the_numbers_they_are_given():
 
 
 def test_the_check_summary_names_what_failed_and_what_it_casts_doubt_on():
-    passed = masking.large_budget_breaks([False] * 10, 0.5).row()
-    failed = {**masking.undefended_falls([True] * 3 + [False]).row(), "threat": "linf"}
-    assert masking.summary([passed]) == "**All checks passed.**"
+    passed = masking.large_budget_breaks([False] * 10, [True] * 10, 0.5).row()
+    failed = {**masking.undefended_falls([True] * 3 + [False], [True] * 4).row(), "threat": "linf"}
+    assert masking.summary([passed]) == "**All checks passed**, each on 10 of 10 images correctly classified clean."
     text = masking.summary([passed, failed])
-    assert text.startswith("**Failed:** linf undefended classifier falls (0.750, wanted <= 5%)")
+    assert text.startswith("**Failed:** linf undefended classifier falls (0.750, wanted <= 5%, on 4 of 4 images "
+                           "correctly classified clean)")
     assert "casts doubt on every robust accuracy" in text
 
 

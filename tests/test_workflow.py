@@ -17,6 +17,7 @@ import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.workflow
@@ -192,6 +193,10 @@ def test_smoke_run_then_dvc_push_pull_into_a_fresh_clone(repo_copy, tmp_path):
     table = (repo_copy / "results/smoke/densepure/densepure/sigma0.5/votes3.tsv").read_text().splitlines()
     assert table[0].split("\t") == ["idx", "label", "predict", "radius", "correct", "time"] and len(table) == 3
     assert (repo_copy / "data/datasets/mnist/splits.npz").is_file()
+    # the attacks attack something: images the classifier gets right, moved by the attack (issue 21, item 14)
+    attacked = attacked_images(repo_copy / "results/smoke", repo_copy / "data/datasets/mnist")
+    assert any(count for (defense, _, _), count in attacked.items() if defense == "diffpure"), attacked
+    assert any(count for (_, attack, _), count in attacked.items() if attack in ("apgd_dlr", "rdc_standard")), attacked
     # a second repro has nothing to do
     assert "didn't change" in run(["dvc", "repro"], repo_copy).stdout
 
@@ -228,6 +233,23 @@ def test_smoke_run_then_dvc_push_pull_into_a_fresh_clone(repo_copy, tmp_path):
     shutil.rmtree(densepure)
     snakemake(clone, *targets, "--configfile", "steps.yaml")
     assert rerun == _tables_without_time(densepure) and {"votes1.tsv", "votes3.tsv", "shard0.tsv"} <= rerun.keys()
+
+
+def attacked_images(results_dir, dataset_dir):
+    """{(defense, attack, threat): how many images correctly classified clean have an adversarial image unlike their
+    clean image} of every adversarial set under `results_dir` (read as stored, so no reader can hide a set)."""
+    from diffrobust import data, imagespace
+
+    split = data.load_dataset(dataset_dir).eval_split
+    row = {int(index): k for k, index in enumerate(split.indices)}
+    counts = {}
+    for path in sorted(Path(results_dir).glob("attacks/*/*/*/shard*.npz")):
+        with np.load(path) as stored:
+            clean = imagespace.uint8_to_float(split.images[[row[int(i)] for i in stored["idx"]]]).numpy()
+            moved = (stored["x_adv"] != clean).reshape(len(clean), -1).any(axis=1)
+            key = tuple(path.relative_to(results_dir).parts[1:4])
+            counts[key] = counts.get(key, 0) + int((moved & stored["clean_correct"]).sum())
+    return counts
 
 
 def _tables_without_time(folder):

@@ -7,7 +7,9 @@ verdict and the report that shows the numbers (a relative link). The stage modul
 this module holds what every paper shares: the verdict rules, the row, and the summary's HTML table.
 
 Verdicts (`VERDICTS`): *holds* when the whole interval supports the claim, *fails* when the whole interval
-contradicts it, *inconclusive* otherwise; *not run at this preset* for a number measured at another scale (the
+contradicts it, *inconclusive* otherwise, and *inconclusive* whatever the interval when a claim about robust
+accuracy rests on no evidence (`on_evidence`: a defense it compares classifies no image correctly clean, so its
+robust accuracy is 0 whatever the attack); *not run at this preset* for a number measured at another scale (the
 papers' headline numbers at paper scale) or a report this preset does not render.
 """
 
@@ -15,6 +17,8 @@ import html
 import math
 from dataclasses import asdict, dataclass
 from urllib.parse import quote
+
+import numpy as np
 
 HOLDS, FAILS, INCONCLUSIVE, NOT_RUN = "holds", "fails", "inconclusive", "not run at this preset"
 VERDICTS = (HOLDS, FAILS, INCONCLUSIVE, NOT_RUN)
@@ -67,6 +71,22 @@ def reproduces(published, low, high):
     if _undefined(low, high):
         return INCONCLUSIVE
     return HOLDS if low <= published <= high else FAILS
+
+
+def no_evidence(clean_correct):
+    """Why a claim about the robust accuracy of the defenses in `clean_correct` ({name: per-image clean correctness})
+    rests on no evidence, or "" when it does not: a defense that classifies no image correctly clean is "robust" on
+    none whatever the attack, so a comparison with it, or a published value read into its interval, says nothing."""
+    empty = [f"{name} (0 of {np.size(correct)} images)" for name, correct in clean_correct.items()
+             if not np.any(correct)]
+    return f"no image is correctly classified clean by {' or '.join(empty)}" if empty else ""
+
+
+def on_evidence(verdict, ours, clean_correct):
+    """(verdict, ours) of a claim about the robust accuracy of the defenses in `clean_correct` (see `no_evidence`):
+    unchanged when it has evidence, else INCONCLUSIVE with the reason added to `ours`."""
+    reason = no_evidence(clean_correct)
+    return (INCONCLUSIVE, f"{ours}; inconclusive: {reason}") if reason else (verdict, ours)
 
 
 def interval_text(estimate, low, high, signed=False):

@@ -112,12 +112,14 @@ def claims(sets, transfers, settings, *, dataset, known):
     for threat in settings["threats"]:
         eps = settings["threats"][threat]["eps"]
         worst = {defense: robustness.worst_case(sets[threat], defense, PAIR) for defense in DEFENSES}
+        clean = {defense: robustness.clean_correct(sets[threat], defense, PAIR) for defense in DEFENSES}
         rows.append(robustness.paired_claim(
             PAPER, f"DiffPure is robust beyond the undefended classifier ({threat} {eps:g}, worst case per image "
                    "over AutoAttack standard and rand)", worst["diffpure"], worst["undefended"],
             ("DiffPure", "undefended"), c.NOT_KNOWN,
             "claim: DiffPure (Nie et al., ICML'22) defends against adaptive attacks; a difference is not published "
-            "(its robust accuracies are the headline rows)", accuracy_link))
+            "(its robust accuracies are the headline rows)", accuracy_link,
+            clean=(clean["diffpure"], clean["undefended"])))
         rows.append(robustness.masking_claim(PAPER, "DiffPure", threat, masking_checks(sets[threat], transfers[threat],
                                                                                         threat, settings), checks_link))
     for entry in reported_entries(reference, settings):
@@ -129,7 +131,9 @@ def claims(sets, transfers, settings, *, dataset, known):
         attacks = PAIR if entry["attack"].startswith("min(") else (entry["attack"],)
         # min(standard, rand): the attack with the lower accuracy, as DiffPure reports it
         correct = min((robust(sets[entry["threat"]][("diffpure", a)]) for a in attacks), key=lambda r: r.mean())
-        rows.append(robustness.accuracy_claim(PAPER, claim, correct, entry, accuracy_link))
+        clean = robustness.clean_correct(sets[entry["threat"]], "diffpure", attacks)
+        rows.append(robustness.accuracy_claim(PAPER, claim, correct, entry, accuracy_link, clean=clean,
+                                              defense="DiffPure"))
     return rows
 
 

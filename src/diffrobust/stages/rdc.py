@@ -117,13 +117,25 @@ ORDER = ("rdc", "diffpure", "undefended")  # the ordering the paper claims: RDC 
 DIFFPURE_PAIR = ("standard", "rand")  # DiffPure's row: per image, robust under both (its table's worst case)
 
 
+def _per_defense(per_image, sets, settings, diffpure_sets):
+    """{defense: per_image(sets, defense, attacks)} for the table's defenses (every attack run on them) and, where
+    DiffPure ran at the same budget (`diffpure_sets` given), DiffPure (standard and rand)."""
+    result = {defense: per_image(sets, defense, settings["attacks"]) for defense in settings["defenses"]}
+    if diffpure_sets is not None:
+        result["diffpure"] = per_image(diffpure_sets, "diffpure", DIFFPURE_PAIR)
+    return result
+
+
 def worst_cases(sets, settings, diffpure_sets=None):
     """{defense: per-image robustness under every attack run on it} at one threat, for the table's defenses and,
     where DiffPure ran at the same budget (`diffpure_sets` given), DiffPure under both standard and rand."""
-    worst = {defense: robustness.worst_case(sets, defense, settings["attacks"]) for defense in settings["defenses"]}
-    if diffpure_sets is not None:
-        worst["diffpure"] = robustness.worst_case(diffpure_sets, "diffpure", DIFFPURE_PAIR)
-    return worst
+    return _per_defense(robustness.worst_case, sets, settings, diffpure_sets)
+
+
+def clean_cases(sets, settings, diffpure_sets=None):
+    """{defense: per-image clean correctness} of the same defenses as `worst_cases` (robustness.clean_correct): the
+    evidence a claim about their robust accuracy rests on."""
+    return _per_defense(robustness.clean_correct, sets, settings, diffpure_sets)
 
 
 def ordering(accuracies):
@@ -134,6 +146,20 @@ def ordering(accuracies):
     if None in values:
         return None
     return values[0] >= values[1] >= values[2]
+
+
+def ordering_verdict(accuracies, clean):
+    """(verdict, reason) of RDC >= DiffPure >= undefended from the worst-case accuracies {defense: accuracy} and
+    the defenses' per-image clean correctness {defense: bools} (`clean_cases`): not run where DiffPure ran at
+    another budget, inconclusive (the reason says why) where one of them classifies no image correctly clean (0 = 0
+    = 0 is no evidence), else holds or fails (`ordering`)."""
+    from diffrobust import claims as c
+
+    holds = ordering(accuracies)
+    if holds is None:
+        return c.NOT_RUN, "DiffPure ran at another budget"
+    reason = c.no_evidence({d: clean[d] for d in ORDER})
+    return (c.INCONCLUSIVE, reason) if reason else (c.HOLDS if holds else c.FAILS, "")
 
 
 def _published_robust(reference, defense, threat):
@@ -160,9 +186,15 @@ def claims(sets, transfers, settings, *, diffpure_sets, dataset, known):
     for threat in settings["threats"]:
         eps = settings["threats"][threat]["eps"]
         worst = worst_cases(sets[threat], settings, diffpure_sets[threat])
+        clean = clean_cases(sets[threat], settings, diffpure_sets[threat])
         accuracy = {defense: masking.accuracy(correct) for defense, correct in worst.items()}
-        holds = ordering({defense: a["accuracy"] for defense, a in accuracy.items()})
+        verdict, reason = ordering_verdict({defense: a["accuracy"] for defense, a in accuracy.items()}, clean)
         published = {d: _published_robust(reference, d, threat) for d in ORDER} if paper_scale else {}
+        ours = (", ".join(f"{d} " + c.interval_text(accuracy[d]["accuracy"], accuracy[d]["ci_low"],
+                                                    accuracy[d]["ci_high"]) for d in ORDER if d in accuracy)
+                + " (point values compared: DiffPure's images are its own)")
+        if verdict == c.INCONCLUSIVE:
+            ours += f"; inconclusive: {reason}"
         rows.append(c.Claim(
             PAPER,
             f"RDC ≥ DiffPure ≥ undefended in robust accuracy ({threat} {eps:g}, worst case over the attacks run)",
@@ -170,10 +202,7 @@ def claims(sets, transfers, settings, *, diffpure_sets, dataset, known):
             or f"{c.NOT_KNOWN} for {dataset}",
             "; ".join(f"{d}: {c.provenance(e)}" for d, e in published.items() if e)
             or "the paper evaluates CIFAR-10 (rdc_table.cifar10 in config/published_values.yaml)",
-            ", ".join(f"{d} {c.interval_text(accuracy[d]['accuracy'], accuracy[d]['ci_low'], accuracy[d]['ci_high'])}"
-                      for d in ORDER if d in accuracy) + " (point values compared: DiffPure's images are its own)",
-            None, None, None,
-            c.NOT_RUN if holds is None else c.HOLDS if holds else c.FAILS, links["order"]))
+            ours, None, None, None, verdict, links["order"]))
         if "adversarial" in worst:
             known_margin = paper_scale and threat == margin["threat"] and dataset == margin["dataset"]
             rows.append(robustness.paired_claim(
@@ -181,7 +210,7 @@ def claims(sets, transfers, settings, *, diffpure_sets, dataset, known):
                 worst["rdc"], worst["adversarial"], ("RDC", "adversarial"),
                 f"+{margin['value']:.4f}" if known_margin else f"{c.NOT_KNOWN} for {dataset} {threat}",
                 f"{margin['statement']}, {margin['dataset']} ({c.provenance(margin)})",
-                links["table"]))
+                links["table"], clean=(clean["rdc"], clean["adversarial"])))
         checks = robustness.masking_checks(sets[threat], transfers[threat], threat, settings, "rdc")
         rows.append(robustness.masking_claim(PAPER, "RDC", threat, checks, links["checks"]))
     for threat in settings["threats"]:
@@ -194,7 +223,8 @@ def claims(sets, transfers, settings, *, diffpure_sets, dataset, known):
                                   "the paper-scale number is for CIFAR-10 (preset cifar10)", links["table"]))
             continue
         worst = robustness.worst_case(sets[threat], "rdc", settings["attacks"])
-        rows.append(robustness.accuracy_claim(PAPER, claim, worst, entry, links["table"]))
+        clean = robustness.clean_correct(sets[threat], "rdc", settings["attacks"])
+        rows.append(robustness.accuracy_claim(PAPER, claim, worst, entry, links["table"], clean=clean, defense="RDC"))
     return rows
 
 

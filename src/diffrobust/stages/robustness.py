@@ -276,16 +276,17 @@ def masking_checks(sets, transfer, threat, settings, defense):
     rows = []
     for attack in settings["attacks"]:
         if ("undefended", attack) in sets:
-            rows.append(masking.undefended_falls(robust(sets[("undefended", attack)]), attack))
-    adaptive = robust(sets[(defense, check)])
-    rows.append(masking.large_budget_breaks(robust(sets[(defense, check + LARGE)]), eps_large))
-    rows.append(masking.more_iterations_agree(adaptive, robust(sets[(defense, check + MORE)]),
-                                              settings["checks"]["iterations_factor"]))
+            undefended = sets[("undefended", attack)]
+            rows.append(masking.undefended_falls(robust(undefended), undefended["clean_correct"], attack))
+    reported, large = sets[(defense, check)], sets[(defense, check + LARGE)]
+    rows.append(masking.large_budget_breaks(robust(large), large["clean_correct"], eps_large))
+    rows.append(masking.more_iterations_agree(robust(reported), robust(sets[(defense, check + MORE)]),
+                                              reported["clean_correct"], settings["checks"]["iterations_factor"]))
     strongest = min((a for a in settings["attacks"] if (defense, a) in sets),
                     key=lambda a: robust(sets[(defense, a)]).mean())
-    strongest_robust = robust(sets[(defense, strongest)])
-    aligned = _align(sets[(defense, strongest)]["idx"], transfer["idx"], transfer["adv_correct"])
-    rows.append(masking.transfer_not_stronger(strongest_robust, aligned))
+    strongest_set = sets[(defense, strongest)]
+    aligned = _align(strongest_set["idx"], transfer["idx"], transfer["adv_correct"])
+    rows.append(masking.transfer_not_stronger(robust(strongest_set), aligned, strongest_set["clean_correct"]))
     rows.append(masking.flip_rate(transfer["clean_label_a"], transfer["clean_label_b"]))
     return [{"threat": threat, **row.row()} for row in rows]
 
@@ -313,25 +314,37 @@ def worst_case(sets, defense, attacks):
     return np.logical_and.reduce(runs)
 
 
+def clean_correct(sets, defense, attacks):
+    """Per image: correctly classified clean by `defense` in some stored set of `attacks` (a randomized defense can
+    differ between sets); the images `worst_case` can call robust, the evidence of a claim about it."""
+    runs = [sets[(defense, attack)]["clean_correct"] for attack in attacks if (defense, attack) in sets]
+    if not runs:
+        raise SetError(f"no set of {defense} was made by any of the attacks {list(attacks)}")
+    return np.logical_or.reduce(runs)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The claims (diffrobust.claims rows shared by DiffPure's and RDC's)
 # ---------------------------------------------------------------------------------------------------------------
 
 def masking_claim(paper, defense, threat, check_rows, link):
-    """The masking checks of `defense` at `threat` as one claim row: holds when every check passed, fails when one
-    did (the row names them, as attacks.masking.summary does in the report)."""
+    """The masking checks of `defense` at `threat` as one claim row: fails when a check failed, inconclusive when
+    none failed but one had nothing to check (no image correctly classified clean), holds when every check passed
+    (the row names them and the images they rest on, as attacks.masking.summary does in the report)."""
     from diffrobust import claims as c
 
-    failed = [row for row in check_rows if not row["passed"]]
+    verdict = (c.FAILS if masking.failed(check_rows) else c.INCONCLUSIVE if masking.inconclusive(check_rows)
+               else c.HOLDS)
     return c.Claim(paper, f"the attacks on {defense} pass the checks against gradient masking ({threat})",
                    c.NOT_KNOWN, "our checks (Carlini et al. 2019, Athalye et al. 2018), not the paper's",
-                   masking.summary(check_rows).replace("**", ""), None, None, None, c.FAILS if failed else c.HOLDS,
-                   link)
+                   masking.summary(check_rows).replace("**", ""), None, None, None, verdict, link)
 
 
-def paired_claim(paper, claim, better, worse, names, published, provenance, link):
+def paired_claim(paper, claim, better, worse, names, published, provenance, link, *, clean):
     """A row for "`better` beats `worse`" (per-image robustness of two defenses on the same images): the paired
-    difference better - worse with its interval (attacks.masking.paired_difference), holds when it is above 0."""
+    difference better - worse with its interval (attacks.masking.paired_difference), holds when it is above 0;
+    inconclusive when either defense classifies no image correctly clean (`clean`: their per-image clean
+    correctness, in the order of `names`)."""
     from diffrobust import claims as c
 
     diff = masking.paired_difference(worse, better)
@@ -339,18 +352,22 @@ def paired_claim(paper, claim, better, worse, names, published, provenance, link
     ours = (f"{names[0]} {a:.3f} − {names[1]} {b:.3f} = "
             f"{c.interval_text(diff['difference'], diff['ci_low'], diff['ci_high'], signed=True)} "
             f"({diff['images']} images, paired)")
+    verdict, ours = c.on_evidence(c.above(diff["ci_low"], diff["ci_high"]), ours, dict(zip(names, clean)))
     return c.Claim(paper, claim, published, provenance, ours, diff["difference"], diff["ci_low"], diff["ci_high"],
-                   c.above(diff["ci_low"], diff["ci_high"]), link)
+                   verdict, link)
 
 
-def accuracy_claim(paper, claim, correct, entry, link, headline=True):
+def accuracy_claim(paper, claim, correct, entry, link, headline=True, *, clean, defense):
     """A row for a published robust accuracy `entry` (published_values.yaml) against ours (per-image outcomes):
-    holds when the published value lies inside our exact 95% interval."""
+    holds when the published value lies inside our exact 95% interval; inconclusive when `defense` classifies no
+    image correctly clean (`clean`: its per-image clean correctness)."""
     from diffrobust import claims as c
 
     ours = masking.accuracy(correct)
     value = entry["values"]["robust"]
-    return c.Claim(paper, claim, f"{value:.4f}", c.provenance(entry),
-                   f"{c.interval_text(ours['accuracy'], ours['ci_low'], ours['ci_high'])} ({ours['images']} images)",
-                   ours["accuracy"], ours["ci_low"], ours["ci_high"],
-                   c.reproduces(value, ours["ci_low"], ours["ci_high"]), link, headline)
+    verdict, text = c.on_evidence(
+        c.reproduces(value, ours["ci_low"], ours["ci_high"]),
+        f"{c.interval_text(ours['accuracy'], ours['ci_low'], ours['ci_high'])} ({ours['images']} images)",
+        {defense: clean})
+    return c.Claim(paper, claim, f"{value:.4f}", c.provenance(entry), text, ours["accuracy"], ours["ci_low"],
+                   ours["ci_high"], verdict, link, headline)

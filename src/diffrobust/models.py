@@ -286,8 +286,10 @@ def save_model(path, network, *, kind, architecture, diffusion=None, extra=None)
         "extra": _plain(extra or {}),
         "state_dict": {key: value.detach().cpu() for key, value in network.state_dict().items()},
     }
-    with atomic_path(path) as temp:
-        torch.save(record, temp)
+    # through a file handle: given a path, torch.save names the archive's inner folder after the (random) temporary
+    # file, so the same weights would give other bytes, and a retrained model a new identity downstream
+    with atomic_path(path) as temp, open(temp, "wb") as handle:
+        torch.save(record, handle)
     return Path(path)
 
 

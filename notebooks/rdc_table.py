@@ -104,8 +104,8 @@ rows, strongest = [], {}
 for threat in threats:
     eps = settings["threats"][threat]["eps"]
     same_budget = diffpure_settings["threats"].get(threat, {}).get("eps") == eps
-    dp_sets = (diffpure.load_table_sets(results_dir, diffpure_settings, diffpure_shards, threat, dataset_dir) if same_budget
-               else None)
+    dp_sets = (diffpure.load_table_sets(results_dir, diffpure_settings, diffpure_shards, threat, dataset_dir)
+               if same_budget else None)
     worst = rdc.worst_cases(sets[threat], settings, dp_sets)
     for defense in settings["defenses"]:
         per_attack = {a: sets[threat][(defense, a)] for a in attacks if (defense, a) in sets[threat]}

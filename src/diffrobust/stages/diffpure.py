@@ -137,7 +137,8 @@ def claims(sets, transfers, settings, *, dataset, known):
 def report_claims(parameters, known):
     """DiffPure's claim rows from its report's notebook parameters (notebooks/diffpure_table.py)."""
     settings, results_dir, dataset_dir = parameters["settings"], parameters["results_dir"], parameters["dataset_dir"]
-    sets = {t: load_table_sets(results_dir, settings, parameters["shards"], t, dataset_dir) for t in settings["threats"]}
+    sets = {t: load_table_sets(results_dir, settings, parameters["shards"], t, dataset_dir)
+            for t in settings["threats"]}
     transfers = {t: robustness.load_transfer(results_dir, "diffpure", parameters["transfer_attack"], t,
                                              dataset_dir=dataset_dir)
                  for t in settings["threats"]}

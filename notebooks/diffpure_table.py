@@ -45,8 +45,9 @@ from diffrobust.stages import diffpure, robustness
 
 known = yaml.safe_load(open(published))
 threats = list(settings["threats"])
-sets = {threat: diffpure.load_table_sets(results_dir, settings, shards, threat) for threat in threats}
-transfers = {threat: robustness.load_transfer(results_dir, "diffpure", transfer_attack, threat) for threat in threats}
+sets = {threat: diffpure.load_table_sets(results_dir, settings, shards, threat, dataset_dir) for threat in threats}
+transfers = {threat: robustness.load_transfer(results_dir, "diffpure", transfer_attack, threat, dataset_dir=dataset_dir)
+             for threat in threats}
 images = len(next(iter(sets[threats[0]].values()))["idx"])
 display(Markdown(f"Preset `{preset}` on `{dataset}`: {images} images (subset {subset}); diffusion model "
                  f"`{models['diffusion']}`, classifier `{models['classifier']}`."))

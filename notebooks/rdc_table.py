@@ -47,8 +47,9 @@ from diffrobust.stages import diffpure, rdc, robustness
 sns.set_theme(style="whitegrid")
 known = yaml.safe_load(open(published))
 threats = list(settings["threats"])
-sets = {threat: rdc.load_table_sets(results_dir, settings, shards, threat) for threat in threats}
-transfers = {threat: robustness.load_transfer(results_dir, "rdc", transfer_attack, threat) for threat in threats}
+sets = {threat: rdc.load_table_sets(results_dir, settings, shards, threat, dataset_dir) for threat in threats}
+transfers = {threat: robustness.load_transfer(results_dir, "rdc", transfer_attack, threat, dataset_dir=dataset_dir)
+             for threat in threats}
 attacks = list(settings["attacks"])
 images = len(next(iter(sets[threats[0]].values()))["idx"])
 display(Markdown(f"Preset `{preset}` on `{dataset}`: {images} images (subset {subset}); models {models}."))
@@ -103,8 +104,8 @@ rows, strongest, clean_images = [], {}, {}
 for threat in threats:
     eps = settings["threats"][threat]["eps"]
     same_budget = diffpure_settings["threats"].get(threat, {}).get("eps") == eps
-    dp_sets = (diffpure.load_table_sets(results_dir, diffpure_settings, diffpure_shards, threat) if same_budget
-               else None)
+    dp_sets = (diffpure.load_table_sets(results_dir, diffpure_settings, diffpure_shards, threat, dataset_dir)
+               if same_budget else None)
     worst = rdc.worst_cases(sets[threat], settings, dp_sets)
     clean_images[threat] = rdc.clean_cases(sets[threat], settings, dp_sets)
     for defense in settings["defenses"]:

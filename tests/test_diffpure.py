@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from diffrobust import diffusion as dp
-from diffrobust.attacks import BudgetError
 from diffrobust.defenses.diffpure import DiffPurePurifier
 from diffrobust.stages import diffpure, robustness
 from helpers import tiny_mnist_project
@@ -149,6 +148,10 @@ def _run(setup, out, defense="diffpure", attack="bpda_eot", shard=0, settings=SE
                                  out_path=out / "shard.npz", work_dir=out / "work", progress=False)
 
 
+def _read(setup, path, settings=SETTINGS):
+    return diffpure.read_set([path], setup / "mnist", threat="linf", settings=settings)
+
+
 def test_a_killed_attack_job_resumes_without_redoing_finished_batches(setup, tmp_path, monkeypatch):
     real = robustness._attack_batch
     calls = []
@@ -171,10 +174,10 @@ def test_a_killed_attack_job_resumes_without_redoing_finished_batches(setup, tmp
     _run(setup, tmp_path / "killed")
     assert len(calls) == 2  # 7 images in batches of 3: only the two unfinished batches ran
     assert [path.stat().st_mtime_ns for path in finished] == stamps
-    resumed = diffpure.read_set([tmp_path / "killed/shard.npz"])
+    resumed = _read(setup, tmp_path / "killed/shard.npz")
     monkeypatch.setattr(robustness, "_attack_batch", real)
     _run(setup, tmp_path / "clean")
-    clean = diffpure.read_set([tmp_path / "clean/shard.npz"])
+    clean = _read(setup, tmp_path / "clean/shard.npz")
     for key in ("idx", "label", "x_adv", "attack_robust", "adv_correct", "clean_correct"):
         assert np.array_equal(resumed[key], clean[key]), key
     assert resumed["x_adv"].dtype == np.float32 and len(resumed["idx"]) == 7
@@ -182,10 +185,10 @@ def test_a_killed_attack_job_resumes_without_redoing_finished_batches(setup, tmp
 
 def test_a_settings_change_restarts_the_work_folder(setup, tmp_path):
     _run(setup, tmp_path)
-    first = diffpure.read_set([tmp_path / "shard.npz"])
+    first = _read(setup, tmp_path / "shard.npz")
     changed = {**SETTINGS, "threats": {"linf": {**SETTINGS["threats"]["linf"], "eps": 0.05}}}
     _run(setup, tmp_path, settings=changed)
-    second = diffpure.read_set([tmp_path / "shard.npz"])
+    second = _read(setup, tmp_path / "shard.npz", changed)
     assert second["identity"]["settings"]["eps"] == 0.05 != first["identity"]["settings"]["eps"]
     assert (tmp_path / "work.stale").exists()
 
@@ -214,7 +217,7 @@ def test_a_transfer_set_is_scored_on_another_defense_and_a_tampered_set_is_refus
     tampered = dict(np.load(tmp_path / "undefended/shard.npz"))
     tampered["x_adv"] = np.clip(tampered["x_adv"] + 0.2, 0, 1).astype(np.float32)
     np.savez(tmp_path / "tampered.npz", **tampered)
-    with pytest.raises(BudgetError, match="outside the linf ball"):
+    with pytest.raises(diffpure.SetError, match="outside the linf ball"):
         diffpure.evaluate_set(defense="diffpure", threat="linf", set_paths=[tmp_path / "tampered.npz"],
                               settings=SETTINGS, dataset_dir=setup / "mnist", models=models_,
                               out_path=tmp_path / "never.npz")

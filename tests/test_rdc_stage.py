@@ -110,7 +110,7 @@ def test_an_rdc_attack_job_and_the_sweep_on_its_set(project, tmp_path):
     summary = rdc.attack_shard(defense="dc", attack="apgd_dlr", threat="linf", shard=0, settings=SETTINGS,
                                subset=SUBSET, dataset_dir=root / "mnist", models=sources,
                                out_path=tmp_path / "dc.npz", work_dir=tmp_path / "work", progress=False)
-    stored = robustness.read_set([tmp_path / "dc.npz"])
+    stored = robustness.read_set([tmp_path / "dc.npz"], root / "mnist", threat="linf", settings=SETTINGS)
     assert summary["images"] == 4 and stored["x_adv"].shape == (4, 1, 32, 32)
     assert stored["identity"]["settings"]["dc"]["sigma_steps"] == 3
     rdc.sigma_sweep(threat="linf", settings=SETTINGS, subset=SUBSET, dataset_dir=root / "mnist", models=sources,

@@ -1,6 +1,7 @@
 """diffrobust.training on a tiny synthetic dataset: learning, determinism, resuming after a kill, RDC's multi-head
 initialisation and fine-tuning, the classifier, and the sample grid."""
 
+import json
 import math
 import os
 import subprocess
@@ -653,12 +654,15 @@ def test_training_on_the_cpu_gives_the_weights_of_the_code_before_device_support
         assert loaded.extra["device"]["device"] == "cpu" and loaded.extra["device"]["precision"] == "fp32"
 
 
-def test_model_files_hold_cpu_tensors_and_say_where_they_were_trained(dataset_dir, tmp_path):
+def test_model_files_hold_cpu_tensors_and_the_run_says_where_they_were_trained(dataset_dir, tmp_path):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     loaded = training.train_classifier(dataset_dir, tmp_path, epochs=0.5, device=device, **CLASSIFIER)
     record = torch.load(tmp_path / training.MODEL_FILE, weights_only=True)  # no map_location: as stored
     assert {value.device.type for value in record["state_dict"].values()} == {"cpu"}
-    assert record["extra"]["device"]["device"].startswith(device) and record["extra"]["device"]["torch"]
+    # the device is the run's, not the weights': in the returned model (the run record) and metrics.json only
+    assert "device" not in record["extra"] and "seconds" not in record["extra"]["metrics"]
+    assert loaded.extra["device"]["device"].startswith(device) and loaded.extra["device"]["torch"]
+    assert json.loads((tmp_path / training.METRICS_FILE).read_text())["device"] == loaded.extra["device"]
     assert training.module_device(loaded.network).type == "cpu"  # the returned model is on the CPU too
 
 

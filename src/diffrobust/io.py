@@ -1,5 +1,6 @@
 """Atomic writes: everything goes to a temporary file in the target folder, then os.replace() moves it into place,
-so a killed job never leaves a half-written output behind."""
+so a killed job never leaves a half-written output behind. `read_npz` is the matching reader: a damaged archive
+(truncated, overwritten, not a zip) is one `DamagedFileError` naming the file, never a bare zipfile traceback."""
 
 import contextlib
 import json
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+
+from diffrobust.errors import DiffrobustError
 
 
 _UMASK = os.umask(0)
@@ -49,3 +52,25 @@ def atomic_write_npz(path, arrays):
     with atomic_path(path) as temp:
         with open(temp, "wb") as handle:
             np.savez(handle, **arrays)
+
+
+class DamagedFileError(DiffrobustError, ValueError):
+    """A stored file that cannot be read back (truncated by a crash or a full disk, or overwritten)."""
+
+
+def read_npz(path):
+    """Every array of the `.npz` at `path` as {name: array}, read eagerly (no pickles).
+
+    Raises DamagedFileError naming `path` when the archive or one of its members cannot be read: numpy raises
+    zipfile.BadZipFile, EOFError, zlib.error, OSError or ValueError depending on where a file was cut, none of
+    which names the file."""
+    import zipfile
+    import zlib
+
+    try:
+        with np.load(path, allow_pickle=False) as contents:
+            return {key: contents[key] for key in contents.files}
+    except FileNotFoundError:
+        raise
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError) as error:
+        raise DamagedFileError(f"{path}: damaged, cannot be read ({type(error).__name__}: {error})") from error

@@ -3,8 +3,9 @@
 Files
 -----
 `save_model` writes one torch file holding the state dict, the `architecture` block that rebuilds the network (the
-same `{"family", "config"}` shape as config/checkpoints.yaml), the model `kind` and, for diffusion models, the
-diffusion settings. `load_model` rebuilds the network from that block, so a file is self-describing and loads with
+same `{"family", "config"}` shape as config/checkpoints.yaml), the model `kind`, for diffusion models the
+diffusion settings, and `extra` (what the weights depend on, never timings or the device: the same weights and
+settings give the same bytes, so the jobs that digest the file keep their state). `load_model` rebuilds the network from that block, so a file is self-describing and loads with
 `torch.load(weights_only=True)` (no pickled code). `load_registry_checkpoint` reads the official files that
 config/checkpoints.yaml lists (ADM `.pt` state dicts, EDM `.pkl` snapshots, RobustBench `Standard.pt`, score_sde's
 `checkpoint_8.pth` with its EMA weights) into the same `LoadedModel`.
@@ -287,8 +288,10 @@ def save_model(path, network, *, kind, architecture, diffusion=None, extra=None)
         "extra": _plain(extra or {}),
         "state_dict": {key: value.detach().cpu() for key, value in network.state_dict().items()},
     }
-    with atomic_path(path) as temp:
-        torch.save(record, temp)
+    # through a file handle: given a path, torch.save names the archive's inner folder after the (random) temporary
+    # file, so the same weights would give other bytes, and a retrained model a new identity downstream
+    with atomic_path(path) as temp, open(temp, "wb") as handle:
+        torch.save(record, handle)
     return Path(path)
 
 

@@ -13,7 +13,9 @@ carries an *identity*, a JSON-like dict:
 
 `claim_folder` is how a job takes a state folder: if the folder holds state of another identity (or of none), it
 is moved aside to ``<folder>.stale`` (replacing an older one there) with one log line naming what differs, and the
-job starts afresh; if it holds state of this identity, the job resumes. `differences` is the same comparison for a
+job starts afresh; if it holds state of this identity, the job resumes. A single per-item file that fails its own
+check on resume (damaged, copied in from another run, holding other items) is moved aside to ``<file>.stale`` by
+`set_aside`, again with one log line, and only that item is recomputed. `differences` is the same comparison for a
 single resume file (training). Identities compare by value; `identity_digest` is their short fingerprint, stored
 inside every per-item state file so that a file copied in from elsewhere is caught too.
 
@@ -156,3 +158,13 @@ def claim_folder(folder, *, job, version, settings, inputs=None, what="state"):
     if record is None or record["identity"] != identity or record["cache"] != cache or not has_state:
         atomic_write_json(folder / IDENTITY_FILE, {"identity": identity, "cache": cache})
     return {**identity, "digest": identity_digest(identity)}
+
+
+def set_aside(path, reason, what="state"):
+    """Move one per-item state file that cannot be resumed from to `<path>.stale` (replacing an earlier one), with
+    one warning saying why; the job then recomputes that item. Returns the new path."""
+    path = Path(path)
+    aside = path.with_name(path.name + STALE_SUFFIX)
+    os.replace(path, aside)
+    log.warning("discarding the %s %s: %s; moved it to %s and recomputing", what, path, reason, aside)
+    return aside

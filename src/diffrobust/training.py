@@ -22,7 +22,7 @@ so on the CPU the weights are bit-identical to those of the code before device s
 holds their digests). Dropout draws from the device's global generator, which the per-step seed also seeds. On
 CUDA the job sets CUBLAS_WORKSPACE_CONFIG (`prepare_device`) and deterministic algorithms, so a rerun on the same
 GPU model gives the same weights; they are not bit-equal to a CPU run (other kernels, other float rounding). Model
-files always hold CPU tensors, and the returned LoadedModel is on the CPU; `extra["device"]` says where it ran.
+files always hold CPU tensors, and the returned LoadedModel is on the CPU; its `extra["device"]` says where it ran.
 
 Resuming
 --------
@@ -36,11 +36,15 @@ The resume file is deleted once the outputs are written.
 
 Outputs (all written atomically): `model.pt` (`models.save_model`; EMA weights for diffusion models),
 `loss.tsv` (step, mean loss since the previous row, cumulative training seconds) and, for classifiers,
-`metrics.json`.
+`metrics.json` (with the training seconds and the device). `model.pt` holds the weights and what they depend on
+(architecture, diffusion settings, training config, accuracies), never timings or the device, so two trainings
+with the same seed write byte-identical files and downstream jobs keep their resumable state; the run's seconds
+and device are in the returned model's `extra` (for the run record) and in loss.tsv / metrics.json.
 """
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import logging
 import math
@@ -336,6 +340,15 @@ def run_training(out_dir, *, config, network, loss_fn, steps, lr_schedule, seed,
     return TrainingResult(network, ema, losses, seconds_before + time.perf_counter() - clock, start)
 
 
+def _with_run_facts(loaded, seconds, device):
+    """The LoadedModel of a finished job with this run's facts added to its `extra` in memory (`seconds`,
+    `device`: what the CLI puts in the run record). The model file leaves them out: it holds only what the weights
+    depend on, so a retrained identical model is a byte-identical file, and the attack and certification jobs
+    that digest it keep their resumable state (`resumable`)."""
+    return dataclasses.replace(loaded, extra={**loaded.extra, "seconds": round(seconds, 2),
+                                              "device": describe_device(device, "fp32")})
+
+
 def _finish_outputs(out_dir, losses):
     atomic_write_text(Path(out_dir) / LOSS_FILE, losses.tsv())
 
@@ -469,13 +482,12 @@ def train_diffusion(dataset_dir, out_dir, *, architecture, schedule="linear", nu
                           lr_schedule=warmup_constant(lr, warmup_steps), seed=seed, ema_decay=ema_decay,
                           checkpoint_every=checkpoint_every, log_every=log_every, data_stream=stream,
                           description="diffusion", on_step=on_step)
-    extra = {"num_classes": num_classes, "class_names": dataset.meta.get("class_names"), "training": config,
-             "seconds": round(result.seconds, 2), "device": describe_device(device, "fp32")}
+    extra = {"num_classes": num_classes, "class_names": dataset.meta.get("class_names"), "training": config}
     path = models.save_model(Path(out_dir) / MODEL_FILE, result.ema, kind="diffusion", architecture=architecture,
                              diffusion=settings, extra=extra)
     _finish_outputs(out_dir, result.loss_log)
     _remove_resume(out_dir)
-    return models.load_model(path)
+    return _with_run_facts(models.load_model(path), result.seconds, device)
 
 
 def multihead_from_conditional(network, num_classes, fold_label=None):
@@ -645,13 +657,12 @@ def _save_finetuned(out_dir, result, *, loaded, dataset, config, kind, architect
     """Write a fine-tuned model's outputs (model.pt of the EMA weights, loss.tsv), remove the resume file and
     return the LoadedModel."""
     extra = {"num_classes": int(dataset.meta["num_classes"]), "class_names": dataset.meta.get("class_names"),
-             "training": config, "init_training": loaded.extra.get("training"), "seconds": round(result.seconds, 2),
-             "device": describe_device(device, "fp32")}
+             "training": config, "init_training": loaded.extra.get("training")}
     path = models.save_model(Path(out_dir) / MODEL_FILE, result.ema, kind=kind, architecture=architecture,
                              diffusion=settings, extra=extra)
     _finish_outputs(out_dir, result.loss_log)
     _remove_resume(out_dir)
-    return models.load_model(path)
+    return _with_run_facts(models.load_model(path), result.seconds, device)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -993,14 +1004,15 @@ def train_classifier(dataset_dir, out_dir, *, architecture, epochs, batch_size, 
         metrics["test_pgd_accuracy"] = pgd_accuracy(network, test.images, test.labels, adversarial,
                                                     generator_for(seed, 0, "evaluation"))
         metrics["pgd"] = adversarial
+    weights_only_metrics = {key: value for key, value in metrics.items() if key != "seconds"}
     path = models.save_model(Path(out_dir) / MODEL_FILE, network, kind="classifier", architecture=architecture,
                              extra={"num_classes": num_classes, "class_names": dataset.meta.get("class_names"),
-                                    "training": config, "metrics": metrics,
-                                    "device": describe_device(device, "fp32")})
-    atomic_write_json(Path(out_dir) / METRICS_FILE, metrics)
+                                    "training": config, "metrics": weights_only_metrics})
+    atomic_write_json(Path(out_dir) / METRICS_FILE, {**metrics, "device": describe_device(device, "fp32")})
     _finish_outputs(out_dir, result.loss_log)
     _remove_resume(out_dir)
-    return models.load_model(path)
+    loaded = _with_run_facts(models.load_model(path), result.seconds, device)
+    return dataclasses.replace(loaded, extra={**loaded.extra, "metrics": metrics})
 
 
 def train_adversarial(dataset_dir, out_dir, *, threat="linf", eps=ADVERSARIAL_DEFAULTS["eps"],

@@ -117,9 +117,9 @@ def train_mini_ldm(dataset_dir, out_dir, *, architecture, vae_training, unet_tra
     if unet_result.ema is not None:
         trainable.load_state_dict(unet_result.ema.state_dict())
     ldm = ldm.to("cpu").eval().requires_grad_(False)
+    # what the weights depend on, not the run's seconds or device: a retrained identical model is identical files
     extra = {"architecture": architecture, "vae_training": vae_training, "unet_training": unet_training,
-             "seed": seed, "device": str(device), "scaling_factor": scaling_factor,
-             "seconds": {"vae": vae_result.seconds, "unet": unet_result.seconds}}
+             "seed": seed, "scaling_factor": scaling_factor}
     ldm_lib.save_ldm(out_dir / MODEL_FOLDER, ldm, extra=extra)
     atomic_write_text(out_dir / LOSS_FILE, _stage_losses({"vae": vae_result, "unet": unet_result}))
     return {"ldm": ldm, "vae": vae_result, "unet": unet_result, "scaling_factor": scaling_factor}

@@ -65,10 +65,11 @@ def purifier_network_calls(settings, threat):
     return int(round(t_star * dp.VPSDE_N))
 
 
-def load_table_sets(results_dir, settings, shards, threat):
-    """{(defense, attack): arrays} of every stored DiffPure set at `threat` under `results_dir`."""
+def load_table_sets(results_dir, settings, shards, threat, dataset_dir):
+    """{(defense, attack): arrays} of every stored DiffPure set at `threat` under `results_dir`, verified
+    (`robustness.read_set`)."""
     pairs = [(defense, attack) for defense in DEFENSES for attack in defense_attacks(settings, defense)]
-    return robustness.load_sets(results_dir, pairs, shards, threat)
+    return robustness.load_sets(results_dir, pairs, shards, threat, settings=settings, dataset_dir=dataset_dir)
 
 
 def table_rows(sets, threat, settings):
@@ -139,8 +140,10 @@ def claims(sets, transfers, settings, *, dataset, known):
 
 def report_claims(parameters, known):
     """DiffPure's claim rows from its report's notebook parameters (notebooks/diffpure_table.py)."""
-    settings, results_dir = parameters["settings"], parameters["results_dir"]
-    sets = {t: load_table_sets(results_dir, settings, parameters["shards"], t) for t in settings["threats"]}
-    transfers = {t: robustness.load_transfer(results_dir, "diffpure", parameters["transfer_attack"], t)
+    settings, results_dir, dataset_dir = parameters["settings"], parameters["results_dir"], parameters["dataset_dir"]
+    sets = {t: load_table_sets(results_dir, settings, parameters["shards"], t, dataset_dir)
+            for t in settings["threats"]}
+    transfers = {t: robustness.load_transfer(results_dir, "diffpure", parameters["transfer_attack"], t,
+                                             dataset_dir=dataset_dir)
                  for t in settings["threats"]}
     return claims(sets, transfers, settings, dataset=parameters["dataset"], known=known)

@@ -21,7 +21,7 @@ import functools
 import numpy as np
 import torch
 
-from diffrobust import data, imagespace
+from diffrobust import data
 from diffrobust.attacks.pgd import predict_averaged
 from diffrobust.defenses import DiffusionClassifier, LikelihoodMaximizer, PurifiedClassifier, denoiser_for
 from diffrobust.device import resolve_device
@@ -68,10 +68,10 @@ attack_shard = functools.partial(robustness.attack_shard, build=build)
 evaluate_set = functools.partial(robustness.evaluate_set, build=build)
 
 
-def load_table_sets(results_dir, settings, shards, threat):
-    """{(defense, attack): arrays} of every stored RDC-table set at `threat`."""
+def load_table_sets(results_dir, settings, shards, threat, dataset_dir):
+    """{(defense, attack): arrays} of every stored RDC-table set at `threat`, verified (`robustness.read_set`)."""
     pairs = [(defense, attack) for defense in settings["defenses"] for attack in defense_attacks(settings, defense)]
-    return robustness.load_sets(results_dir, pairs, shards, threat)
+    return robustness.load_sets(results_dir, pairs, shards, threat, settings=settings, dataset_dir=dataset_dir)
 
 
 def sigma_sweep(*, threat, settings, subset, dataset_dir, models, set_paths, out_path, device="cpu"):
@@ -79,12 +79,10 @@ def sigma_sweep(*, threat, settings, subset, dataset_dir, models, set_paths, out
     sigma points, clean and on the stored adversarial set `set_paths` (made against ``dc`` with the full grid, so
     the robust column is a transfer to the cheaper classifiers, said so in the report). Writes a TSV with head,
     points, network evaluations per image, clean and adversarial accuracy."""
-    stored = read_set(set_paths)
-    dataset = data.load_dataset(dataset_dir)
-    split = dataset.eval_split
-    position = {int(i): k for k, i in enumerate(split.indices)}
-    rows_ = [position[int(i)] for i in stored["idx"]]
-    x_clean = imagespace.uint8_to_float(torch.from_numpy(split.images[rows_]))
+    stored = read_set(set_paths, dataset_dir, threat=threat, settings=settings, defense="dc",
+                      attack=settings["checks"]["attack"])
+    x_clean = robustness.clean_images(data.load_dataset(dataset_dir).eval_split, stored["idx"], stored["label"],
+                                      set_paths[0])
     y = torch.from_numpy(stored["label"])
     device = resolve_device(device)
     x_clean, x_adv, y = x_clean.to(device), torch.from_numpy(stored["x_adv"]).to(device), y.to(device)
@@ -104,7 +102,7 @@ def sigma_sweep(*, threat, settings, subset, dataset_dir, models, set_paths, out
             lines.append(f"{head}\t{points}\t{dc.network_evaluations()}\t{clean:.6f}\t{adversarial:.6f}")
     with atomic_path(out_path) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
-    return {"rows": len(lines) - 1, "images": len(rows_), "threat": threat}
+    return {"rows": len(lines) - 1, "images": len(y), "threat": threat}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -233,12 +231,13 @@ def report_claims(parameters, known):
     from diffrobust.stages import diffpure
 
     settings, results_dir = parameters["settings"], parameters["results_dir"]
-    dp_settings = parameters["diffpure_settings"]
+    dp_settings, dataset_dir = parameters["diffpure_settings"], parameters["dataset_dir"]
     sets, transfers, dp_sets = {}, {}, {}
     for threat, block in settings["threats"].items():
-        sets[threat] = load_table_sets(results_dir, settings, parameters["shards"], threat)
-        transfers[threat] = robustness.load_transfer(results_dir, "rdc", parameters["transfer_attack"], threat)
+        sets[threat] = load_table_sets(results_dir, settings, parameters["shards"], threat, dataset_dir)
+        transfers[threat] = robustness.load_transfer(results_dir, "rdc", parameters["transfer_attack"], threat,
+                                                     dataset_dir=dataset_dir)
         same_budget = dp_settings["threats"].get(threat, {}).get("eps") == block["eps"]
-        dp_sets[threat] = (diffpure.load_table_sets(results_dir, dp_settings, parameters["diffpure_shards"], threat)
-                           if same_budget else None)
+        dp_sets[threat] = (diffpure.load_table_sets(results_dir, dp_settings, parameters["diffpure_shards"], threat,
+                                                    dataset_dir) if same_budget else None)
     return claims(sets, transfers, settings, diffpure_sets=dp_sets, dataset=parameters["dataset"], known=known)

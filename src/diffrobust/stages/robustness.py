@@ -10,6 +10,11 @@ Built``; a model source in ``models`` may be one per threat (``{linf: ..., l2: .
 is one `.npz` per shard under ``results/<preset>/attacks/<defense>/<attack>/<threat>/``: dataset indices, labels,
 float32 adversarial images, per-image outcome (clean and adversarial correctness, the attack's own verdict), images
 forwarded and back-propagated through the defense and seconds, and the identity of the settings that made it.
+
+Every reader of a stored set (`evaluate_set`, RDC's sigma sweep, the table loaders `load_sets`) goes through
+`read_set`, which runs `verify_set` on each shard: its identity (defense, attack, threat, budget and plan as the
+reader's settings give them), its indices and labels against the dataset, and every example finite, in [0, 1] and
+inside its budget. The attack job runs the same check on each work batch it resumes from.
 """
 
 import json
@@ -24,11 +29,12 @@ from tqdm import tqdm
 
 from diffrobust import data, imagespace, resumable, seeds
 from diffrobust.attacks import check_inside_budget, masking, run_attack
+from diffrobust.attacks.budget import TOLERANCE, perturbation_norms
 from diffrobust.attacks.pgd import predict_averaged
 from diffrobust.device import describe as describe_device
 from diffrobust.device import resolve_device
 from diffrobust.errors import DiffrobustError
-from diffrobust.io import atomic_path
+from diffrobust.io import DamagedFileError, atomic_path, read_npz
 from diffrobust.stages.plan import LARGE, MORE, attack_names, num_shards, threat_source  # noqa: F401 (the stage API)
 
 THREAT_IDS = {"linf": 0, "l2": 1}
@@ -90,16 +96,21 @@ def _save_chunk(path, arrays):
         np.savez(tmp, **arrays)
 
 
-def _load_npz(path):
-    with np.load(path, allow_pickle=False) as contents:
-        return {key: contents[key] for key in contents.files}
+def _dataset_inputs(dataset_dir):
+    """The prepared dataset's files, as an identity input: the images a set perturbs are part of what made it."""
+    return [Path(dataset_dir) / "splits.npz", Path(dataset_dir) / "meta.json"]
 
 
 def attack_shard(*, build, defense, attack, threat, shard, settings, subset, dataset_dir, models, out_path,
                  work_dir, device="cpu", progress=True):
     """Make the adversarial set of one shard: `attack` against `defense` (built by the stage's `build`) at
     `threat`; resumable per batch through `work_dir` (a killed job redoes only its unfinished batch); `out_path` is
-    written once, when all are done."""
+    written once, when all are done.
+
+    The work folder's identity holds the settings, the shard's dataset indices and the digests of the model and
+    dataset files, so another subset, dataset or model discards it (`resumable.claim_folder`). Every finished batch
+    stores that identity too, and is checked on resume with `verify_set` (its identity, indices, labels, budget);
+    a batch that fails (copied from another run, damaged, tampered) is moved aside and recomputed."""
     dataset = data.load_dataset(dataset_dir)
     split = dataset.eval_split
     indices = shard_indices(subset, dataset.meta.get("num_files", len(split)), shard, settings["shard_size"])
@@ -110,10 +121,12 @@ def attack_shard(*, build, defense, attack, threat, shard, settings, subset, dat
     model = built.model
     identity_settings = {**built.identity, "attack": attack, "threat": threat,
                          "eps": eps, "plan": plan, "seed": settings["seed"], "batch_size": settings["batch_size"],
-                         "eval_draws": evaluation_draws(settings)}
+                         "eval_draws": evaluation_draws(settings), "indices": [int(i) for i in indices]}
     work_dir = Path(work_dir)
-    resumable.claim_folder(work_dir, job="attack", version=ATTACK_VERSION, settings=identity_settings,
-                           inputs=built.inputs, what="adversarial batches")
+    identity = resumable.claim_folder(work_dir, job="attack", version=ATTACK_VERSION, settings=identity_settings,
+                                      inputs={**built.inputs, "dataset": _dataset_inputs(dataset_dir)},
+                                      what="adversarial batches")
+    identity_text = np.array(json.dumps(identity, sort_keys=True))
     x_all = imagespace.uint8_to_float(torch.from_numpy(chosen.images))
     y_all = torch.from_numpy(chosen.labels).long()
     parts = []
@@ -123,14 +136,16 @@ def attack_shard(*, build, defense, attack, threat, shard, settings, subset, dat
         log.info("resuming: %d of %d batches already attacked in %s, skipping them", finished, len(batches), work_dir)
     for start, stop in tqdm(batches, desc=f"{attack} on {defense} ({threat})", disable=not progress):
         chunk_path = work_dir / f"batch{start:06d}.npz"
-        if chunk_path.is_file():
-            parts.append(_load_npz(chunk_path))
+        resumed = _resumed_batch(chunk_path, split=chosen, threat=threat, eps=eps, identity=identity,
+                                 indices=indices[start:stop])
+        if resumed is not None:
+            parts.append(resumed)
             continue
         parts.append(_attack_batch(model, x_all[start:stop], y_all[start:stop], chosen.indices[start:stop],
                                    threat=threat, eps=eps, plan=plan, settings=settings, device=device))
-        _save_chunk(chunk_path, parts[-1])
-    arrays = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
-    arrays["identity"] = np.array(json.dumps(resumable.read_identity(work_dir)["identity"], sort_keys=True))
+        _save_chunk(chunk_path, {**parts[-1], "identity": identity_text})
+    arrays = {key: np.concatenate([part[key] for part in parts]) for key in parts[0] if key != "identity"}
+    arrays["identity"] = identity_text
     check_inside_budget(x_all, torch.from_numpy(arrays["x_adv"]), threat, eps, where=str(out_path))
     _save_chunk(out_path, arrays)
     calls = built.network_calls
@@ -138,6 +153,21 @@ def attack_shard(*, build, defense, attack, threat, shard, settings, subset, dat
             "clean_accuracy": float(arrays["clean_correct"].mean()),
             "seconds": float(arrays["seconds"].sum()), "network_calls_per_forward": calls,
             "device": describe_device(device)}
+
+
+def _resumed_batch(path, *, split, threat, eps, identity, indices):
+    """The finished work batch at `path` if it is this run's (`verify_set`: same identity, these indices, the
+    dataset's labels, inside the budget); None if there is none, or if it fails (then it is moved aside, with one
+    log line, and the caller recomputes it)."""
+    if not path.is_file():
+        return None
+    try:
+        arrays = read_npz(path)
+        verify_set(arrays, str(path), split=split, threat=threat, eps=eps, expected=identity, indices=indices)
+    except (DamagedFileError, SetError) as error:
+        resumable.set_aside(path, str(error).removeprefix(f"{path}: "), what="work batch")
+        return None
+    return arrays
 
 
 def _attack_batch(model, x, y, indices, *, threat, eps, plan, settings, device):
@@ -178,35 +208,143 @@ def shard_indices(subset, split_size, shard, shard_size):
     return chunk
 
 
-def read_set(paths):
-    """The shards of one adversarial set, concatenated in order, with their identities checked to agree."""
-    parts = [_load_npz(path) for path in paths]
-    identities = {str(part["identity"]) for part in parts}
-    if len(identities) > 1:
+# The arrays every stored set and work batch holds, one row per image (plus "identity", the JSON of what made it).
+SET_KEYS = ("idx", "label", "x_adv", "clean_correct", "attack_robust", "adv_correct", "forward_images",
+            "gradient_images", "seconds")
+REMADE = "delete it and rerun the job that makes it (snakemake makes a missing set again)"
+
+
+def _stored_identity(arrays):
+    value = arrays.get("identity")
+    if value is None:
+        return None
+    try:
+        return json.loads(str(value)) if not isinstance(value, dict) else value
+    except ValueError:
+        return None
+
+
+def _within(stored, expected):
+    """`stored` cut down to the keys of `expected` (recursively), so that the two compare on those keys only."""
+    if isinstance(expected, dict):
+        stored = stored if isinstance(stored, dict) else {}
+        return {key: _within(stored.get(key), value) for key, value in expected.items()}
+    return stored
+
+
+def clean_images(split, idx, labels, where):
+    """The clean float images of the dataset indices `idx` of `split`; raises SetError naming `where` when an
+    index is not in the split or the stored `labels` are not the dataset's (the set was made on other data)."""
+    position = {int(i): k for k, i in enumerate(split.indices)}
+    missing = [int(i) for i in idx if int(i) not in position]
+    if missing:
+        raise SetError(f"{where}: dataset indices {missing[:5]} are not in the dataset's evaluation split; the set "
+                       "was made on other data")
+    rows = np.array([position[int(i)] for i in idx], dtype=np.int64)
+    if not np.array_equal(split.labels[rows], labels):
+        raise SetError(f"{where}: labels differ from the dataset's; the set was made on other data")
+    return imagespace.uint8_to_float(torch.from_numpy(split.images[rows]))
+
+
+def verify_set(arrays, where, *, split, threat, eps, expected=None, indices=None):
+    """Check that `arrays` (a stored set shard or one work batch, as read) holds what its readers use; raise
+    SetError naming `where` and the first problem otherwise. The one check every reader of a set runs:
+
+    - every array of SET_KEYS, one row per image;
+    - identity: the stored identity agrees with `expected` on every key `expected` names (a work batch: its run's
+      whole identity; a table: the defense, attack, threat, budget and attack plan it shows); the rows are the
+      stored identity's dataset indices, and `indices` if given;
+    - the indices are in the dataset `split` and the labels are the dataset's;
+    - every x_adv is finite, in [0, 1] and inside the `threat` ball of radius `eps` around its clean image.
+
+    Returns the clean images (float, N x C x H x W)."""
+    missing = [key for key in SET_KEYS if key not in arrays]
+    if missing:
+        raise SetError(f"{where}: no {', '.join(missing)} array; not a set written by attack-shard")
+    count = len(arrays["idx"])
+    ragged = [key for key in SET_KEYS if len(arrays[key]) != count]
+    if ragged:
+        raise SetError(f"{where}: {', '.join(ragged)} do not have one row per image ({count})")
+    stored = _stored_identity(arrays)
+    if expected is not None:
+        if stored is None:
+            raise SetError(f"{where}: no readable identity (written by an older version, or damaged)")
+        differing = resumable.differences(_within(stored, expected), resumable.canonical(expected))
+        if differing:
+            raise SetError(f"{where}: made by another run ({'; '.join(differing[:4])})")
+    # a shard holds the images its identity names; a work batch, its slice of them (`indices`)
+    wanted = indices if indices is not None else (stored or {}).get("settings", {}).get("indices")
+    if wanted is not None and not np.array_equal(np.asarray(arrays["idx"]), np.asarray(wanted)):
+        raise SetError(f"{where}: holds the images {np.asarray(arrays['idx'])[:6].tolist()}, not the "
+                       f"{np.asarray(wanted)[:6].tolist()} its run attacks")
+    x_clean = clean_images(split, arrays["idx"], arrays["label"], where)
+    x_adv = torch.from_numpy(np.asarray(arrays["x_adv"]))
+    if x_adv.shape != x_clean.shape:
+        raise SetError(f"{where}: x_adv has shape {tuple(x_adv.shape)}, the images {tuple(x_clean.shape)}")
+    if not torch.isfinite(x_adv).all():
+        raise SetError(f"{where}: x_adv holds non-finite values")
+    if x_adv.min() < -TOLERANCE or x_adv.max() > 1 + TOLERANCE:
+        raise SetError(f"{where}: x_adv outside [0, 1] (values {float(x_adv.min()):.4g} .. {float(x_adv.max()):.4g})")
+    norms = perturbation_norms(x_clean, x_adv, threat)
+    outside = torch.nonzero(norms > eps + TOLERANCE).flatten().tolist()
+    if outside:
+        raise SetError(f"{where}: {len(outside)} examples outside the {threat} ball of radius {eps:g} (rows "
+                       f"{outside[:10]}, largest norm {float(norms.max()):.6g})")
+    return x_clean
+
+
+def _shared_identity(identity):
+    """A shard's identity without what differs between the shards of one set (its indices, its digest)."""
+    settings = {key: value for key, value in identity.get("settings", {}).items() if key != "indices"}
+    return {**{key: value for key, value in identity.items() if key != "digest"}, "settings": settings}
+
+
+def read_set(paths, dataset_dir, *, threat, settings, defense=None, attack=None):
+    """The shards `paths` of one adversarial set at `threat`, verified (`verify_set`) and concatenated in order.
+
+    `settings` is the stage block of the reader: the set must have been made at the budget and with the attack
+    plan those settings give its attack (`attack`, or the one the set names), by `defense` if given, on the
+    dataset at `dataset_dir`. Returns the arrays with "identity": the settings the shards share. Raises SetError
+    naming the file (and saying to delete and rerun it) for a damaged, foreign or tampered shard."""
+    dataset = data.load_dataset(dataset_dir)
+    parts = []
+    for path in paths:
+        try:
+            parts.append(read_npz(path))
+        except FileNotFoundError:
+            raise SetError(f"{path}: not found; run the attack job that makes it") from None
+        except DamagedFileError as error:
+            raise SetError(f"{error}; {REMADE}") from None
+    identities = [_stored_identity(part) or {} for part in parts]
+    shared = [_shared_identity(identity) for identity in identities]
+    if any(identity != shared[0] for identity in shared):
         raise SetError(f"the shards {', '.join(map(str, paths))} were made with different settings; rerun them")
+    attack = attack or shared[0].get("settings", {}).get("attack")
+    try:
+        eps, plan = attack_plan(settings, attack, threat)
+    except (KeyError, ValueError) as error:
+        raise SetError(f"{paths[0]}: made by attack {attack!r} at {threat!r}, which the stage's settings do not "
+                       f"have ({error})") from None
+    expected = {"job": "attack", "settings": {"attack": attack, "threat": threat, "eps": eps, "plan": plan}}
+    if defense is not None:
+        expected["settings"]["defense"] = defense
+    for path, part in zip(paths, parts):
+        try:
+            verify_set(part, str(path), split=dataset.eval_split, threat=threat, eps=eps, expected=expected)
+        except SetError as error:
+            raise SetError(f"{error}; {REMADE}") from None
     arrays = {key: np.concatenate([part[key] for part in parts]) for key in parts[0] if key != "identity"}
-    arrays["identity"] = json.loads(identities.pop())
+    arrays["identity"] = shared[0]
     return arrays
 
 
 def evaluate_set(*, build, defense, threat, set_paths, settings, dataset_dir, models, out_path, device="cpu"):
-    """Score `defense` on a stored adversarial set (made against any defense) and measure how often its
-    prediction flips between two forwards of the same clean images. Writes idx, label, adv_correct (logits
-    averaged over eval_draws), clean_label_a / clean_label_b (two single forwards of the clean images)."""
-    stored = read_set(set_paths)
-    dataset = data.load_dataset(dataset_dir)
-    split = dataset.eval_split
-    position = {int(i): k for k, i in enumerate(split.indices)}
-    missing = [int(i) for i in stored["idx"] if int(i) not in position]
-    if missing:
-        raise SetError(f"{set_paths[0]}: dataset indices {missing[:5]} are not in {dataset_dir}")
-    rows = [position[int(i)] for i in stored["idx"]]
-    x_clean = imagespace.uint8_to_float(torch.from_numpy(split.images[rows]))
-    if not np.array_equal(split.labels[rows], stored["label"]):
-        raise SetError(f"{set_paths[0]}: labels differ from {dataset_dir}'s; the set was made on other data")
-    eps = float(stored["identity"]["settings"]["eps"])
+    """Score `defense` on a stored adversarial set (made against any defense, verified by `read_set`) and measure
+    how often its prediction flips between two forwards of the same clean images. Writes idx, label, adv_correct
+    (logits averaged over eval_draws), clean_label_a / clean_label_b (two single forwards of the clean images)."""
+    stored = read_set(set_paths, dataset_dir, threat=threat, settings=settings)
+    x_clean = clean_images(data.load_dataset(dataset_dir).eval_split, stored["idx"], stored["label"], set_paths[0])
     x_adv = torch.from_numpy(stored["x_adv"])
-    check_inside_budget(x_clean, x_adv, stored["identity"]["settings"]["threat"], eps, where=str(set_paths[0]))
     device = resolve_device(device)
     model = build(defense, threat, settings, models, device).model
     batch = int(settings["batch_size"])
@@ -219,7 +357,7 @@ def evaluate_set(*, build, defense, threat, set_paths, settings, dataset_dir, mo
     arrays = {"idx": stored["idx"], "label": stored["label"], "adv_correct": (adversarial == y).cpu().numpy(),
               "clean_label_a": label_a.cpu().numpy(), "clean_label_b": label_b.cpu().numpy()}
     _save_chunk(out_path, arrays)
-    return {"images": len(rows), "accuracy": float(arrays["adv_correct"].mean()),
+    return {"images": len(x_clean), "accuracy": float(arrays["adv_correct"].mean()),
             "flip_rate": float((arrays["clean_label_a"] != arrays["clean_label_b"]).mean()),
             "source": stored["identity"]["settings"]}
 
@@ -228,10 +366,12 @@ def evaluate_set(*, build, defense, threat, set_paths, settings, dataset_dir, mo
 # The tables
 # ---------------------------------------------------------------------------------------------------------------
 
-def load_sets(results_dir, pairs, shards, threat):
-    """{(defense, attack): arrays} of the stored sets `pairs` at `threat` under `results_dir` (results/<preset>)."""
+def load_sets(results_dir, pairs, shards, threat, *, settings, dataset_dir):
+    """{(defense, attack): arrays} of the stored sets `pairs` at `threat` under `results_dir` (results/<preset>),
+    each verified by `read_set` against the stage's `settings` and the dataset."""
     return {(defense, attack): read_set([Path(results_dir) / "attacks" / defense / attack / threat / f"shard{k}.npz"
-                                         for k in shards])
+                                         for k in shards], dataset_dir, threat=threat, settings=settings,
+                                        defense=defense, attack=attack)
             for defense, attack in pairs}
 
 
@@ -299,11 +439,22 @@ def _align(order, idx, values):
     return np.array([lookup[int(i)] for i in order])
 
 
-def load_transfer(results_dir, defense, attack, threat):
+TRANSFER_KEYS = ("idx", "label", "adv_correct", "clean_label_a", "clean_label_b")
+
+
+def load_transfer(results_dir, defense, attack, threat, *, dataset_dir):
     """The transfer evaluation of `defense` on the set `attack` made against the undefended classifier at `threat`
-    (evaluate_set's arrays, under results/<preset>)."""
-    with np.load(Path(results_dir) / "evaluations" / defense / "from-undefended" / attack / f"{threat}.npz") as f:
-        return {name: f[name] for name in f.files}
+    (evaluate_set's arrays, under results/<preset>), its images checked against the dataset (`clean_images`)."""
+    path = Path(results_dir) / "evaluations" / defense / "from-undefended" / attack / f"{threat}.npz"
+    try:
+        arrays = read_npz(path)
+    except DamagedFileError as error:
+        raise SetError(f"{error}; delete it and rerun the evaluate job that makes it") from None
+    missing = [key for key in TRANSFER_KEYS if key not in arrays or len(arrays[key]) != len(arrays.get("idx", ()))]
+    if missing:
+        raise SetError(f"{path}: no (or ragged) {', '.join(missing)}; delete it and rerun the evaluate job")
+    clean_images(data.load_dataset(dataset_dir).eval_split, arrays["idx"], arrays["label"], path)
+    return arrays
 
 
 def worst_case(sets, defense, attacks):

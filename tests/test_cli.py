@@ -8,6 +8,7 @@ import pytest
 
 from diffrobust import cli, data
 from diffrobust.config import load_config
+from diffrobust.stages import robustness
 
 SMOKE = load_config({"preset": "smoke"})
 DIFFPURE_MODELS = {"diffusion": "missing/diffusion.pt", "classifier": "missing/classifier.pt"}
@@ -16,15 +17,27 @@ RDC_MODELS = {role: f"missing/{role}.pt" for role in SMOKE["rdc"]["models"]}
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """A prepared MNIST folder and a stored l-inf set of its first 4 evaluation images (the identity's threat is
-    what the checks read)."""
+    """A prepared MNIST folder and two stored l-inf sets of its first 4 evaluation images, valid as the readers
+    verify them (robustness.verify_set): DiffPure's `standard` set against diffpure, RDC's check attack against dc
+    (the sigma sweep's input)."""
     root = tmp_path_factory.mktemp("cli")
     data.prepare_mnist(root / "mnist")
     split = data.load_dataset(root / "mnist").eval_split
-    identity = {"job": "attack", "settings": {"threat": "linf", "eps": 0.1, "attack": "standard"}}
-    np.savez(root / "linf_set.npz", idx=split.indices[:4], label=split.labels[:4],
-             x_adv=(split.images[:4] / 255).astype(np.float32), identity=np.array(json.dumps(identity)))
+    _write_set(root / "linf_set.npz", split, SMOKE["diffpure"], "diffpure", "standard")
+    _write_set(root / "linf_rdc_set.npz", split, SMOKE["rdc"], "dc", SMOKE["rdc"]["checks"]["attack"])
     return root
+
+
+def _write_set(path, split, settings, defense, attack, count=4):
+    """A stored set of the first `count` images at linf whose examples are the clean images (inside any budget)."""
+    eps, plan = robustness.attack_plan(settings, attack, "linf")
+    identity = {"job": "attack", "settings": {"defense": defense, "threat": "linf", "eps": eps, "attack": attack,
+                                              "plan": plan}}
+    flags = np.ones(count, dtype=bool)
+    np.savez(path, idx=split.indices[:count], label=split.labels[:count],
+             x_adv=(split.images[:count] / 255).astype(np.float32), clean_correct=flags, attack_robust=flags,
+             adv_correct=flags, forward_images=np.ones(count), gradient_images=np.ones(count),
+             seconds=np.ones(count), identity=np.array(json.dumps(identity)))
 
 
 def _arguments(pairs, **changes):
@@ -50,7 +63,7 @@ def evaluate_set(root, **changes):
 
 def sigma_sweep(root, **changes):
     return ["sigma-sweep", *_arguments({
-        "--threat": "linf", "--sets": root / "linf_set.npz", "--settings": json.dumps(SMOKE["rdc"]),
+        "--threat": "linf", "--sets": root / "linf_rdc_set.npz", "--settings": json.dumps(SMOKE["rdc"]),
         "--subset": json.dumps(SMOKE["subsets"]["rdc"]), "--models": json.dumps(RDC_MODELS),
         "--dataset-dir": root / "mnist", "--out": root / "out" / "sweep.tsv", "--device": "cpu"}, **changes)]
 

@@ -12,27 +12,11 @@ import yaml
 from diffrobust import claims
 from diffrobust.stages import diffpure, rdc
 from diffrobust.stages.robustness import accuracy_claim, paired_claim
+from synthetic_sets import DIFFPURE, N, RDC, outcome, transfer
 
 KNOWN = yaml.safe_load((Path(__file__).resolve().parents[1] / "config/published_values.yaml").read_text())
-N = 8  # images
 
 
-def outcome(robust):
-    """A stored adversarial set of N images, each robust or not (`robustness.robust`), all clean-correct."""
-    return {"idx": np.arange(N), "attack_robust": np.asarray(robust, dtype=bool), "adv_correct": np.ones(N, bool),
-            "clean_correct": np.ones(N, bool)}
-
-
-def transfer():
-    return {"idx": np.arange(N), "adv_correct": np.ones(N, bool), "clean_label_a": np.zeros(N),
-            "clean_label_b": np.zeros(N)}
-
-
-THREATS = {"linf": {"eps": 0.1, "large_eps": 0.4, "t_star": 0.1}}
-DIFFPURE = {"threats": THREATS, "attacks": {"standard": {}, "rand": {}},
-            "checks": {"attack": "rand", "iterations_factor": 2}}
-RDC = {"threats": THREATS, "attacks": {"apgd_dlr": {}}, "defenses": ["undefended", "adversarial", "rdc"],
-       "checks": {"attack": "apgd_dlr", "iterations_factor": 2}}
 NEVER_RIGHT = {"idx": np.arange(N), "attack_robust": np.zeros(N, bool), "adv_correct": np.zeros(N, bool),
                "clean_correct": np.zeros(N, bool)}  # the smoke classifier before issue 21: 0 of its images right
 

@@ -13,10 +13,10 @@ from diffrobust import claims
 from diffrobust.config import available_presets, load_config
 from diffrobust.reports import parameter_names, render_notebook
 from diffrobust.stages import densepure, diffpure, pixel_barrier, rdc
+from synthetic_sets import DIFFPURE, N, RDC, outcome, transfer
 
 REPO = Path(__file__).resolve().parents[1]
 KNOWN = yaml.safe_load((REPO / "config/published_values.yaml").read_text())
-N = 8  # images
 
 
 # --- the row type and the verdict rules ---------------------------------------------------------------------------
@@ -95,20 +95,6 @@ def test_densepure_headlines_are_not_run_off_imagenet_and_measured_on_it():
 
 # --- DiffPure and RDC ---------------------------------------------------------------------------------------------
 
-def outcome(robust):
-    """A stored adversarial set of N images, each robust or not (`robustness.robust`), all clean-correct."""
-    return {"idx": np.arange(N), "attack_robust": np.asarray(robust, dtype=bool), "adv_correct": np.ones(N, bool),
-            "clean_correct": np.ones(N, bool)}
-
-
-def transfer():
-    return {"idx": np.arange(N), "adv_correct": np.ones(N, bool), "clean_label_a": np.zeros(N),
-            "clean_label_b": np.zeros(N)}
-
-
-THREATS = {"linf": {"eps": 0.1, "large_eps": 0.4, "t_star": 0.1}}
-DIFFPURE = {"threats": THREATS, "attacks": {"standard": {}, "rand": {}},
-            "checks": {"attack": "rand", "iterations_factor": 2}}
 FIVE, NONE = [1] * 5 + [0] * 3, [0] * N
 
 
@@ -160,8 +146,6 @@ def test_diffpure_reproduces_its_published_number_only_inside_our_interval():
     assert headline([1] + [0] * 7).verdict == "fails"  # 1/8: [0.003, 0.527]
 
 
-RDC = {"threats": THREATS, "attacks": {"apgd_dlr": {}}, "defenses": ["undefended", "adversarial", "rdc"],
-       "checks": {"attack": "apgd_dlr", "iterations_factor": 2}}
 
 
 def rdc_rows(dataset="mnist", rdc_robust=[1] * 6 + [0] * 2, diffpure_robust=FIVE, same_budget=True):

@@ -15,6 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
+from diffrobust.argtypes import choice_list, existing_file, positive_int, positive_int_list  # noqa: F401
 from diffrobust.errors import DiffrobustError
 
 log = logging.getLogger("diffrobust")
@@ -147,47 +148,6 @@ def _checked(key, parse=json.loads):
         return value
 
     convert.__name__ = key  # argparse names the type in its message
-    return convert
-
-
-def existing_file(text):
-    """An argparse type: a path that names a file."""
-    if not Path(text).is_file():
-        raise argparse.ArgumentTypeError(f"no file {text}" + (" (it is a folder)" if Path(text).is_dir() else ""))
-    return text
-
-
-def positive_int(text):
-    """An argparse type: an integer of at least 1 (a batch size, a count)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give one of at least 1") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is below 1; give an integer of at least 1")
-    return value
-
-
-def positive_int_list(text):
-    """An argparse type: comma-separated integers of at least 1 ("10,125,1000")."""
-    try:
-        return [positive_int(part) for part in text.split(",")]
-    except argparse.ArgumentTypeError as error:
-        raise argparse.ArgumentTypeError(f"{text!r}: {error} (comma-separated, as 10,125,1000)") from None
-
-
-def choice_list(choices):
-    """An argparse type: comma-separated names, each one of `choices` ("mini,cifar10")."""
-
-    def convert(text):
-        names = text.split(",")
-        unknown = [name for name in names if name not in choices]
-        if unknown:
-            raise argparse.ArgumentTypeError(f"{', '.join(map(repr, unknown))} not among {', '.join(choices)} "
-                                             "(comma-separated)")
-        return names
-
-    convert.__name__ = "list"
     return convert
 
 

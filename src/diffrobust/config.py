@@ -722,22 +722,35 @@ def check_adversarial_source(config, origins=None):
 # --- checks of what the DAG will plan: rules between keys that the schema cannot relate -----------------------------
 
 
+# suffixes of the two attacks derived for the gradient-masking checks: more iterations, a larger budget
+MORE, LARGE = "-more", "-large"
+DERIVED_SUFFIXES = (MORE, LARGE)
+# what an attack's name may hold: it is a folder of the results and the `attack` wildcard of workflow/rules/attacks.smk
+# (whose constraint is this pattern; the config schema's `propertyNames` of the attack maps says the same)
+ATTACK_NAME_PATTERN = "[A-Za-z0-9_-]+"
+
+
+def reserved_suffix(name):
+    """The suffix of a derived check (-more, -large) that `name` ends in, or None. Such names belong to the checks
+    (attack_names derives them, and the jobs read '<base>-more' as <base> with more iterations), so a configured
+    attack may not take one: it would be planned twice and run as the check."""
+    return next((suffix for suffix in DERIVED_SUFFIXES if name.endswith(suffix)), None)
+
+
 def attack_name_problems(config, origins):
     """A configured attack may not take a name the masking checks derive ('<checks.attack>-more', and so any name
     ending in -more or -large, which the jobs read as a derived check of the part before the suffix)."""
-    from diffrobust.stages import plan
-
     problems = []
     for stage in ("diffpure", "rdc"):
         check = config[stage]["checks"]["attack"]
         for name in config[stage]["attacks"]:
-            suffix = plan.reserved_suffix(name)
+            suffix = reserved_suffix(name)
             if suffix:
                 path = [stage, "attacks", name]
                 problems.append(
                     f"config key '{dotted(path)}' ({origins.of(path)}): attack names ending in "
-                    f"{' or '.join(plan.DERIVED_SUFFIXES)} are reserved for the masking checks derived from "
-                    f"'{stage}.checks.attack' (now {check!r}: {check}{plan.MORE}, {check}{plan.LARGE}); rename the "
+                    f"{' or '.join(DERIVED_SUFFIXES)} are reserved for the masking checks derived from "
+                    f"'{stage}.checks.attack' (now {check!r}: {check}{MORE}, {check}{LARGE}); rename the "
                     f"attack (e.g. {name[:-len(suffix)]}_{suffix[1:]})")
     return problems
 

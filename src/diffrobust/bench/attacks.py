@@ -136,7 +136,7 @@ def format_rows(rows):
 
 
 def add_arguments(parser):
-    from diffrobust.cli import choice_list, positive_int
+    from diffrobust.argtypes import choice_list, positive_int
 
     parser.add_argument("--sizes", type=choice_list(list(SIZES)), default="mini,cifar10",
                         help="comma-separated: mini, cifar10")

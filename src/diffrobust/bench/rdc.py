@@ -112,7 +112,7 @@ def format_rows(rows):
 
 
 def add_arguments(parser):
-    from diffrobust.cli import choice_list, positive_int, positive_int_list
+    from diffrobust.argtypes import choice_list, positive_int, positive_int_list
 
     parser.add_argument("--sizes", type=choice_list(list(SIZES)), default="mini,cifar10",
                         help="comma-separated: mini, cifar10")

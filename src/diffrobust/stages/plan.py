@@ -6,12 +6,9 @@ torch (issue 14). The stage modules use these same definitions.
 
 from diffrobust import data
 
-# suffixes of the two attacks derived for the gradient-masking checks: more iterations, a larger budget
-MORE, LARGE = "-more", "-large"
-DERIVED_SUFFIXES = (MORE, LARGE)
-# what an attack's name may hold: it is a folder of the results and the `attack` wildcard of workflow/rules/attacks.smk
-# (whose constraint is this pattern; the config schema's `propertyNames` of the attack maps says the same)
-ATTACK_NAME_PATTERN = "[A-Za-z0-9_-]+"
+# the derived checks' suffixes, the attack-name pattern and reserved_suffix live in config (the DAG-build checks
+# use them; library code does not import stages): re-exported here, the stage API
+from diffrobust.config import ATTACK_NAME_PATTERN, DERIVED_SUFFIXES, LARGE, MORE, reserved_suffix  # noqa: E402,F401
 
 # RDC table: the model roles each defense loads
 RDC_ROLES = {"undefended": ("classifier",), "adversarial": ("adversarial",), "dc": ("conditional",),
@@ -36,13 +33,6 @@ def threat_source(source, threat):
         raise DiffrobustError(f"no model source for threat {threat!r}: the per-threat sources name only "
                               f"{', '.join(sorted(source))}")
     return source[threat]
-
-
-def reserved_suffix(name):
-    """The suffix of a derived check (-more, -large) that `name` ends in, or None. Such names belong to the checks
-    (attack_names derives them, and the jobs read '<base>-more' as <base> with more iterations), so a configured
-    attack may not take one: it would be planned twice and run as the check."""
-    return next((suffix for suffix in DERIVED_SUFFIXES if name.endswith(suffix)), None)
 
 
 def attack_names(settings):

@@ -13,7 +13,6 @@ import importlib
 import json
 import logging
 import sys
-from pathlib import Path
 
 from diffrobust.argtypes import choice_list, existing_file, positive_int, positive_int_list  # noqa: F401
 from diffrobust.errors import DiffrobustError

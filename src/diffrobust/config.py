@@ -737,6 +737,12 @@ def reserved_suffix(name):
     return next((suffix for suffix in DERIVED_SUFFIXES if name.endswith(suffix)), None)
 
 
+def base_attack(name):
+    """The configured attack a derived check is made of ('rand-more' -> 'rand'); `name` itself for any other."""
+    suffix = reserved_suffix(name)
+    return name[: -len(suffix)] if suffix else name
+
+
 def attack_name_problems(config, origins):
     """A configured attack may not take a name the masking checks derive ('<checks.attack>-more', and so any name
     ending in -more or -large, which the jobs read as a derived check of the part before the suffix)."""

@@ -300,7 +300,7 @@ RDC_TRANSFER_ATTACK = "rdc_standard" if "rdc_standard" in RDC["attacks"] else ne
 def attack_stage(attack):
     """The stage (diffpure, rdc) whose config block defines `attack` (or the attack a derived check is made of);
     attack names are unique across stages (config check)."""
-    base = attack.removesuffix("-more").removesuffix("-large")
+    base = plan.base_attack(attack)
     for stage in ("diffpure", "rdc"):
         if base in CFG[stage]["attacks"]:
             return stage

@@ -8,7 +8,8 @@ from diffrobust import data
 
 # the derived checks' suffixes, the attack-name pattern and reserved_suffix live in config (the DAG-build checks
 # use them; library code does not import stages): re-exported here, the stage API
-from diffrobust.config import ATTACK_NAME_PATTERN, DERIVED_SUFFIXES, LARGE, MORE, reserved_suffix  # noqa: E402,F401
+from diffrobust.config import (ATTACK_NAME_PATTERN, DERIVED_SUFFIXES, LARGE, MORE, base_attack,  # noqa: E402,F401
+                               reserved_suffix)
 
 # RDC table: the model roles each defense loads
 RDC_ROLES = {"undefended": ("classifier",), "adversarial": ("adversarial",), "dc": ("conditional",),

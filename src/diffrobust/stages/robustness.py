@@ -35,7 +35,7 @@ from diffrobust.device import describe as describe_device
 from diffrobust.device import resolve_device
 from diffrobust.errors import DiffrobustError
 from diffrobust.io import DamagedFileError, atomic_path, read_npz
-from diffrobust.stages.plan import LARGE, MORE, attack_names, num_shards, threat_source  # noqa: F401 (the stage API)
+from diffrobust.stages.plan import LARGE, MORE, attack_names, base_attack, num_shards, threat_source  # noqa: F401 (the stage API)
 
 THREAT_IDS = {"linf": 0, "l2": 1}
 ATTACK_VERSION = 1
@@ -65,10 +65,7 @@ def attack_plan(settings, attack, threat):
     the iteration counts multiplied for '<name>-more', the budget raised for '<name>-large'."""
     threat_settings = settings["threats"][threat]
     eps = float(threat_settings["eps"])
-    base = attack
-    for suffix in (MORE, LARGE):
-        if attack.endswith(suffix):
-            base = attack[: -len(suffix)]
+    base = base_attack(attack)
     if base not in settings["attacks"] or (base != attack and base != settings["checks"]["attack"]):
         raise ValueError(f"unknown attack {attack!r}; the stage has {attack_names(settings)}")
     plan = dict(settings["attacks"][base])

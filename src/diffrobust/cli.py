@@ -12,6 +12,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 
 from diffrobust.argtypes import choice_list, existing_file, positive_int, positive_int_list  # noqa: F401
@@ -177,6 +178,15 @@ def cmd_prepare_dataset(args):
         record["splits"] = meta["splits"]
     log.info("prepared %s in %s: %s", args.dataset, args.out_dir,
              {name: split["count"] for name, split in meta["splits"].items()})
+
+
+def cmd_rehearse(args):
+    from diffrobust.rehearsal.run import RehearsalError, rehearse
+
+    try:
+        rehearse(args.preset, args.scratch, cores=args.cores, seed=args.seed, device=args.device)
+    except RehearsalError as error:
+        raise DiffrobustError(str(error)) from None
 
 
 def cmd_fetch(args):
@@ -672,6 +682,15 @@ def build_parser(argv=None):
         if name in (argv if argv is not None else sys.argv[1:]):
             importlib.import_module(module).add_arguments(command)
         command.set_defaults(func=func)
+
+    rehearse = commands.add_parser(
+        "rehearse", help="run a paper-scale preset's whole DAG offline on locally made official-format files")
+    rehearse.add_argument("--preset", required=True, choices=["cifar10", "imagenet"])
+    rehearse.add_argument("--scratch", help="scratch folder (default results/rehearsal/<preset>; emptied first)")
+    rehearse.add_argument("--cores", type=int, default=os.cpu_count() or 1)
+    rehearse.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    rehearse.add_argument("--seed", type=int, default=0)
+    rehearse.set_defaults(func=cmd_rehearse)
 
     check = commands.add_parser("check-config", help="print the merged, validated config of a preset")
     check.add_argument("--preset", default="mini")

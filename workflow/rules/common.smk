@@ -175,7 +175,9 @@ def fetch_arguments(wildcards):
     entry = next((e for e in REGISTRY[wildcards.name]["files"] if e["path"] == wildcards.file), None)
     if entry is None:
         raise WorkflowError(f"config/checkpoints.yaml: checkpoint {wildcards.name!r} has no file {wildcards.file!r}")
-    words = [f"--url={url}" for url in entry["urls"]]
+    mirror = CFG["checkpoint_mirror"]
+    urls = ([f"{mirror.rstrip('/')}/{wildcards.name}/{wildcards.file}"] if mirror else []) + list(entry["urls"])
+    words = [f"--url={url}" for url in urls]
     words += [f"--{key}={entry[key]}" for key in ("sha256", "md5", "size") if key in entry]
     if "manual" in REGISTRY[wildcards.name]:
         words.append(f"--manual={REGISTRY[wildcards.name]['manual']}")

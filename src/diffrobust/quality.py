@@ -30,10 +30,12 @@ from torch import nn
 
 VERDICTS = ("holds", "fails", "inconclusive")
 
-# OpenCV's COLOR_BGR2GRAY on uint8 (ITU-R BT.601 luma, 0.299 R + 0.587 G + 0.114 B) in its fixed-point form:
-# Y = (4899 R + 9617 G + 1868 B + 2^13) >> 14 (imgproc/src/color.hpp, R2Y/G2Y/B2Y, yuv_shift 14).
-BT601_FIXED_POINT_RGB = (4899, 9617, 1868)
-_BT601_SHIFT = 14
+# OpenCV's COLOR_BGR2GRAY on uint8 (ITU-R BT.601 luma, 0.299 R + 0.587 G + 0.114 B) in its fixed-point form, as
+# OpenCV 4.x computes it (imgproc color.hpp RY15/GY15/BY15, gray_shift 15; Q15 since opencv PR #13440, 2018):
+# Y = (9798 R + 19235 G + 3735 B + 2^14) >> 15. Diff-Protect's env.yml pins opencv-python 4.1.2.30, which gives
+# exactly this on all 2^24 colours; the 3.4 branch's 14-bit (4899, 9617, 1868) differs by one level on 43,864.
+BT601_FIXED_POINT_RGB = (9798, 19235, 3735)
+_BT601_SHIFT = 15
 
 
 def _pair(a, b):
@@ -62,7 +64,7 @@ def diffprotect_grayscale(images01):
     """What Diff-Protect's SSIM sees of an image: 8-bit levels (x·255 rounded, as `imagespace.float_to_uint8`),
     then OpenCV's BT.601 grayscale in fixed point (`BT601_FIXED_POINT_RGB`), back on [0, 1] (level / 255): a float64
     N x 1 x H x W tensor. Channels are R, G, B (cv2 reads B, G, R and weighs them so); a 1-channel image keeps its
-    levels (cv2 reads a gray PNG as three equal channels, whose weights sum to 2^14)."""
+    levels (cv2 reads a gray PNG as three equal channels, whose weights sum to 2^15)."""
     levels = (images01.detach().to(torch.float64).clamp(0, 1) * 255).round().to(torch.int64)
     channels = levels.shape[1]
     if channels == 1:

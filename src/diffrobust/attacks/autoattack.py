@@ -8,6 +8,10 @@ Versions, as the library (and the papers) name them:
 Overrides (None keeps the version's value): n_iter, n_restarts, eot_iter (APGD), n_target_classes (APGD-T and
 FAB-T), n_queries (Square). The mini preset uses them to fit a CPU budget; the paper presets leave them unset.
 
+APGD fixes its step-size schedule (the checkpoints where the step may halve: `n_iter_2`, `n_iter_min`, `size_decr`)
+from `n_iter` in its constructor, so an n_iter override goes through `set_apgd_iterations`, which recomputes them
+(without it, 200 iterations ran the 100-iteration schedule: checkpoints (22, 6, 3) instead of (44, 12, 6)).
+
 The library's own resume (`state_path`) is broken (attacks_rdc_pdm.md §3), so jobs checkpoint per batch
 themselves (stages.diffpure). The defense's randomness comes from the generator bound into `BoundDefense`, never from
 torch's global RNG (the library reseeds that on every call).
@@ -38,7 +42,7 @@ def build(model, *, threat, eps, version, attacks=None, seed=0, device="cpu", n_
                            norm=NORMS[threat], seed=int(seed), version=version)
     for apgd in (adversary.apgd, adversary.apgd_targeted):
         if n_iter is not None:
-            apgd.n_iter = int(n_iter)
+            set_apgd_iterations(apgd, n_iter)
         if eot_iter is not None:
             apgd.eot_iter = int(eot_iter)
     if n_restarts is not None:
@@ -51,6 +55,21 @@ def build(model, *, threat, eps, version, attacks=None, seed=0, device="cpu", n_
     if n_queries is not None:
         adversary.square.n_queries = int(n_queries)
     return adversary
+
+
+def apgd_schedule(n_iter):
+    """APGD's step-size checkpoints for `n_iter` iterations, as pyautoattack's APGDAttack.__init__ derives them:
+    (n_iter_2, n_iter_min, size_decr) = the first checkpoint's distance, the smallest distance, and its decrement
+    (0.22, 0.06 and 0.03 of n_iter, truncated, at least 1; Croce & Hein 2020, §3.2)."""
+    n_iter = int(n_iter)
+    return max(int(0.22 * n_iter), 1), max(int(0.06 * n_iter), 1), max(int(0.03 * n_iter), 1)
+
+
+def set_apgd_iterations(apgd, n_iter):
+    """Give a built APGD attack `n_iter` iterations and the schedule the library would have built for them:
+    `n_iter_orig` too (the L1 large-eps schedule splits it)."""
+    apgd.n_iter = apgd.n_iter_orig = int(n_iter)
+    apgd.n_iter_2, apgd.n_iter_min, apgd.size_decr = apgd_schedule(n_iter)
 
 
 def run(model, x, y, *, threat, eps, version, attacks=None, seed=0, batch_size=None, logger=None, **overrides):

@@ -602,9 +602,9 @@ NAMED_FILES = (
     (("datasets", "cifar10", "tarball"),
      "Point it at a copy of cifar-10-python.tar.gz, or set it to null to download the tarball."),
     (("pixel_barrier", "target", "file"),
-     "Point it at Mist's target image (a PNG; relative paths start at the workflow folder), name a registry image in "
-     "pixel_barrier.target.checkpoint instead (diff_protect_mist_target), or set both to null for the checkerboard of "
-     "pixel_barrier.target.period."),
+     "Point it at Mist's target image (a PNG; relative paths start at the workflow folder), or set it to null for "
+     "the checkerboard of pixel_barrier.target.period, or to null with pixel_barrier.target.checkpoint naming a "
+     "registry image (diff_protect_mist_target, downloaded by the DAG)."),
 )
 
 
@@ -846,8 +846,12 @@ def checkpoint_fits_role(role, entry):
         folders = {file["path"].split("/")[0] for file in entry["files"] if "/" in file["path"]}
         fitting = [name for name, needed in PIXEL_BARRIER_ROLE_FOLDERS.items() if set(needed) <= folders]
         return bool(fitting) and max(fitting, key=lambda name: len(PIXEL_BARRIER_ROLE_FOLDERS[name])) == role
-    return len(entry["files"]) == 1 and "/" not in entry["files"][0]["path"]
+    return (len(entry["files"]) == 1 and "/" not in entry["files"][0]["path"]
+            and not entry["files"][0]["path"].lower().endswith(IMAGE_SUFFIXES))
 
+
+# Registry files that are images (Mist's target), not weights: never a model role's file.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 def pixel_barrier_model_problems(config, registry, origins):
     """Every checkpoint pixel_barrier.models names is in the registry, in the preset's `checkpoints` (else its

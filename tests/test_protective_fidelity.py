@@ -108,3 +108,35 @@ def test_the_imagenet_preset_stores_as_released_and_the_default_exactly():
     assert schema_defaults()["storage"] == "float32"
     assert cfg.load_config({"preset": "imagenet"})["pixel_barrier"]["storage"] == "released_uint8"
     assert "storage" in cfg.PIXEL_BARRIER_JOB_KEYS["protect"] and "step_size" in cfg.PIXEL_BARRIER_JOB_KEYS["protect"]
+
+
+def test_the_protect_job_stores_its_sets_and_clean_reference_as_the_storage_says(monkeypatch):
+    """Through protect_job: with released_uint8 the random control and the clean reference are Diff-Protect's
+    truncated PNG values (pixels v = 1..63 of the clean images one level down); with float32 they are exact."""
+    from diffrobust.networks import ldm as ldm_lib
+
+    torch.manual_seed(0)
+    tiny = ldm_lib.build_mini_ldm({"image_channels": 1, "image_size": 16, "latent_channels": 4,
+                                   "vae_channels": [8, 8, 16], "unet_channels": [8, 16], "num_classes": 3,
+                                   "prompt_tokens": 2, "cross_attention_dim": 8, "norm_num_groups": 4,
+                                   "attention_head_dim": 4})
+    values = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16)
+    x01 = values.float() / 255
+    monkeypatch.setattr(pixel_barrier, "load_models", lambda models, settings, device: {"ldm": tiny})
+    monkeypatch.setattr(pixel_barrier, "evaluation_images",
+                        lambda dataset_dir, subset: (x01, torch.zeros(1).long(), np.arange(1)))
+    settings = {**schema_defaults(), "budgets": [8 / 255], "batch_size": 1, "seed": 0}
+    stored = {}
+    for storage in ("float32", "released_uint8"):
+        arrays = pixel_barrier.protect_job("random", settings={**settings, "storage": storage}, subset={}, models={},
+                                           dataset_dir=None)
+        assert str(arrays["storage"]) == storage
+        stored[storage] = arrays
+    exact, released = stored["float32"], stored["released_uint8"]
+    assert np.array_equal(exact["x_clean"], x01.numpy())
+    darker = values.numpy().astype(int) - np.round(released["x_clean"] * 255).astype(int)
+    assert np.array_equal(np.nonzero(darker.ravel())[0], np.arange(1, 64)) and darker.max() == 1
+    control = exact["eps0/x"] * 255  # clean ± 8 levels, clipped
+    assert np.array_equal(np.round(released["eps0/x"] * 255), protective.released_uint8(
+        torch.from_numpy(exact["eps0/x"])).numpy().astype(np.float32))
+    assert (np.round(released["eps0/x"] * 255) <= np.round(control)).all()  # truncation never brightens

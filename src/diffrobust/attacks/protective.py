@@ -55,7 +55,7 @@ PAPER_ROWS = {
     "mist": "Mist",
     "texture_only": "PhotoGuard (Diff-Protect's texture_only toward MIST.png)",
     "photoguard_encoder": None,  # MadryLab's encoder attack toward the zero latent: the original PhotoGuard's
-    "pixel_advdm": "AdvDM on the PDM (xavihart/pdm_attack)",
+    "pixel_advdm": "AdvDM against the PDM (the authors' pdm_attack; row name UNVERIFIED)",
     "pixel_advdm_minus": None,
     "pixel_sds": None,
     "pixel_sds_minus": None,

@@ -59,8 +59,12 @@ protocol = [
     {"what": "images", "ours": images, "paper": "4 styles x 100 images (not shipped)"},
     {"what": "attacks", "ours": ", ".join(attacks), "paper": "AdvDM, AdvDM(-), SDS(-), SDS(+), PhotoGuard, Mist, Mist-v2, Glaze"},
     {"what": "l-inf budgets", "ours": budgets, "paper": "4, 8, 16 / 255"},
-    {"what": "PGD", "ours": f"{settings['steps']} steps of {settings['relative_step_size']:g} eps, random start except "
-                           f"{', '.join(settings['no_random_start'])}", "paper": "100 steps of eps/16 (1/255 at 16/255)"},
+    {"what": "PGD", "ours": f"{settings['steps']} steps of {pixel_barrier.step_text(settings)}, random start except "
+                           f"{', '.join(settings['no_random_start'])}", "paper": "100 steps of 1/255 at every budget"},
+    {"what": "target image (Mist, texture_only)", "ours": pixel_barrier.target_text(settings),
+     "paper": "MIST.png (Diff-Protect test_images/target)"},
+    {"what": "stored images", "ours": f"{settings['storage']}: {pixel_barrier.STORAGE_TEXTS[settings['storage']]}",
+     "paper": "PNGs from astype(uint8) (truncation), the clean reference included"},
     {"what": "SDEdit", "ours": f"strengths {settings['edit']['strengths']}, DDIM {settings['edit']['num_inference_steps']}, "
                               f"eta 0, no guidance; PDM edits {settings['edit']['pixel_sampler']}",
      "paper": "strengths 0.01-0.3, DDIM 100, eta 0"},
@@ -79,6 +83,14 @@ if ldm_training is not None:
                      f"{ldm_training['unet_training']['steps']} steps; {ldm_training['architecture']}",
                      "paper": "Stable Diffusion v1.4"})
 pd.DataFrame(protocol).set_index("what")
+
+# %% [markdown]
+# ### Attacks and the paper's rows
+# Diff-Protect's table calls `texture_only` toward MIST.png "PhotoGuard"; `photoguard_encoder` is MadryLab's
+# PhotoGuard encoder attack (toward the zero latent), which is not a row of the paper.
+
+# %%
+pixel_barrier.paper_rows(attacks)
 
 # %% [markdown]
 # ## The three claims

@@ -174,7 +174,7 @@ def test_each_attack_lowers_its_own_objective_within_budget(ldm, images, name):
     target = torch.zeros(1, 1, 16, 16)
     objective = FixedDraws(protective.objective_for(name, ldm=ldm, pixel_eps_model=eps_model,
                                                     pixel_schedule=schedule, target01=target))
-    result = protective.protect(objective, images, eps=8 / 255, steps=8, relative_step_size=0.25,
+    result = protective.protect(objective, images, eps=8 / 255, steps=8, step=0.25 * 8 / 255,
                                 generator=torch.Generator().manual_seed(0), measure_draws=1)
     assert perturbation_norms(images, result.x_protected, "linf").max() <= 8 / 255 + 1e-6
     assert result.x_protected.min() >= 0 and result.x_protected.max() <= 1
@@ -185,7 +185,7 @@ def test_each_attack_lowers_its_own_objective_within_budget(ldm, images, name):
 def test_sds_attacks_stay_within_budget_and_move_the_image(ldm, images, name):
     eps_model, schedule = pixel_models()
     objective = protective.objective_for(name, ldm=ldm, pixel_eps_model=eps_model, pixel_schedule=schedule)
-    result = protective.protect(objective, images, eps=8 / 255, steps=4, relative_step_size=0.25,
+    result = protective.protect(objective, images, eps=8 / 255, steps=4, step=0.25 * 8 / 255,
                                 random_start=False, generator=torch.Generator().manual_seed(0), measure_draws=2)
     norms = perturbation_norms(images, result.x_protected, "linf")
     assert (norms <= 8 / 255 + 1e-6).all() and (norms > 4 / 255).all()
@@ -231,8 +231,8 @@ def test_encoder_attack_amplifies_latent_distance_over_random_noise(images):
     eps = 8 / 255
     control = protective.random_sign_noise(x, eps, torch.Generator().manual_seed(0))
     control_distance = protective.latent_distance(untrained, x, control).mean()
-    for objective, least in ((LatentAway(), 3.0), (protective.objective_for("photoguard", ldm=untrained), 1.8)):
-        result = protective.protect(objective, x, eps=eps, steps=20, relative_step_size=0.25,
+    for objective, least in ((LatentAway(), 3.0), (protective.objective_for("photoguard_encoder", ldm=untrained), 1.8)):
+        result = protective.protect(objective, x, eps=eps, steps=20, step=0.25 * 8 / 255,
                                     generator=torch.Generator().manual_seed(0), measure_draws=1)
         ratio = protective.latent_distance(untrained, x, result.x_protected).mean() / control_distance
         assert ratio > least
@@ -586,7 +586,7 @@ def test_the_protect_job_reads_the_target_once_and_refuses_other_bytes_than_plan
     settings = {"target": {"file": str(target), "period": 4}}
     data, digest = pixel_barrier.read_target(settings, "mist")
     assert digest == hashlib.sha256(target.read_bytes()).hexdigest() and data == target.read_bytes()
-    assert pixel_barrier.read_target(settings, "advdm") == (None, None)  # photoguard, advdm, ... read no target
+    assert pixel_barrier.read_target(settings, "advdm") == (None, None)  # photoguard_encoder, advdm, ... read no target
     assert pixel_barrier.read_target({"target": {"file": None, "period": 4}}, "mist") == (None, None)
     # the pixels come from the bytes that were hashed, not from a second read of the file
     from_bytes = pixel_barrier.target_image(settings, (1, 1, 8, 8), data)

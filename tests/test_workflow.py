@@ -85,9 +85,9 @@ def test_a_dry_run_with_an_unchanged_config_does_not_import_torch(repo_copy):
     # DiffPure: 2 threats x (3 attacks on the undefended classifier + 5 on DiffPure); RDC: 2 threats x (2 on the
     # undefended classifier + 4 on RDC + 1 on each of the adversarially trained classifier, DC and the two multi-head
     # variants); 1 shard each; 2 + 2 transfer scores
-    # Pixel is a Barrier: one protect and one edit job per attack (8) and per pseudo-attack (none, random)
+    # Pixel is a Barrier: one protect and one edit job per attack (9) and per pseudo-attack (none, random)
     ("mini", {"prepare_dataset": 1, "train_diffusion": 1, "train_classifier": 1, "train_adversarial": 1, "attack": 36,
-              "evaluate": 4, "sigma_sweep": 1, "train_ldm": 1, "protect": 10, "edit_protected": 10,
+              "evaluate": 4, "sigma_sweep": 1, "train_ldm": 1, "protect": 11, "edit_protected": 11,
               "render_report": 6, "render_summary": 1}),
     # paper scale: downloads instead of training; 500 images in shards of 10, 3 sigmas, 2 methods
     # attacks: DiffPure's 128 and RDC's 2 threats x 16 shards x (2 on the undefended classifier + 4 on RDC + 2 on each
@@ -98,9 +98,9 @@ def test_a_dry_run_with_an_unchanged_config_does_not_import_torch(repo_copy):
                  "render_report": 5, "render_summary": 1}),
     # ImageNet: Pixel is a Barrier on Stable Diffusion v1.4 (+6 files: its text encoder and tokenizer), CLIP (+2),
     # DeepFloyd IF stage II's schedulers (+2), the x4 upscaler of Noisy Upscaling (+13), LPIPS' AlexNet and FID's
-    # Inception (+2)
-    ("imagenet", {"download_checkpoint": 34, "prepare_dataset": 1, "certify_shard": 120, "protect": 10,
-                  "edit_protected": 10, "render_report": 4, "render_summary": 1}),
+    # Inception (+2), Diff-Protect's MIST.png (+1)
+    ("imagenet", {"download_checkpoint": 35, "prepare_dataset": 1, "certify_shard": 120, "protect": 11,
+                  "edit_protected": 11, "render_report": 4, "render_summary": 1}),
 ])
 def test_dry_run_builds_the_full_dag(repo_copy, preset, jobs):
     result = snakemake(repo_copy, "-n", "--config", f"preset={preset}")

@@ -603,7 +603,8 @@ NAMED_FILES = (
      "Point it at a copy of cifar-10-python.tar.gz, or set it to null to download the tarball."),
     (("pixel_barrier", "target", "file"),
      "Point it at Mist's target image (a PNG; relative paths start at the workflow folder), or set it to null for "
-     "the checkerboard of pixel_barrier.target.period."),
+     "the checkerboard of pixel_barrier.target.period, or to null with pixel_barrier.target.checkpoint naming a "
+     "registry image (diff_protect_mist_target, downloaded by the DAG)."),
 )
 
 
@@ -845,8 +846,12 @@ def checkpoint_fits_role(role, entry):
         folders = {file["path"].split("/")[0] for file in entry["files"] if "/" in file["path"]}
         fitting = [name for name, needed in PIXEL_BARRIER_ROLE_FOLDERS.items() if set(needed) <= folders]
         return bool(fitting) and max(fitting, key=lambda name: len(PIXEL_BARRIER_ROLE_FOLDERS[name])) == role
-    return len(entry["files"]) == 1 and "/" not in entry["files"][0]["path"]
+    return (len(entry["files"]) == 1 and "/" not in entry["files"][0]["path"]
+            and not entry["files"][0]["path"].lower().endswith(IMAGE_SUFFIXES))
 
+
+# Registry files that are images (Mist's target), not weights: never a model role's file.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 def pixel_barrier_model_problems(config, registry, origins):
     """Every checkpoint pixel_barrier.models names is in the registry, in the preset's `checkpoints` (else its
@@ -899,6 +904,13 @@ def pixel_barrier_problems(config, origins):
                 f"'{dotted(role_path)}' ({origins.of(role_path)}, now null): name its checkpoint "
                 f"({', '.join(PIXEL_BARRIER_ROLE_FOLDERS[role])} folders; see config/checkpoints.yaml) and add it "
                 f"to 'checkpoints', or drop {purifier}")
+    if (block["step_size"] is None) == (block["relative_step_size"] is None):
+        step_path, relative_path = ["pixel_barrier", "step_size"], ["pixel_barrier", "relative_step_size"]
+        problems.append(
+            f"config keys '{dotted(step_path)}' = {block['step_size']} ({origins.of(step_path)}) and "
+            f"'{dotted(relative_path)}' = {block['relative_step_size']} ({origins.of(relative_path)}): set exactly one "
+            "(the PGD step in [0, 1] units, Diff-Protect's 1/255 at every budget; or the step as a fraction of eps) "
+            "and the other to null")
     edit = block["edit"]
     if not any(math.isclose(edit["purified_strength"], strength) for strength in edit["strengths"]):
         path, strengths_path = ["pixel_barrier", "edit", "purified_strength"], ["pixel_barrier", "edit", "strengths"]
@@ -933,7 +945,8 @@ def plan_problems(config, registry, origins):
     """Every problem of what the DAG would plan from this config, one line each (see the functions above)."""
     return (attack_name_problems(config, origins) + budget_problems(config, origins)
             + diffusion_classifier_problems(config, origins) + pixel_barrier_problems(config, origins)
-            + pixel_barrier_model_problems(config, registry, origins))
+            + pixel_barrier_model_problems(config, registry, origins)
+            + pixel_barrier_target_problems(config, registry, origins))
 
 
 # --- putting it together -------------------------------------------------------------------------------------------
@@ -982,6 +995,7 @@ def resolve_config(sources, presets_dir=PRESETS_DIR, schema_path=CONFIG_SCHEMA, 
     registry = load_checkpoint_registry()
     check_consistency(merged, registry, origins)
     raise_problems(plan_problems(merged, registry, origins))
+    resolve_pixel_barrier_target(merged, registry)
     raise_problems(architecture_problems(merged, origins, checked_architectures))
     return ResolvedConfig(merged, notes)
 
@@ -1021,8 +1035,8 @@ def checkpoint_files(registry, names):
 # What each Pixel-is-a-Barrier job reads from the pixel_barrier block: a job's params are its identity (a changed value
 # reruns it), so a protect job does not carry the purifiers' settings, nor an edit job the attacks'.
 PIXEL_BARRIER_JOB_KEYS = {
-    "protect": ("budgets", "steps", "relative_step_size", "no_random_start", "mist_rate", "measure_draws", "target",
-                "batch_size", "seed", "prompt"),
+    "protect": ("budgets", "steps", "step_size", "relative_step_size", "no_random_start", "mist_rate",
+                "measure_draws", "target", "storage", "batch_size", "seed", "prompt"),
     "edit": ("edit", "purifier_list", "purifiers", "batch_size", "seed", "prompt"),
 }
 
@@ -1030,6 +1044,40 @@ PIXEL_BARRIER_JOB_KEYS = {
 # The protective attacks that pull the latent toward Mist's target image (attacks.protective.objective_for): only
 # their protect jobs read pixel_barrier.target, so only they have its file as an input and its digest as identity.
 TARGET_IMAGE_ATTACKS = ("texture_only", "mist")
+
+
+def pixel_barrier_target_problems(config, registry, origins):
+    """pixel_barrier.target names one image: a file or a registry checkpoint of one file that the preset downloads
+    (its `checkpoints` list)."""
+    target, path = config["pixel_barrier"]["target"], ["pixel_barrier", "target", "checkpoint"]
+    name = target.get("checkpoint")
+    if name is None:
+        return []
+    where = f"config key '{dotted(path)}' = {name!r} ({origins.of(path)})"
+    if target.get("file") is not None:
+        file_path = ["pixel_barrier", "target", "file"]
+        return [f"{where} and '{dotted(file_path)}' = {target['file']!r} ({origins.of(file_path)}) both name Mist's "
+                "target image: set one of them to null"]
+    if name not in registry:
+        return [f"{where} is not a checkpoint of config/checkpoints.yaml (Diff-Protect's is diff_protect_mist_target)"]
+    if len(registry[name]["files"]) != 1:
+        return [f"{where} has {len(registry[name]['files'])} files in config/checkpoints.yaml; a target image is one"]
+    if name not in config["checkpoints"]:
+        return [f"{where}: add it to the preset's 'checkpoints' list too ({origins.of(['checkpoints'])}), which says "
+                "what the preset downloads"]
+    return []
+
+
+def resolve_pixel_barrier_target(config, registry):
+    """Point pixel_barrier.target.file at the registry file that target.checkpoint names (downloaded and checked
+    against the lock by the DAG's fetch job), so that every job reads the target through `file`; the checkpoint
+    name stays in the block as the target's provenance. Call after pixel_barrier_target_problems."""
+    from diffrobust.checkpoints import checkpoint_path
+
+    target = config["pixel_barrier"]["target"]
+    if target.get("checkpoint") is not None:
+        name = target["checkpoint"]
+        target["file"] = str(checkpoint_path(name, registry[name]["files"][0]))
 
 
 def pixel_barrier_target_file(block, attack):

@@ -6,21 +6,28 @@ which minimises the loss it is given; attacks_rdc_pdm.md §4):
 
 | name | objective minimised (per image) | what it attacks |
 |---|---|---|
-| photoguard | ‖E(x)‖₂ of the posterior mean (toward the zero latent) | the encoder |
-| texture_only | ‖E(x) − E(target)‖² (sum over the latent) | the encoder |
+| photoguard_encoder | ‖E(x)‖₂ of the posterior mean (toward the zero latent: MadryLab's PhotoGuard) | the encoder |
+| texture_only | ‖E(x) − E(target)‖² (sum over the latent; Diff-Protect's "PhotoGuard" row) | the encoder |
 | advdm / advdm_minus | −L_sem / +L_sem, L_sem = ‖ε̂(z_t, t) − ε‖² at t ~ U{0..T−1}, z = E(x) sampled | the UNet through E |
 | mist | ‖E(x) − E(target)‖² − rate·L_sem (rate 10⁴) | both |
 | sds / sds_minus | the AdvDM objectives, with SDS's gradient: (ε̂ − ε) pulled back through the encoder only | the encoder |
 | pixel_advdm / pixel_advdm_minus | −/+ the pixel model's ‖ε̂(x_t, t) − ε‖² | a pixel diffusion model |
 | pixel_sds / pixel_sds_minus | the same with SDS's gradient (ε̂ − ε) itself (the pixel model has no encoder) | a pixel model |
 
-PhotoGuard, texture_only and Mist's textural term act on the latent only: they have no pixel-space analog (a pixel
-model has no encoder), so only AdvDM and SDS also run against the pixel model, as the authors' `pdm_attack` does.
+Two attacks go by "PhotoGuard": Diff-Protect's README and table run `texture_only` toward Mist's target image under
+that name, while MadryLab's PhotoGuard encoder attack pulls the latent toward zero; here they are `texture_only` and
+`photoguard_encoder` (PAPER_ROWS maps each attack to the paper's row). The encoder attacks and Mist's textural term
+act on the latent only: they have no pixel-space analog (a pixel model has no encoder), so only AdvDM and SDS also run
+against the pixel model, as the authors' `pdm_attack` does.
 
 `protect` is the PGD: a uniform random start in the ball (advertorch's default; Diff-Protect's SDS loop starts at x,
-`random_start: false` keeps that), steps of size α = relative_step_size·ε along −sign(gradient), projected onto the
-ball and [0, 1]. Diff-Protect's ε = 16/255 with α = 1/255 gives relative_step_size 1/16. Images are in [0, 1]; the
-objectives convert to the models' [−1, 1] inside the LDM (`LatentDiffusion.posterior`).
+`random_start: false` keeps that), steps of a fixed size α along −sign(gradient), projected onto the ball and [0, 1].
+Diff-Protect's α is 1/255 (`alpha: 1` in /255 units, configs/attack/base.yaml) at every budget (RELEASED_STEP_SIZE);
+`pgd_step` also offers a step relative to ε (the mini presets'). Images are in [0, 1]; the objectives convert to the
+models' [−1, 1] inside the LDM (`LatentDiffusion.posterior`).
+
+`stored_images` is how a protected set is stored: exact float32, or Diff-Protect's PNGs (`released_uint8`: its
+[−1, 1] -> [0, 255] float32 arithmetic truncated by `astype(uint8)`, which also darkens its clean reference).
 """
 
 from dataclasses import dataclass
@@ -31,12 +38,30 @@ from diffrobust import imagespace
 from diffrobust.attacks.budget import check_inside_budget, project
 from diffrobust.diffusion import noise_like
 
-LATENT_ATTACKS = ("photoguard", "texture_only", "advdm", "advdm_minus", "mist", "sds", "sds_minus")
+LATENT_ATTACKS = ("photoguard_encoder", "texture_only", "advdm", "advdm_minus", "mist", "sds", "sds_minus")
 PIXEL_ATTACKS = ("pixel_advdm", "pixel_advdm_minus", "pixel_sds", "pixel_sds_minus")
 ATTACKS = LATENT_ATTACKS + PIXEL_ATTACKS
 # Attacks whose objective acts on the latent only: no pixel-space analog exists.
-ENCODER_ONLY = ("photoguard", "texture_only", "mist")
+ENCODER_ONLY = ("photoguard_encoder", "texture_only", "mist")
 MIST_RATE = 1e4
+# Diff-Protect's PGD step: `alpha: 1` (/255) in configs/attack/base.yaml, 2/255 in its [-1, 1] units, at every budget.
+RELEASED_STEP_SIZE = 1 / 255
+# attack -> the row of Pixel is a Barrier's / Diff-Protect's tables it stands for (None: no row of the paper).
+PAPER_ROWS = {
+    "advdm": "AdvDM",
+    "advdm_minus": "AdvDM(-)",
+    "sds": "SDS(+)",
+    "sds_minus": "SDS(-)",
+    "mist": "Mist",
+    "texture_only": "PhotoGuard (Diff-Protect's texture_only toward MIST.png)",
+    "photoguard_encoder": None,  # MadryLab's encoder attack toward the zero latent: the original PhotoGuard's
+    "pixel_advdm": "AdvDM against the PDM (the authors' pdm_attack; row name UNVERIFIED)",
+    "pixel_advdm_minus": None,
+    "pixel_sds": None,
+    "pixel_sds_minus": None,
+}
+# How a protect job stores its images (pixel_barrier.storage).
+STORAGES = ("float32", "released_uint8")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -160,7 +185,7 @@ def objective_for(name, *, ldm=None, pixel_eps_model=None, pixel_schedule=None, 
     if name in ("texture_only", "mist") and target01 is None:
         raise ValueError(f"{name} pulls the latent toward a target image: pass target01")
     g = -1.0 if name.endswith("_minus") else 1.0
-    if name == "photoguard":
+    if name == "photoguard_encoder":
         return PhotoGuardEncoder(ldm)
     if name == "texture_only":
         return LatentTexture(ldm, target01)
@@ -199,12 +224,22 @@ def mean_objective(objective, x01, seed, draws):
     return total / draws
 
 
-def protect(objective, x01, *, eps, steps, relative_step_size=1 / 16, random_start=True, generator=None,
+def pgd_step(eps, step_size, relative_step_size):
+    """The PGD step at budget `eps`: `step_size` (in [0, 1] image units, Diff-Protect's 1/255 at every budget) or
+    `relative_step_size`·ε; exactly one of them is given (the config keys pixel_barrier.step_size and
+    pixel_barrier.relative_step_size)."""
+    if (step_size is None) == (relative_step_size is None):
+        raise ValueError("give exactly one of pixel_barrier.step_size (the step in [0, 1] units; Diff-Protect: 1/255) "
+                         f"and pixel_barrier.relative_step_size (step / eps); got {step_size} and {relative_step_size}")
+    return float(step_size) if relative_step_size is None else float(relative_step_size) * eps
+
+
+def protect(objective, x01, *, eps, steps, step=RELEASED_STEP_SIZE, random_start=True, generator=None,
             measure_draws=8, measure_seed=0, progress=None):
-    """ℓ∞ PGD minimising `objective` inside the ε-ball around x01 -> Protection (checked inside the budget)."""
+    """ℓ∞ PGD minimising `objective` inside the ε-ball around x01 with steps of `step` (see pgd_step) -> Protection
+    (checked inside the budget)."""
     generator = generator or torch.Generator().manual_seed(0)
     x01 = x01.detach()
-    step = relative_step_size * eps
     x_adv = x01.clone()
     if random_start:
         start = (torch.rand(x01.shape, generator=generator, dtype=x01.dtype).to(x01.device) * 2 - 1) * eps
@@ -229,3 +264,22 @@ def latent_distance(ldm, x01, x_other01):
     """‖E(x') − E(x)‖₂ per image on the posterior means: how far a perturbation moves the latent."""
     with torch.no_grad():
         return (ldm.encode(x_other01) - ldm.encode(x01)).flatten(1).norm(dim=1)
+
+
+def released_uint8(x01):
+    """Diff-Protect's stored PNG of images x01 in [0, 1], as uint8: its [−1, 1] image 2x − 1 mapped back by
+    clamp((x + 1)/2)·255 in float32 and cast with `astype(uint8)`, which truncates. A perturbation δ is stored within
+    [−ε − 1/255, +ε], and a clean image round-trips to one grey level darker wherever v/127.5 − 1 loses a float32 bit
+    (values 1..63)."""
+    in_model_space = imagespace.to_model_space(x01.to(torch.float32))
+    return (((in_model_space + 1) / 2).clamp(0, 1) * 255).to(torch.uint8)
+
+
+def stored_images(x01, storage):
+    """The images a protect job stores (and its edit job reads), in [0, 1]: `float32` keeps them exactly,
+    `released_uint8` as Diff-Protect's PNGs hold them (released_uint8 read back)."""
+    if storage == "float32":
+        return x01
+    if storage == "released_uint8":
+        return imagespace.uint8_to_float(released_uint8(x01).cpu()).to(x01.device)
+    raise ValueError(f"unknown pixel_barrier.storage {storage!r}; choose one of {STORAGES}")

@@ -13,7 +13,9 @@ Jobs (one per protective attack, each over every budget of `pixel_barrier.budget
 
 `claims` turns the per-image tables into the paper's three claims, each with a paired bootstrap interval and a verdict.
 
-Mist's target image (`pixel_barrier.target.file`) is part of the identity of the sets of the attacks that read it
+Mist's target image (`pixel_barrier.target.file`, or the registry file `target.checkpoint` names: Diff-Protect's
+MIST.png at paper scale; config.resolve_pixel_barrier_target points `file` at it) is part of the identity of the sets
+of the attacks that read it
 (`config.TARGET_IMAGE_ATTACKS`): the workflow passes its sha256 to their protect and edit jobs; the protect job reads
 the file once, refuses other bytes than planned and stores the digest in the set (`target_sha256`), and the edit job
 refuses a set made with another target, so a set made with an old target is never edited as if made with the new one.
@@ -118,7 +120,9 @@ def read_target(settings, attack, expected_sha256=None):
         data = Path(file).read_bytes()
     except OSError as error:
         raise DiffrobustError(f"cannot read pixel_barrier.target.file {file} ({error.strerror}): point the config key "
-                              "at Mist's target image, or set it to null for the checkerboard") from None
+                              "at Mist's target image (or name its registry checkpoint in pixel_barrier.target."
+                              "checkpoint and run snakemake, which downloads it), or set both to null for the "
+                              "checkerboard") from None
     digest = hashlib.sha256(data).hexdigest()
     if expected_sha256 is not None and digest != expected_sha256:
         raise DiffrobustError(f"pixel_barrier.target.file {file} changed after the workflow planned this job "
@@ -141,9 +145,10 @@ def check_set_target(set_path, sets, attack, expected_sha256):
 
 
 def target_image(settings, shape, data=None):
-    """Mist's target image: a checkerboard of `target.period`-pixel squares at mini (Mist's MIST.png is a texture
-    of high-contrast patterns; MNIST is 1-channel), or a user's image file at paper scale (`data`: its bytes, as
-    read_target read them; read from the file when not given)."""
+    """Mist's target image, bicubic-resized to the images' size as Diff-Protect resizes MIST.png: the file of
+    `target.file` (Diff-Protect's MIST.png at paper scale, through target.checkpoint; `data`: its bytes, as read_target
+    read them; read from the file when not given), or without one a checkerboard of `target.period`-pixel squares,
+    the mini/smoke stand-in (MIST.png is a texture of high-contrast patterns; MNIST is 1-channel)."""
     spec = settings["target"]
     channels, size = shape[-3], shape[-1]
     if spec.get("file"):
@@ -195,12 +200,12 @@ def protect_images(attack, x01, settings, models, seed, target01=None):
             attack, ldm=models["ldm"], pixel_eps_model=models["pixel_eps"], pixel_schedule=models["pixel_schedule"],
             target01=target01, rate=settings["mist_rate"])
         random_start = attack not in settings["no_random_start"]
+        step = protective.pgd_step(eps, settings["step_size"], settings["relative_step_size"])
         results = []
         with tqdm(total=settings["steps"] * len(range(0, len(x01), batch_size)), desc=f"{attack} eps {eps:g}",
                   mininterval=5.0) as progress:
             def run(x, generator):
-                results.append(protective.protect(objective, x, eps=eps, steps=settings["steps"],
-                                                  relative_step_size=settings["relative_step_size"],
+                results.append(protective.protect(objective, x, eps=eps, steps=settings["steps"], step=step,
                                                   random_start=random_start, generator=generator,
                                                   measure_draws=settings["measure_draws"], progress=progress))
                 return results[-1].x_protected
@@ -213,7 +218,10 @@ def protect_images(attack, x01, settings, models, seed, target01=None):
 def protect_job(attack, *, settings, subset, models, dataset_dir, device="cpu", seed=0, target_sha256=None):
     """The arrays of one attack's protected sets (see the module docstring); also the latent distance each
     perturbation causes, against the random control's (the encoder-amplification figure), and the sha256 of the
-    target image file it read ("" for none; target_sha256: the digest the workflow planned, see read_target)."""
+    target image file it read ("" for none; target_sha256: the digest the workflow planned, see read_target).
+    The clean and protected images are stored as `settings["storage"]` says (protective.stored_images: exact, or
+    Diff-Protect's truncated uint8), and every later measure reads what is stored, as Diff-Protect's evaluation
+    reads its PNGs."""
     target_data, target_digest = read_target(settings, attack, target_sha256)
     loaded = load_models(models, settings, device)
     x01, labels, indices = evaluation_images(dataset_dir, subset)
@@ -221,12 +229,16 @@ def protect_job(attack, *, settings, subset, models, dataset_dir, device="cpu", 
     target01 = target_image(settings, x01.shape, target_data).to(device) if attack in TARGET_IMAGE_ATTACKS else None
     clock = time.perf_counter()
     protected = protect_images(attack, x01, settings, loaded, seed, target01)
-    arrays = {"indices": np.asarray(indices), "labels": labels.numpy(), "x_clean": x01.cpu().numpy(),
-              "budgets": np.asarray(settings["budgets"], dtype=np.float64), "target_sha256": np.str_(target_digest or "")}
+    storage = settings["storage"]
+    x_clean = protective.stored_images(x01, storage)
+    arrays = {"indices": np.asarray(indices), "labels": labels.numpy(), "x_clean": x_clean.cpu().numpy(),
+              "budgets": np.asarray(settings["budgets"], dtype=np.float64), "target_sha256": np.str_(target_digest or ""),
+              "storage": np.str_(storage)}
     for k, (x_protected, before, after) in protected.items():
         key = budget_key(k)
-        arrays[f"{key}/x"] = x_protected.detach().cpu().numpy().astype(np.float32)
-        arrays[f"{key}/latent_distance"] = protective.latent_distance(loaded["ldm"], x01, x_protected).cpu().numpy()
+        x_protected = protective.stored_images(x_protected.detach(), storage)
+        arrays[f"{key}/x"] = x_protected.cpu().numpy().astype(np.float32)
+        arrays[f"{key}/latent_distance"] = protective.latent_distance(loaded["ldm"], x_clean, x_protected).cpu().numpy()
         if before is not None:
             arrays[f"{key}/objective_before"] = before.numpy()
             arrays[f"{key}/objective_after"] = after.numpy()
@@ -472,6 +484,40 @@ def purification_figure(ldm_after, metric, strength, eps, *, seed=CHART_SEED):
     ax.tick_params(axis="x", rotation=45)
     fig.tight_layout()
     return fig
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The report's protocol rows
+# ---------------------------------------------------------------------------------------------------------------
+
+def step_text(settings):
+    """The PGD step as the report states it: fixed in /255 units (Diff-Protect's 1/255) or a fraction of eps."""
+    if settings.get("relative_step_size") is not None:
+        return f"{settings['relative_step_size']:g} eps"
+    return f"{settings['step_size'] * 255:.4g}/255 at every budget"
+
+
+def target_text(settings):
+    """Which target image Mist and texture_only pull toward: a registry checkpoint, a file, or the checkerboard."""
+    target = settings["target"]
+    if target.get("checkpoint"):
+        return f"registry {target['checkpoint']} ({target.get('file')})"
+    if target.get("file"):
+        return f"file {target['file']}"
+    return f"checkerboard of {target.get('period', 4)}-pixel squares (the mini/smoke stand-in for MIST.png)"
+
+
+STORAGE_TEXTS = {
+    "float32": "float32 arrays: exact, inside the budget, the clean reference unchanged",
+    "released_uint8": "Diff-Protect's astype(uint8) (truncation): delta in [-eps - 1/255, +eps], the clean reference "
+                      "one grey level darker at values 1..63",
+}
+
+
+def paper_rows(attacks):
+    """attack -> the row of the paper's tables it stands for (protective.PAPER_ROWS), for the report."""
+    return pd.DataFrame([{"attack": name, "paper's row": protective.PAPER_ROWS.get(name) or "- (not a row of the paper)"}
+                         for name in attacks]).set_index("attack")
 
 
 PAPER = "Pixel is a Barrier"

@@ -94,3 +94,18 @@ def test_diffusers_schedule_is_kept_by_name(tmp_path):
     low_res = [sample[:, 3:] for sample, _, _ in calls]
     assert all(torch.equal(low_res[0], other) for other in low_res[1:])  # one draw, as the diffusers pipeline
     assert purifier.network_evaluations() == 20
+
+
+def test_our_loop_with_the_diffusers_schedule_reproduces_the_diffusers_pipeline(tmp_path):
+    from diffrobust.defenses.sdedit import if_stage2_purify
+
+    pipeline, prompt_embeds, negative_prompt_embeds = tiny_if_folder(tmp_path)
+    low_res = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    original = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    ours = if_stage2_purify(pipeline, low_res, original, prompt_embeds, negative_prompt_embeds, schedule="diffusers",
+                            generator=torch.Generator().manual_seed(4))
+    theirs = pipeline(image=low_res, original_image=original, strength=0.1, num_inference_steps=100,
+                      guidance_scale=7.0, noise_level=250, prompt_embeds=prompt_embeds.expand(2, -1, -1),
+                      negative_prompt_embeds=negative_prompt_embeds.expand(2, -1, -1),
+                      generator=torch.Generator().manual_seed(4), output_type="pt").images
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)

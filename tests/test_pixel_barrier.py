@@ -449,21 +449,21 @@ def test_if_stage2_pdm_pure_runs_the_released_schedule_offline(tmp_path):
     from diffrobust.defenses.sdedit import IFStageIIPure, load_if_stage2
 
     tiny_if_stage2(tmp_path)
-    pipeline, embeds = load_if_stage2(tmp_path)
-    assert embeds.shape == (1, 77, 12) and embeds.abs().sum() == 0
-    purifier = IFStageIIPure(pipeline, embeds, low_res=8)
-    assert purifier.network_evaluations() == 20  # 10 steps, each with the guidance pair
+    np.save(tmp_path / "t5_xxl_a_picture.npy", np.ones((77, 12), dtype=np.float32))
+    np.save(tmp_path / "zero_t5-v1_1-xxl_vector.npy", np.zeros((77, 12), dtype=np.float16))
+    pipeline, prompt_embeds, negative_prompt_embeds = load_if_stage2(tmp_path)
+    assert prompt_embeds.shape == negative_prompt_embeds.shape == (1, 77, 12)
+    purifier = IFStageIIPure(pipeline, prompt_embeds, negative_prompt_embeds, low_res=8)
+    assert purifier.network_evaluations() == 30  # 10 steps, each with two conditional rows and the unconditional
     for channels in (3, 1):
         x = torch.rand(2, channels, 24, 24, generator=torch.Generator().manual_seed(0))
         out = purifier(x, torch.Generator().manual_seed(1))
         assert out.shape == x.shape and 0 <= out.min() and out.max() <= 1
         assert (out - x).abs().mean() > 0
-    assert pipeline.scheduler.timesteps[90].item() == 90  # strength 0.1 of 100: the loop runs 90, 80, ..., 0
     again = purifier(x, torch.Generator().manual_seed(1))
     assert torch.equal(again, out)  # deterministic for its generator
-    embeds_file = tmp_path / "zero_t5.npy"
-    np.save(embeds_file, np.ones((77, 12), dtype=np.float32))
-    assert load_if_stage2(tmp_path, prompt_embeds_file=embeds_file)[1].shape == (1, 77, 12)
+    with pytest.raises(FileNotFoundError, match="prompt_embeds_file"):
+        load_if_stage2(tmp_path, prompt_embeds_file="missing.npy")
     with pytest.raises(FileNotFoundError, match="image_noising_scheduler"):
         load_if_stage2(tmp_path / "unet")
 

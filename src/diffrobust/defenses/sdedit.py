@@ -13,6 +13,7 @@ inside PDM-Pure.
 """
 
 import torch
+from torch.nn import functional as F
 
 from diffrobust import diffusion as dl
 from diffrobust import imagespace
@@ -182,28 +183,118 @@ class GrIDPure:
         return x.clamp(0, 1)
 
 
-class IFStageIIPure:
-    """PDM-Pure as released: DeepFloyd IF stage II's image-to-image super-resolution (diffusers'
-    IFImg2ImgSuperResolutionPipeline) from the input's 64 px bicubic (the low-res condition) and the input itself
-    at the UNet's resolution, strength 0.1 of 100 steps (timesteps 90 ... 0: 10 steps), guidance 7, noise level 250
-    (attacks_rdc_pdm.md §4). The prompt is `prompt_embeds` (T5-XXL's embedding of "a picture", or deepfloyd-if's
-    zero_t5 vector; without either, zeros: docs/fidelity.md); the same embedding serves as the negative prompt, so
-    guidance leaves the prediction unchanged when they are equal. Stage III (the x4 upscaler) is not run: the output
-    is resized back to the input's size. Grayscale inputs are repeated to 3 channels and averaged back."""
+# The released PDM-Pure (xavihart/PDM-Pure pdm_pure.py through deepfloyd_if's style_transfer and IFStageII): IF's
+# respacing "10,0,...,0" of 1000 steps keeps timesteps 0, 11, ..., 99; support_noise_less_qsample_steps 5 noises the
+# support image at the kept index 10 - 1 - 5 = 4 (timestep 44) while the loop runs 99, 88, ..., 0.
+RELEASED_IF_RESPACING = (10, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+RELEASED_IF_NOISE_LESS_STEPS = 5
+IF_SCHEDULES = ("released", "diffusers")
+# The unconditional embedding of IF (deepfloyd_if/resources, registry deepfloyd_if_stage2_large): T5-XXL of "".
+IF_UNCONDITIONAL_EMBEDS_FILE = "zero_t5-v1_1-xxl_vector.npy"
 
-    def __init__(self, pipeline, prompt_embeds, *, strength=0.1, num_inference_steps=100, guidance_scale=7.0,
-                 noise_level=250, low_res=64):
-        self.pipeline, self.prompt_embeds = pipeline, prompt_embeds
-        self.strength, self.num_inference_steps = float(strength), int(num_inference_steps)
+
+def respaced_timesteps(num_timesteps, section_counts):
+    """The timesteps guided-diffusion's (and deepfloyd_if's) `space_timesteps` keeps, ascending: the chain split into
+    len(section_counts) sections, each keeping its count evenly spaced (rounded) from its first to its last step."""
+    size_per, extra = divmod(num_timesteps, len(section_counts))
+    kept, start = [], 0
+    for i, count in enumerate(section_counts):
+        size = size_per + (1 if i < extra else 0)
+        stride = 1 if count <= 1 else (size - 1) / (count - 1)
+        kept += [start + round(stride * k) for k in range(count)]
+        start += size
+    return sorted(set(kept))
+
+
+def if_stage2_schedule(name, scheduler, *, strength=0.1, num_inference_steps=100):
+    """(noise timestep, descending loop timesteps, conditional rows, low-res noise redrawn at every UNet call) of an
+    IF stage II purification schedule.
+
+    "released": pdm_pure.py's (noise at 44, loop 99, 88, ..., 0; IF's style_transfer passes the prompt both as the
+    prompt and as the positive prompt, mixer 0.5, so each step averages two conditional rows; IF's SuperResUNetModel
+    q-samples the upscaled low-res image with fresh noise in every call and every row). "diffusers":
+    IFImg2ImgSuperResolutionPipeline's img2img (the last int(strength * num_inference_steps) of its grid, noise at
+    the first: 90, 80, ..., 0 for 0.1 of 100; the paper's described t* = 0.1, 10 steps; one low-res draw)."""
+    if name == "released":
+        kept = respaced_timesteps(scheduler.config.num_train_timesteps, RELEASED_IF_RESPACING)
+        return kept[len(kept) - 1 - RELEASED_IF_NOISE_LESS_STEPS], kept[::-1], 2, True
+    if name == "diffusers":
+        scheduler.set_timesteps(num_inference_steps)
+        kept = min(int(num_inference_steps * strength), num_inference_steps)
+        timesteps = [int(t) for t in scheduler.timesteps[num_inference_steps - kept:]]
+        return timesteps[0], timesteps, 1, False
+    raise ValueError(f"IF stage II schedule must be one of {IF_SCHEDULES}, got {name!r}")
+
+
+def if_guided_prediction(unet, x, t, upscaled_rows, prompt_embeds, negative_prompt_embeds, noise_level,
+                         guidance_scale, conditional_rows=1):
+    """IF's classifier-free guided output (eps and the learned variance channels) for x at t: one UNet batch of
+    `conditional_rows` copies with the prompt and one with the negative (unconditional) embedding, each row with its
+    own noised upscaled low-res image (upscaled_rows: (rows * n, 3, H, W)); eps = uncond + g * (mean cond - uncond),
+    the variance of the first conditional row (as IF and diffusers take it)."""
+    n, rows = len(x), conditional_rows + 1
+    embeds = torch.cat([prompt_embeds] * conditional_rows + [negative_prompt_embeds]).to(x.device, x.dtype)
+    levels = torch.full((rows * n,), int(noise_level), device=x.device)
+    out = unet(torch.cat([torch.cat([x] * rows), upscaled_rows], dim=1), t, encoder_hidden_states=embeds,
+               class_labels=levels, return_dict=False)[0]
+    eps, variance = out[:, :x.shape[1]], out[:n, x.shape[1]:]
+    chunks = eps.chunk(rows)
+    conditional = sum(chunks[:-1]) / conditional_rows
+    return torch.cat([chunks[-1] + guidance_scale * (conditional - chunks[-1]), variance], dim=1)
+
+
+@torch.no_grad()
+def if_stage2_purify(pipeline, low_res, original, prompt_embeds, negative_prompt_embeds, *, schedule="released",
+                     strength=0.1, num_inference_steps=100, guidance_scale=7.0, noise_level=250, generator=None):
+    """IF stage II image-to-image super-resolution of `original` ([-1, 1], the UNet's size) conditioned on `low_res`
+    ([-1, 1]) with the schedule `schedule` (`if_stage2_schedule`): the pipeline's UNet and schedulers, our loop (the
+    diffusers pipeline fixes the noise timestep to its first step and draws the low-res noise once)."""
+    scheduler, noising = pipeline.scheduler, pipeline.image_noising_scheduler
+    noise_t, timesteps, conditional_rows, redraw = if_stage2_schedule(
+        schedule, scheduler, strength=strength, num_inference_steps=num_inference_steps)
+    scheduler.set_timesteps(timesteps=timesteps)
+    n, rows = len(original), conditional_rows + 1
+    x = scheduler.add_noise(original, dl.noise_like(original, generator), torch.tensor([noise_t] * n))
+    upscaled = F.interpolate(low_res, original.shape[-2:], mode="bilinear", align_corners=True)
+    levels = torch.tensor([int(noise_level)] * n * rows)
+
+    def noised_low_res(batch):
+        return noising.add_noise(batch, dl.noise_like(batch, generator), levels[:len(batch)])
+
+    fixed = None if redraw else noised_low_res(upscaled).repeat(rows, 1, 1, 1)
+    prompt_embeds = prompt_embeds.expand(n, -1, -1)
+    negative_prompt_embeds = negative_prompt_embeds.expand(n, -1, -1)
+    for t in scheduler.timesteps:
+        upscaled_rows = noised_low_res(upscaled.repeat(rows, 1, 1, 1)) if redraw else fixed
+        output = if_guided_prediction(pipeline.unet, x, t, upscaled_rows, prompt_embeds, negative_prompt_embeds,
+                                      noise_level, guidance_scale, conditional_rows)
+        x = scheduler.step(output, t, x, generator=generator, return_dict=False)[0]
+    return x
+
+
+class IFStageIIPure:
+    """PDM-Pure as released: DeepFloyd IF stage II's image-to-image super-resolution from the input's 64 px bicubic
+    (the low-res condition) and the input itself at the UNet's resolution, guidance 7 with T5-XXL's "a picture" as
+    the prompt and IF's zero_t5 vector as the unconditional embedding, low-res noise level 250, the schedule
+    `schedule` (`if_stage2_schedule`: "released" by default; "diffusers" keeps strength / num_inference_steps)
+    (attacks_rdc_pdm.md §4). Stage III (the x4 upscaler) is not run: the output is resized back to the input's size.
+    Grayscale inputs are repeated to 3 channels and averaged back."""
+
+    def __init__(self, pipeline, prompt_embeds, negative_prompt_embeds, *, schedule="released", strength=0.1,
+                 num_inference_steps=100, guidance_scale=7.0, noise_level=250, low_res=64):
+        if schedule not in IF_SCHEDULES:
+            raise ValueError(f"IF stage II schedule must be one of {IF_SCHEDULES}, got {schedule!r}")
+        self.pipeline, self.prompt_embeds, self.negative_prompt_embeds = pipeline, prompt_embeds, negative_prompt_embeds
+        self.schedule, self.strength, self.num_inference_steps = schedule, float(strength), int(num_inference_steps)
         self.guidance_scale, self.noise_level, self.low_res = float(guidance_scale), int(noise_level), int(low_res)
 
     def network_evaluations(self):
-        steps = min(int(self.num_inference_steps * self.strength), self.num_inference_steps)
-        return steps * (2 if self.guidance_scale > 1 else 1)
+        _, timesteps, conditional_rows, _ = if_stage2_schedule(
+            self.schedule, self.pipeline.scheduler, strength=self.strength,
+            num_inference_steps=self.num_inference_steps)
+        return len(timesteps) * (conditional_rows + 1)
 
     def __call__(self, x01, generator=None):
-        from torch.nn import functional as F
-
         channels, size = x01.shape[1], x01.shape[-1]
         rgb = x01.expand(-1, 3, -1, -1) if channels == 1 else x01
         unet_size = int(self.pipeline.unet.config.sample_size)
@@ -212,23 +303,37 @@ class IFStageIIPure:
             return x if x.shape[-1] == to else F.interpolate(x, size=(to, to), mode="bicubic", antialias=True,
                                                               align_corners=False).clamp(0, 1)
 
-        embeds = self.prompt_embeds.to(x01.device).expand(len(x01), -1, -1)
-        out = self.pipeline(image=imagespace.to_model_space(resized(rgb, self.low_res)),
-                            original_image=imagespace.to_model_space(resized(rgb, unet_size)),
-                            strength=self.strength, num_inference_steps=self.num_inference_steps,
-                            guidance_scale=self.guidance_scale, noise_level=self.noise_level, prompt_embeds=embeds,
-                            negative_prompt_embeds=embeds, generator=generator, output_type="pt").images
+        out = if_stage2_purify(
+            self.pipeline, imagespace.to_model_space(resized(rgb, self.low_res)),
+            imagespace.to_model_space(resized(rgb, unet_size)), self.prompt_embeds.to(x01.device),
+            self.negative_prompt_embeds.to(x01.device), schedule=self.schedule, strength=self.strength,
+            num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
+            noise_level=self.noise_level, generator=generator)
         out = resized(imagespace.to_image_space(out).clamp(0, 1), size)
         return out.mean(1, keepdim=True) if channels == 1 else out
 
 
-def load_if_stage2(folder, *, prompt_embeds_file=None, device="cpu"):
-    """(diffusers IFImg2ImgSuperResolutionPipeline, prompt embeddings (1, L, D)) from a local IF-II folder (unet/,
-    scheduler/, image_noising_scheduler/; no T5, no safety checker, no watermarker), offline. prompt_embeds_file: a
-    .npy of shape (L, D) or (1, L, D); None gives zeros (77 tokens) of the UNet's encoder_hid_dim."""
+def load_embeds_file(path, width, what):
+    """A (1, L, width) float32 embedding from a .npy of shape (L, width) or (1, L, width); one clear error otherwise."""
+    import numpy as np
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {what} is missing")
+    embeds = torch.from_numpy(np.load(path).astype(np.float32))
+    embeds = embeds[None] if embeds.ndim == 2 else embeds
+    if embeds.ndim != 3 or embeds.shape[0] != 1 or embeds.shape[-1] != width:
+        raise ValueError(f"{path}: {what} has shape {tuple(embeds.shape)}; expected (L, {width}) (the UNet's "
+                         "encoder_hid_dim)")
+    return embeds
+
+
+def load_if_stage2(folder, *, prompt_embeds_file="t5_xxl_a_picture.npy", device="cpu"):
+    """(diffusers IFImg2ImgSuperResolutionPipeline, prompt embedding (1, L, D), unconditional embedding (1, L, D))
+    from a local IF-II folder (unet/, scheduler/, image_noising_scheduler/, IF's zero_t5 vector; no T5, no safety
+    checker, no watermarker), offline. prompt_embeds_file: T5-XXL's embedding of the prompt, a .npy of shape (L, D)
+    or (1, L, D), relative to the folder (registry deepfloyd_if_stage2_large: made by hand, see its `manual`)."""
     from pathlib import Path
 
-    import numpy as np
     from diffusers import DDPMScheduler, IFImg2ImgSuperResolutionPipeline, UNet2DConditionModel
 
     folder = Path(folder)
@@ -237,14 +342,16 @@ def load_if_stage2(folder, *, prompt_embeds_file=None, device="cpu"):
         raise FileNotFoundError(f"{folder}: not a DeepFloyd IF stage II folder (missing {', '.join(missing)}/); see "
                                 "config/checkpoints.yaml deepfloyd_if_stage2_large for the by-hand download")
     unet = UNet2DConditionModel.from_pretrained(folder / "unet").to(device).eval().requires_grad_(False)
+    width = int(unet.config.encoder_hid_dim)
+    fix = "see config/checkpoints.yaml deepfloyd_if_stage2_large (its `manual` says how to make or fetch it)"
+    prompt_embeds = load_embeds_file(
+        folder / prompt_embeds_file, width,
+        f"the prompt's T5-XXL embedding (config key pixel_barrier.purifiers.pdm_pure_if.prompt_embeds_file); {fix}")
+    negative_prompt_embeds = load_embeds_file(folder / IF_UNCONDITIONAL_EMBEDS_FILE, width,
+                                              f"IF's unconditional (zero_t5) embedding; {fix}")
     pipeline = IFImg2ImgSuperResolutionPipeline(
         tokenizer=None, text_encoder=None, unet=unet, scheduler=DDPMScheduler.from_pretrained(folder / "scheduler"),
         image_noising_scheduler=DDPMScheduler.from_pretrained(folder / "image_noising_scheduler"),
         safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
     pipeline.set_progress_bar_config(disable=True)
-    if prompt_embeds_file:
-        embeds = torch.from_numpy(np.load(prompt_embeds_file)).float()
-        embeds = embeds[None] if embeds.ndim == 2 else embeds
-    else:
-        embeds = torch.zeros(1, 77, int(unet.config.encoder_hid_dim))
-    return pipeline, embeds
+    return pipeline, prompt_embeds.to(device), negative_prompt_embeds.to(device)

@@ -266,8 +266,9 @@ def purifier_for(name, settings, loaded):
     if name == "ldm_pure":
         return LDMPure(loaded["ldm"], **spec)
     if name == "pdm_pure_if":
-        pipeline, embeds = loaded["if_stage2"]
-        return IFStageIIPure(pipeline, embeds, **{key: value for key, value in spec.items() if key != "prompt_embeds_file"})
+        pipeline, prompt_embeds, negative_prompt_embeds = loaded["if_stage2"]
+        return IFStageIIPure(pipeline, prompt_embeds, negative_prompt_embeds,
+                             **{key: value for key, value in spec.items() if key != "prompt_embeds_file"})
     if name == "noisy_upscaling":
         return NoisyUpscaling(loaded["upscaler"], prompt=settings.get("prompt") or "", **spec)
     if name == "gridpure":

@@ -1,0 +1,1 @@
+"""Offline dress rehearsal of the paper-scale presets: official-format files made locally."""

@@ -121,7 +121,7 @@ ours = pd.DataFrame(rows).set_index(["threat", "defense", "attack"])
 ours
 
 # %% [markdown]
-# ## Published values (CIFAR-10, WRN-28-10)
+# ## Published values (CIFAR-10: WRN-28-10; ImageNet: ResNet-50)
 # With provenance tags (P-text: the paper; P-artifact: the authors' repository; S: secondary; A: read off a chart).
 # Cells not listed are not known and are not filled in.
 

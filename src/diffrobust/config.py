@@ -814,6 +814,7 @@ REGISTRY_FAMILY_KINDS = {
     "improved_diffusion_unet": "diffusion", "guided_diffusion_unet": "diffusion", "edm_vp_songunet": "diffusion",
     "score_sde_ncsnpp": "diffusion", "robustbench_wrn": "classifier", "robustbench_dm_wrn": "classifier",
     "hf_vit": "classifier", "timm_beit": "classifier", "hf_clip_vision": "features",
+    "torchvision_classifier": "classifier", "timm_deit": "classifier",
 }
 # What each role of pixel_barrier.models reads from a checkpoint: a network of a kind (by its registry family), a
 # diffusers folder with the subfolders its loader opens (networks.ldm.SUBFOLDERS, defenses.sdedit.load_if_stage2,

@@ -507,6 +507,16 @@ def _timm_beit_state_dict(path, network):
     return timm_beit_state_dict(_read_state_dict(path), network)
 
 
+def _official_classifier_state_dict(path, network):
+    """torchvision's bare state dict, or the facebookresearch/deit release's {"model": state_dict}."""
+    from diffrobust.networks.pretrained import prefixed_network_state_dict
+
+    contents = _torch_file(path)
+    if isinstance(contents, dict) and isinstance(contents.get("model"), dict):
+        contents = contents["model"]
+    return prefixed_network_state_dict(_unwrapped_state_dict(contents))
+
+
 TIME_INPUTS = ("discrete", "continuous")
 
 
@@ -554,6 +564,9 @@ FAMILIES = {
     # image embeddings, not logits: Pixel is a Barrier's CLIP image similarity and Frechet distance
     "hf_clip_vision": Family("features", load=_hf_clip_vision_network),
     "timm_beit": Family("classifier", _timm_beit_state_dict),
+    # DiffPure's ImageNet classifiers (torchvision ResNet-50 / WideResNet-50-2, facebookresearch/deit DeiT-S)
+    "torchvision_classifier": Family("classifier", _official_classifier_state_dict),
+    "timm_deit": Family("classifier", _official_classifier_state_dict),
 }
 # Families official checkpoints come in (config/checkpoints.yaml), with the kind of model each one is.
 REGISTRY_KINDS = {name: family.kind for name, family in FAMILIES.items() if family.read_weights or family.load}

@@ -18,6 +18,8 @@ BUILDERS = {
     "hf_vit": "diffrobust.networks.pretrained:build_hf_vit",
     "hf_clip_vision": "diffrobust.networks.pretrained:build_hf_clip_vision",
     "timm_beit": "diffrobust.networks.pretrained:build_timm_beit",
+    "torchvision_classifier": "diffrobust.networks.pretrained:build_torchvision_classifier",
+    "timm_deit": "diffrobust.networks.pretrained:build_timm_deit",
 }
 
 

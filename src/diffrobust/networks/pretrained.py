@@ -21,6 +21,15 @@ Registry `architecture` blocks:
 - family `timm_beit`: `config` holds `model_name` (a timm model), timm keyword arguments and `input`. The unilm
   `.pth` ({"model": state_dict}) goes through timm's BEiT checkpoint filter (it drops the relative-position index
   buffers, which timm recomputes) and is loaded strictly.
+- family `torchvision_classifier`: DiffPure's ImageNet ResNet-50 / WideResNet-50-2, `config` holds `model_name`
+  (a torchvision.models builder: resnet50, wide_resnet50_2), `num_classes` and `input`. The checkpoint is
+  torchvision's released state dict (download.pytorch.org), loaded strictly.
+- family `timm_deit`: DiffPure's DeiT-S, `config` holds `model_name` (timm deit_small_patch16_224) and `input`; the
+  facebookresearch/deit release ({"model": state_dict}, timm's key layout) is loaded strictly.
+DiffPure (eval_sde_adv.py, utils.get_image_classifier) feeds these 224 px images normalised with the ImageNet mean
+and std and resizes 224 -> 256 (bilinear, no antialias) before purification and 256 -> 224 after it; the project's
+ImageNet images are 256 px, so the classifier's `input` is bilinear 256 -> 224 without antialias
+(`antialias: false`) and then the ImageNet normalisation.
 """
 
 import torch
@@ -28,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 INPUT_KEYS = {"size", "mean", "std", "interpolation"}
+OPTIONAL_INPUT_KEYS = {"antialias"}  # default True (Carlini et al.'s resize); DiffPure's bilinear resize has none
 CLASSIFIER_PREPROCESS = ("carlini", "densepure")
 
 
@@ -183,9 +193,9 @@ class PretrainedClassifier(nn.Module):
 def _split_input(config, family):
     config = dict(config)
     spec = config.pop("input", None)
-    if not isinstance(spec, dict) or set(spec) != INPUT_KEYS:
-        raise ValueError(f"{family} config needs an `input` block with exactly the keys {sorted(INPUT_KEYS)} "
-                         f"(the classifier's resolution and normalisation), got {spec!r}")
+    if not isinstance(spec, dict) or not INPUT_KEYS <= set(spec) <= INPUT_KEYS | OPTIONAL_INPUT_KEYS:
+        raise ValueError(f"{family} config needs an `input` block with the keys {sorted(INPUT_KEYS)} and optionally "
+                         f"{sorted(OPTIONAL_INPUT_KEYS)} (the classifier's resolution and normalisation), got {spec!r}")
     return config, ResizeNormalize(**spec)
 
 
@@ -278,6 +288,43 @@ def timm_beit_state_dict(checkpoint, classifier):
 
     filtered = checkpoint_filter_fn(checkpoint, classifier.network)
     return {f"network.{key}": value for key, value in filtered.items()}
+
+
+# --- DiffPure's ImageNet classifiers: torchvision ResNets, DeiT-S ------------------------------------------------
+
+# torchvision builder -> its bottleneck width_per_group: both are ResNet(Bottleneck, [3, 4, 6, 3]) with these widths
+# (torchvision.models.resnet50 / wide_resnet50_2), so their state dicts share the key layout.
+TORCHVISION_CLASSIFIERS = {"resnet50": 64, "wide_resnet50_2": 128}
+
+
+def build_torchvision_classifier(config):
+    """An untrained torchvision ImageNet ResNet (`model_name` of TORCHVISION_CLASSIFIERS; `width_per_group`
+    defaults to the model's own, a smaller one is the rehearsal's reduced file), behind its input."""
+    from torchvision.models.resnet import Bottleneck, ResNet
+
+    config, preprocess = _split_input(config, "torchvision_classifier")
+    name = config.pop("model_name", None)
+    if name not in TORCHVISION_CLASSIFIERS:
+        raise ValueError(f"torchvision_classifier config needs model_name, one of {', '.join(TORCHVISION_CLASSIFIERS)}"
+                         f", got {name!r}")
+    config.setdefault("width_per_group", TORCHVISION_CLASSIFIERS[name])
+    return PretrainedClassifier(preprocess, ResNet(Bottleneck, [3, 4, 6, 3], **config))
+
+
+def build_timm_deit(config):
+    """An untrained timm DeiT (`model_name` plus timm keyword arguments), behind its input."""
+    import timm
+
+    config, preprocess = _split_input(config, "timm_deit")
+    name = config.pop("model_name", None)
+    if not isinstance(name, str) or not name.startswith("deit"):
+        raise ValueError(f"timm_deit config needs model_name, a timm DeiT model (e.g. deit_small_patch16_224), got {name!r}")
+    return PretrainedClassifier(preprocess, timm.create_model(name, pretrained=False, **config))
+
+
+def prefixed_network_state_dict(state_dict):
+    """An official classifier state dict keyed for PretrainedClassifier (its weights live under `network.`)."""
+    return {f"network.{key}": value for key, value in state_dict.items()}
 
 
 # --- LPIPS and FID's Inception (Pixel is a Barrier's perceptual metrics at paper scale) -----------------------------

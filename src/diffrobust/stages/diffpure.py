@@ -127,7 +127,7 @@ def claims(sets, transfers, settings, *, dataset, known):
         claim = f"DiffPure robust accuracy under {entry['attack']} ({entry['threat']}): {entry['label']}"
         if not paper_scale or entry["threat"] not in settings["threats"]:
             rows.append(c.not_run(PAPER, claim, f"{entry['values']['robust']:.4f}", c.provenance(entry),
-                                  "the paper-scale number is for CIFAR-10 (preset cifar10)", accuracy_link))
+                                  "the paper-scale number is for CIFAR-10 or ImageNet (presets cifar10, imagenet)", accuracy_link))
             continue
         attacks = PAIR if entry["attack"].startswith("min(") else (entry["attack"],)
         # min(standard, rand): the attack with the lower accuracy, as DiffPure reports it

@@ -129,8 +129,9 @@ def test_if_stage2_reduced_loads_through_load_if_stage2_and_runs_its_unet(tmp_pa
     from diffrobust.defenses.sdedit import load_if_stage2
 
     write("deepfloyd_if_stage2_large", tmp_path, reduced=True)
-    pipeline, embeds = load_if_stage2(tmp_path / "deepfloyd_if_stage2_large")
-    assert embeds.shape == (1, 77, 4096)  # the T5-XXL width the official UNet takes
+    pipeline, embeds, negative = load_if_stage2(tmp_path / "deepfloyd_if_stage2_large")
+    assert embeds.shape == negative.shape == (1, 77, 4096)  # the T5-XXL width the official UNet takes
+    assert not torch.equal(embeds, negative)  # the prompt against IF's zero_t5 vector: guidance acts
     x = torch.rand(1, 6, 32, 32)
     with torch.no_grad():
         out = pipeline.unet(x, torch.tensor([50]), encoder_hidden_states=embeds, class_labels=torch.tensor([20])).sample

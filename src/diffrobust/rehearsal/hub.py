@@ -339,6 +339,18 @@ def if_stage2_config(reduced=False):
     return {**IF2_UNET, **(IF2_REDUCED if reduced else {})}
 
 
+def write_t5_embeddings(folder, seed, tokens=77, width=4096):
+    """The two T5-XXL embeddings PDM-Pure's IF purifier reads from the IF folder: `t5_xxl_a_picture.npy` (the
+    prompt, float32, made by hand in a real run) and `zero_t5-v1_1-xxl_vector.npy` (IF's unconditional vector,
+    float16). Seeded noise of the official shapes; the real zero_t5 file has a published sha256, which this one
+    does not match (a rehearsal places it by hand instead of downloading it)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    np.save(folder / "t5_xxl_a_picture.npy", rng.standard_normal((tokens, width)).astype(np.float32) * 0.1)
+    np.save(folder / "zero_t5-v1_1-xxl_vector.npy", (rng.standard_normal((tokens, width)) * 0.1).astype(np.float16))
+
+
 def write_deepfloyd_if_stage2_large(entry, folder, *, seed, reduced=False):
     """unet/ (config.json + diffusion_pytorch_model.safetensors), scheduler/ and image_noising_scheduler/. Official
     size is APPROXIMATE (IF2_UNET's comment): 1,182,337,798 parameters against the published 1.2B. reduced: widths
@@ -353,6 +365,7 @@ def write_deepfloyd_if_stage2_large(entry, folder, *, seed, reduced=False):
         unet.save_pretrained(staging / "unet", safe_serialization=True)
         write_json(staging / "scheduler" / "scheduler_config.json", IF2_SCHEDULER)
         write_json(staging / "image_noising_scheduler" / "scheduler_config.json", IF2_NOISING_SCHEDULER)
+        write_t5_embeddings(staging, seed)
     line = ("IF-II UNet widths 128..1280 -> 32..64, layers per level 2..5 -> 1, cross-attention 1280 -> 64 "
             "(official size itself approximate: gated config)" if reduced else None)
     return result(count_parameters(unet), line, entry)

@@ -99,8 +99,8 @@ def test_a_dry_run_with_an_unchanged_config_does_not_import_torch(repo_copy):
     # ImageNet: Pixel is a Barrier on Stable Diffusion v1.4 (+6 files: its text encoder and tokenizer), CLIP (+2),
     # DeepFloyd IF stage II's schedulers (+2), the x4 upscaler of Noisy Upscaling (+13), LPIPS' AlexNet and FID's
     # Inception (+2), Diff-Protect's MIST.png (+1)
-    ("imagenet", {"download_checkpoint": 35, "prepare_dataset": 1, "certify_shard": 120, "protect": 11,
-                  "edit_protected": 11, "render_report": 4, "render_summary": 1}),
+    ("imagenet", {"download_checkpoint": 38, "prepare_dataset": 1, "certify_shard": 120, "protect": 11,
+                  "edit_protected": 11, "render_report": 5, "attack": 64, "evaluate": 1, "render_summary": 1}),
 ])
 def test_dry_run_builds_the_full_dag(repo_copy, preset, jobs):
     result = snakemake(repo_copy, "-n", "--config", f"preset={preset}")

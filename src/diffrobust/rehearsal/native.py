@@ -16,17 +16,15 @@ workflow's download, verification and loading code reads it exactly as it reads 
 for networks whose CPU cost does not fit a 2-core rehearsal.
 """
 
-import contextlib
-import os
 import pickle
 import sys
-import tempfile
 import types
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
+
+from diffrobust.io import atomic_path
 
 # Width keys of each family's config and what `reduced` divides them by.
 REDUCED_WIDTH = {
@@ -72,21 +70,6 @@ def seeded_network(architecture, seed):
                 if parameter.is_floating_point() and not parameter.any():
                     parameter.copy_(torch.randn(parameter.shape, generator=generator) * ZERO_FILL)
     return network.eval()
-
-
-@contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temporary path beside `path`; it replaces `path` only when the block finishes."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        yield Path(temporary)
-        os.replace(temporary, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
 
 
 def _save_torch(contents, path):

@@ -34,6 +34,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 PRESETS_DIR = REPO_ROOT / "config" / "presets"
 CONFIG_SCHEMA = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
 CHECKPOINTS_REGISTRY = REPO_ROOT / "config" / "checkpoints.yaml"
+# Names another registry file in place of config/checkpoints.yaml, for every reader in the process and the jobs it
+# starts: `diffrobust rehearse` sets it to its scratch copy, whose reduced networks carry their smaller architecture.
+CHECKPOINTS_REGISTRY_VARIABLE = "DIFFROBUST_CHECKPOINTS"
 CHECKPOINTS_SCHEMA = REPO_ROOT / "workflow" / "schemas" / "checkpoints.schema.yaml"
 
 # Stage seeds that follow the global `seed` unless the config sets them (the schema gives them no default).
@@ -1012,11 +1015,24 @@ def load_config(overrides=None, presets_dir=PRESETS_DIR, schema_path=CONFIG_SCHE
     return resolved.config
 
 
-def load_checkpoint_registry(path=CHECKPOINTS_REGISTRY, schema_path=CHECKPOINTS_SCHEMA):
-    """The checkpoint registry, validated against its schema; every file must lie below data/checkpoints/ (no '..',
-    absolute path or symlink out: checked again here, in code, beside the schema's pattern)."""
+def checkpoint_registry_path():
+    """config/checkpoints.yaml, or the file the environment variable DIFFROBUST_CHECKPOINTS names."""
+    override = os.environ.get(CHECKPOINTS_REGISTRY_VARIABLE)
+    if not override:
+        return CHECKPOINTS_REGISTRY
+    if not Path(override).is_file():
+        raise ConfigError(f"{CHECKPOINTS_REGISTRY_VARIABLE}={override}: no such registry file (unset the variable to "
+                          f"use {CHECKPOINTS_REGISTRY})")
+    return Path(override)
+
+
+def load_checkpoint_registry(path=None, schema_path=CHECKPOINTS_SCHEMA):
+    """The checkpoint registry (`path`, else `checkpoint_registry_path()`), validated against its schema; every file
+    must lie below data/checkpoints/ (no '..', absolute path or symlink out: checked again here, in code, beside the
+    schema's pattern)."""
     from diffrobust.checkpoints import registry_path_problems
 
+    path = path or checkpoint_registry_path()
     registry = read_yaml(path) or {}
     schema = read_yaml(schema_path)
     validator = jsonschema.Draft202012Validator(schema)

@@ -376,9 +376,9 @@ def registry_diffusion_settings(architecture):
 def _read_registry(registry):
     if isinstance(registry, dict):
         return registry
-    from diffrobust.config import CHECKPOINTS_REGISTRY
+    from diffrobust.config import checkpoint_registry_path
 
-    with open(registry or CHECKPOINTS_REGISTRY) as handle:
+    with open(registry or checkpoint_registry_path()) as handle:
         return yaml.safe_load(handle)
 
 

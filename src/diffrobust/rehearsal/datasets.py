@@ -4,6 +4,8 @@
   test_batch, batches.meta, readme.html; each batch a protocol-2 pickle of the dict with bytes keys b"batch_label",
   b"labels", b"data" uint8 N x 3072 (channel planes R, G, B of 32 x 32), b"filenames"), byte-for-byte reproducible
   from its seed (fixed tar and gzip timestamps), so its md5 can stand in for the published one;
+- `write_mist_target`: Diff-Protect's Mist target image (registry `diff_protect_mist_target`), a texture PNG of the
+  registry's byte size;
 - `write_imagenet_val_tree`: an ILSVRC2012 validation folder in the valprep.sh layout (one folder per WordNet id,
   JPEGs named ILSVRC2012_val_<8 digits>.JPEG), in the order `data.imagenet_files` reads it (sorted folders).
 
@@ -14,7 +16,9 @@ import gzip
 import hashlib
 import io
 import pickle
+import struct
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -114,3 +118,46 @@ def write_imagenet_val_tree(folder, n_classes, images_per_class, size, seed):
                 Image.fromarray(pixels, "RGB").save(temp, format="JPEG", quality=90)
             files.append((path, label))
     return files
+
+
+# Mist's target texture as Diff-Protect ships it (test_images/target/MIST.png): 1440 x 1440 RGB
+MIST_TARGET_SIZE = 1440
+
+
+def _png_chunk(kind, payload):
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def padded_png(pixels, total_bytes):
+    """PNG bytes of `pixels` (H x W x 3 uint8) grown to exactly `total_bytes` by a tEXt chunk before IEND (ancillary:
+    readers ignore it), so that a registry `size` check holds for a made stand-in."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buffer, format="PNG", optimize=True)
+    data = buffer.getvalue()
+    iend = data.rindex(b"IEND") - 4
+    padding = int(total_bytes) - len(data) - 12 - len(b"rehearsal\0")
+    if padding < 0:
+        raise ValueError(f"padded_png: the image alone takes {len(data)} bytes, more than {total_bytes}")
+    text = _png_chunk(b"tEXt", b"rehearsal\0" + b"x" * padding)
+    return data[:iend] + text + data[iend:]
+
+
+def write_mist_target(entry, folder, *, seed, reduced=False):
+    """The `diff_protect_mist_target` registry file: a 1440 x 1440 RGB PNG texture (seeded stripes, not Mist's
+    picture) of exactly the registry's byte size. Returns {'num_params': None, 'reduced': None}."""
+    (file_entry,) = entry["files"]
+    rng = np.random.default_rng(seed)
+    period = rng.integers(8, 64, 3)
+    ramp = np.arange(MIST_TARGET_SIZE)
+    stripes = ((ramp[:, None, None] + ramp[None, :, None]) // period % 2 * 255).astype(np.uint8)
+    payload = padded_png(np.broadcast_to(stripes, (MIST_TARGET_SIZE, MIST_TARGET_SIZE, 3)).copy(),
+                         file_entry.get("size") or 0)
+    with atomic_path(Path(folder) / file_entry["path"]) as temp:
+        temp.write_bytes(payload)
+    return {"num_params": None, "reduced": None}
+
+
+# rehearsal writers keyed by registry checkpoint name (files that are not networks)
+WRITERS = {"diff_protect_mist_target": write_mist_target}

@@ -22,6 +22,7 @@ Layout of the scratch folder (default results/rehearsal/<preset>):
 """
 
 import contextlib
+import copy
 import csv
 import functools
 import http.server
@@ -37,13 +38,14 @@ from pathlib import Path
 
 import yaml
 
-from diffrobust.config import REPO_ROOT
+from diffrobust.config import CHECKPOINTS_REGISTRY_VARIABLE, REPO_ROOT
 
 REHEARSAL_DIR = REPO_ROOT / "config" / "rehearsal"
 PRESETS = ("cifar10", "imagenet")
 # Modules with a WRITERS table: family (or, for checkpoints without an architecture block, checkpoint name) ->
 # writer(entry, folder, *, seed, reduced) -> {'num_params', 'reduced'}.
-WRITER_MODULES = ("diffrobust.rehearsal.native", "diffrobust.rehearsal.hub", "diffrobust.rehearsal.imagenet_classifiers")
+WRITER_MODULES = ("diffrobust.rehearsal.native", "diffrobust.rehearsal.hub", "diffrobust.rehearsal.imagenet_classifiers",
+                  "diffrobust.rehearsal.datasets")
 # Repository files a run reads by relative path besides the config: linked into the scratch folder.
 LINKED = ("notebooks", "config/published_values.yaml")
 
@@ -90,8 +92,10 @@ def preset_checkpoints(config):
     return list(dict.fromkeys(config.get("checkpoints") or []))
 
 
-def make_checkpoints(names, registry, mirror, *, seed, reduced):
-    """Write each checkpoint's files under mirror/<name>/; returns {name: what was made}."""
+def make_checkpoints(names, registry, mirror, *, seed, reduced, by_hand=None):
+    """Write each checkpoint's files under mirror/<name>/ -- or, for a checkpoint the registry says to fetch by hand
+    (`manual`: a gated repository), under by_hand/<name>/, where the user would put them; returns {name: what was
+    made}."""
     made = {}
     for index, name in enumerate(names):
         entry = registry[name]
@@ -99,16 +103,29 @@ def make_checkpoints(names, registry, mirror, *, seed, reduced):
         if key not in writers():
             raise RehearsalError(f"checkpoint {name!r} ({key}): no rehearsal writer makes its files "
                                  f"(known: {', '.join(sorted(writers()))})")
-        folder = mirror / name
+        placed_by_hand = by_hand is not None and "manual" in entry
+        folder = (by_hand if placed_by_hand else mirror) / name
         started = time.perf_counter()
         info = writers()[key](entry, folder, seed=seed + index, reduced=name in reduced)
         files = {f["path"]: (folder / f["path"]).stat().st_size for f in entry["files"]}
-        made[name] = {**info, "writer": key, "why_reduced": reduced.get(name), "bytes": sum(files.values()),
-                      "files": files, "seconds": round(time.perf_counter() - started, 2)}
+        made[name] = {**info, "writer": key, "why_reduced": reduced.get(name), "placed_by_hand": placed_by_hand,
+                      "bytes": sum(files.values()), "files": files,
+                      "seconds": round(time.perf_counter() - started, 2)}
         size = f"{info['num_params'] / 1e6:.1f}M parameters" if info.get("num_params") else "no parameters"
         note = f", reduced: {info['reduced']}" if info.get("reduced") else ""
-        print(f"rehearsal: made {name} ({size}, {made[name]['bytes'] / 2**20:.0f} MiB{note})", file=sys.stderr)
+        where = ", placed by hand" if placed_by_hand else ""
+        print(f"rehearsal: made {name} ({size}, {made[name]['bytes'] / 2**20:.0f} MiB{note}{where})", file=sys.stderr)
     return made
+
+
+def rehearsal_registry(registry, made):
+    """The registry the rehearsal's jobs read: the real one, with the `architecture` block of each network the
+    rehearsal built smaller replaced by the one its files match (the loaders build what the registry says)."""
+    registry = copy.deepcopy(registry)
+    for name, info in made.items():
+        if info.get("reduced") and info.get("architecture") and registry[name].get("architecture"):
+            registry[name]["architecture"] = info["architecture"]
+    return registry
 
 
 def make_dataset(preset, scratch, mirror, *, seed):
@@ -170,10 +187,10 @@ def snakemake_command(scratch, cores, *extra):
             str(scratch), "--cores", str(cores), *extra]
 
 
-def planned_rules(scratch, cores):
+def planned_rules(scratch, cores, env=None):
     """{rule: job count} of the DAG still to run (Snakemake's dry-run job statistics)."""
     result = subprocess.run(snakemake_command(scratch, cores, "-n", "--quiet", "rules"), capture_output=True,
-                            text=True)
+                            text=True, env=env)
     if result.returncode:
         raise RehearsalError(f"the rehearsal DAG does not plan:\n{result.stdout}\n{result.stderr}")
     counts = {}
@@ -184,9 +201,9 @@ def planned_rules(scratch, cores):
     return counts
 
 
-def summary_rules(scratch, cores):
+def summary_rules(scratch, cores, env=None):
     """{rule: outputs present} from `snakemake --summary` (every output file, the rule that made it, its status)."""
-    result = subprocess.run(snakemake_command(scratch, cores, "--summary"), capture_output=True, text=True)
+    result = subprocess.run(snakemake_command(scratch, cores, "--summary"), capture_output=True, text=True, env=env)
     if result.returncode:
         raise RehearsalError(f"snakemake --summary failed:\n{result.stderr}")
     rules = {}
@@ -226,7 +243,11 @@ def rehearse(preset, scratch=None, *, cores=2, seed=0, device="cpu", fresh=True)
     registry = load_checkpoint_registry()
     config = load_config({"preset": preset, **settings["overrides"]})
     made = make_checkpoints(preset_checkpoints(config), registry, mirror / "checkpoints", seed=seed,
-                            reduced=settings["reduced"])
+                            reduced=settings["reduced"], by_hand=scratch / "data" / "checkpoints")
+    registry_file = scratch / "config" / "checkpoints.yaml"
+    registry_file.write_text(f"# Written by `diffrobust rehearse --preset {preset}`: config/checkpoints.yaml with the "
+                             f"architectures of the networks built smaller\n"
+                             + yaml.safe_dump(rehearsal_registry(registry, made), sort_keys=False))
     dataset_overrides, tarball = make_dataset(preset, scratch, mirror, seed=seed)
     made_seconds = time.perf_counter() - started
     link_repository_files(scratch)
@@ -236,13 +257,13 @@ def rehearse(preset, scratch=None, *, cores=2, seed=0, device="cpu", fresh=True)
         (scratch / "config" / "config.yaml").write_text(
             f"# Written by `diffrobust rehearse --preset {preset}` (config/rehearsal/{preset}.yaml over the preset)\n"
             + yaml.safe_dump(run_config, sort_keys=False))
-        planned = planned_rules(scratch, cores)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT / "src"),
-                                                                        os.environ.get("PYTHONPATH")]))}
+        env = {**os.environ, CHECKPOINTS_REGISTRY_VARIABLE: str(registry_file),
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+        planned = planned_rules(scratch, cores, env)
         run_started = time.perf_counter()
         result = subprocess.run(snakemake_command(scratch, cores, "--keep-going"), env=env)
         run_seconds = time.perf_counter() - run_started
-        ran = summary_rules(scratch, cores)
+        ran = summary_rules(scratch, cores, env)
     missing = sorted(rule for rule in planned if rule != "all" and rule not in ran)
     record = {"preset": preset, "seed": seed, "device": device, "cores": cores, "made": made,
               "made_seconds": round(made_seconds, 1), "dag_seconds": round(run_seconds, 1),

@@ -183,6 +183,18 @@ def cmd_prepare_dataset(args):
 def cmd_rehearse(args):
     from diffrobust.rehearsal.run import RehearsalError, rehearse
 
+    if args.project_only:
+        from diffrobust.rehearsal.projection import project_scratch
+
+        if not args.scratch:
+            raise UsageError("--scratch", "--project-only reads DIR/rehearsal.json: name the folder")
+        try:
+            project_scratch(args.scratch)
+        except FileNotFoundError as error:
+            raise DiffrobustError(str(error)) from None
+        return
+    if not args.preset:
+        raise UsageError("--preset", "required (cifar10 or imagenet) unless --project-only")
     try:
         rehearse(args.preset, args.scratch, cores=args.cores, seed=args.seed, device=args.device)
     except RehearsalError as error:
@@ -685,11 +697,14 @@ def build_parser(argv=None):
 
     rehearse = commands.add_parser(
         "rehearse", help="run a paper-scale preset's whole DAG offline on locally made official-format files")
-    rehearse.add_argument("--preset", required=True, choices=["cifar10", "imagenet"])
+    rehearse.add_argument("--preset", choices=["cifar10", "imagenet"])
     rehearse.add_argument("--scratch", help="scratch folder (default results/rehearsal/<preset>; emptied first)")
     rehearse.add_argument("--cores", type=int, default=os.cpu_count() or 1)
     rehearse.add_argument("--device", default="cpu", help=DEVICE_HELP)
     rehearse.add_argument("--seed", type=int, default=0)
+    rehearse.add_argument("--project-only", action="store_true",
+                          help="run nothing: project the real preset's hours from --scratch DIR/rehearsal.json, "
+                               "store them in it and print them")
     rehearse.set_defaults(func=cmd_rehearse)
 
     check = commands.add_parser("check-config", help="print the merged, validated config of a preset")

@@ -62,6 +62,15 @@ def environment():
     }
 
 
+def peak_gpu_memory_mb():
+    """Peak GPU memory torch allocated in this process, in MB (torch.cuda.max_memory_allocated), or None where the
+    process never initialized CUDA (checked without importing torch or initializing CUDA: a CPU job stays one)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return None
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+
+
 @contextmanager
 def run_record(path, *, config=None, seed=None, **fields):
     """Time the enclosed block and, if it succeeds, write the record to `path` (atomically).
@@ -78,6 +87,7 @@ def run_record(path, *, config=None, seed=None, **fields):
         "config": config,
         **fields,
         **extra,
+        "peak_gpu_memory_mb": peak_gpu_memory_mb(),
         "environment": environment(),
     }
     if path is not None:

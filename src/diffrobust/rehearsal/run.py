@@ -271,6 +271,9 @@ def rehearse(preset, scratch=None, *, cores=2, seed=0, device="cpu", fresh=True)
               "returncode": result.returncode, "jobs": job_figures(scratch)}
     (scratch / "rehearsal.json").write_text(json.dumps(record, indent=1))
     print_figures(record)
+    # the real preset's hours projected from these jobs (projection.py); rewrites rehearsal.json with them
+    from diffrobust.rehearsal.projection import store_projection
+    store_projection(record, scratch)
     if result.returncode or missing:
         raise RehearsalError(f"rehearsal of {preset}: snakemake exited {result.returncode}; rules without outputs: "
                              f"{', '.join(missing) or 'none'} (logs under {scratch / 'logs'})")

@@ -142,3 +142,10 @@ def test_run_record_has_no_gpu_memory_where_cuda_was_never_initialized(tmp_path)
     with provenance.run_record(path):
         pass
     assert json.loads(path.read_text())["peak_gpu_memory_mb"] is None
+
+
+def test_rehearse_needs_a_preset_or_project_only_with_a_scratch_folder(capsys):
+    assert cli.main(["rehearse"]) == 2
+    assert "--preset" in capsys.readouterr().err
+    assert cli.main(["rehearse", "--project-only"]) == 2
+    assert "--scratch" in capsys.readouterr().err

@@ -14,7 +14,7 @@ def diffpure_config(*, images_per_seed, seeds, n_iter, dt, shard_size):
     """A minimal config of the DiffPure stage alone: one custom APGD-CE attack at l-inf, t* = 0.1."""
     return {"dataset": "cifar10", "reports": ["diffpure_table"],
             "subsets": {"diffpure": {"n": images_per_seed, "seeds": list(seeds)}},
-            "diffpure": {"threats": {"linf": {"t_star": 0.1}}, "purifier": {"dt": dt},
+            "diffpure": {"threats": {"linf": {"t_star": 0.1}}, "purifier": {"variant": "sde", "dt": dt},
                          "attacks": {"apgd": {"method": "autoattack", "version": "custom", "attacks": ["apgd-ce"],
                                               "n_iter": n_iter, "n_restarts": 1}},
                          "checks": {"attack": "apgd", "iterations_factor": 2}, "eval_draws": 1,
@@ -149,3 +149,15 @@ def test_rehearse_needs_a_preset_or_project_only_with_a_scratch_folder(capsys):
     assert "--preset" in capsys.readouterr().err
     assert cli.main(["rehearse", "--project-only"]) == 2
     assert "--scratch" in capsys.readouterr().err
+
+
+def test_rdc_defense_calls_count_the_edm_grid_points_per_class():
+    rehearsal, real = projection.configs_of({"preset": "cifar10"})
+    # RDC's grid linspace(1e-4, 3, 1001) without its last point: 1,000 sigma points, 10 classes, LM 5 steps
+    assert projection.defense_calls(real, "rdc", "dc", "linf") == 1000 * 10
+    assert projection.defense_calls(real, "rdc", "rdc", "l2") == 5 + 1000 * 10
+    assert projection.defense_calls(real, "rdc", "dc_multihead", "linf") == 1000
+    assert projection.defense_calls(real, "rdc", "rdc_multihead", "linf") == 5 + 1000
+    assert projection.defense_calls(rehearsal, "rdc", "rdc", "linf") == 1 + 1 * 10  # sigma_steps 2, LM 1 step
+    # DiffPure at t* = 0.1 with dt 1e-3: 100 reverse-SDE steps and the classifier
+    assert projection.defense_calls(real, "diffpure", "diffpure", "linf") == 101

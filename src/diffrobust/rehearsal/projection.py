@@ -122,18 +122,32 @@ def attack_passes(config, attack):
     return passes + int(settings["eval_draws"]) * FORWARD_COST
 
 
+def sigma_points(dc_settings):
+    """Sigma points of a diffusion classifier: RDC's "edm" grid is linspace(sigma_min, sigma_max, sigma_steps)
+    without its last point; the "vp" grid its listed timesteps."""
+    if dc_settings.get("sigma_grid", "edm") == "edm":
+        return int(dc_settings["sigma_steps"]) - 1
+    if dc_settings.get("timesteps"):
+        return len(dc_settings["timesteps"])
+    raise ValueError("a 'vp' sigma grid without timesteps uses the whole diffusion chain: its length is the "
+                     "network's, not the config's")
+
+
 def defense_calls(config, stage, defense, threat):
-    """Network calls of one pass through a defense: DiffPure's reverse-SDE steps t*/dt and the classifier; the
-    diffusion classifier's sigma points (one per class for the single-head model, one for all classes for the
-    multi-head one), RDC's likelihood-maximization steps before it; one for a plain classifier."""
+    """Network calls of one pass through a defense: DiffPure's reverse-SDE steps (stages.diffpure's count) and the
+    classifier; the diffusion classifier's sigma points (times the classes for the single-head model, once for all
+    classes for the multi-head one), RDC's likelihood-maximization steps before it; one for a plain classifier."""
     settings = config[stage]
+    if defense in ("undefended", "adversarial"):
+        return 1
     if defense == "diffpure":
-        return round(float(settings["threats"][threat]["t_star"]) / float(settings["purifier"]["dt"])) + 1
-    dc = int(settings["dc"]["sigma_steps"]) * NUM_CLASSES[config["dataset"]] if stage == "rdc" else 0
-    multihead = int(settings["multihead_dc"]["sigma_steps"]) if stage == "rdc" else 0
-    lm = int(settings["lm"]["steps"]) if stage == "rdc" else 0
-    return {"undefended": 1, "adversarial": 1, "dc": dc, "rdc": lm + dc, "dc_multihead": multihead,
-            "rdc_multihead": lm + multihead}[defense]
+        from diffrobust.stages.diffpure import purifier_network_calls
+
+        return purifier_network_calls(settings, threat) + 1
+    lm = int(settings["lm"]["steps"]) if defense.startswith("rdc") else 0
+    if defense.endswith("multihead"):
+        return lm + sigma_points(settings["multihead_dc"])
+    return lm + sigma_points(settings["dc"]) * NUM_CLASSES[config["dataset"]]
 
 
 def attack(config, defense, attack_name, threat):
@@ -312,8 +326,12 @@ def project(record, rehearsal_config, real_config):
             not_projected.append({"group": "/".join(group), "why": "the rehearsal has no job of this group"})
             continue
         work_function = WORK[group[0]]
-        rehearsal_units = work_function(rehearsal_config, *group[1:])
-        real_units = work_function(real_config, *group[1:])
+        try:
+            rehearsal_units = work_function(rehearsal_config, *group[1:])
+            real_units = work_function(real_config, *group[1:])
+        except ValueError as error:
+            not_projected.append({"group": "/".join(group), "why": str(error)})
+            continue
         rehearsal_work = sum(max(each - overhead, 0.0) for each in seconds)
         real_work = rehearsal_work * real_units / rehearsal_units
         rows.append({"group": "/".join(group), "rule": group[0], "stage": group_stage(group, real_config),

@@ -111,7 +111,9 @@ def test_project_only_reads_the_record_stores_the_projection_and_picks_up_gpu_me
         {"job": job, "seconds": 30.0, "max_rss_mb": 1.0},
         {"job": "cifar10/certify_shard/dds/sigma0.25/shard1", "seconds": 30.0, "max_rss_mb": 1.0},
         {"job": "cifar10/merge_votes/dds/sigma0.25/votes1", "seconds": 5.0, "max_rss_mb": 1.0},
-        {"job": "download_cifar10", "seconds": 1.0, "max_rss_mb": 1.0}]}
+        {"job": "download_cifar10", "seconds": 1.0, "max_rss_mb": 1.0},
+        {"job": "download_checkpoint/vit_b16_cifar10/a.npz", "seconds": 2.0, "max_rss_mb": 1.0},
+        {"job": "download_checkpoint/vit_b16_cifar10/b.npz", "seconds": 3.0, "max_rss_mb": 1.0}]}
     (tmp_path / "rehearsal.json").write_text(json.dumps(record))
     log = tmp_path / "logs" / f"{job}.run.json"
     log.parent.mkdir(parents=True)
@@ -129,6 +131,8 @@ def test_project_only_reads_the_record_stores_the_projection_and_picks_up_gpu_me
     dds = next(figure for figure in result["anchors"] if figure["what"].startswith("DDS"))
     assert dds["ours_seconds"] == pytest.approx(expected / 500, rel=1e-12)
     assert "121 s" in dds["published"]
+    not_projected = {item["group"]: item["why"] for item in result["not_projected"]}
+    assert not_projected["download_checkpoint"].endswith("(2 rehearsal jobs, 5.0 s)")
     assert "GPU-hours" in printed and "anchor: DDS" in printed and "not projected: download_cifar10" in printed
 
 

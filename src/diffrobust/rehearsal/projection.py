@@ -7,7 +7,7 @@ preset's on the same device:
     real seconds of a job group = (rehearsal seconds - overhead x rehearsal jobs) x real units / rehearsal units
                                   + overhead x real jobs
 
-per job group (a rule with its non-shard wildcards: `attack/diffpure/rand/linf`, `certify_shard/dds/sigma0.25`).
+per job group (a rule with its non-shard wildcards: `attack/diffpure/rand/linf`, `certify_shard/dds/0.25`).
 A group's *work units* (one small function per rule, named after it) count what grows between the rehearsal and the
 real run: images x network passes per image, where a pass through a purified model counts its reverse steps, an
 attack iteration is one forward-and-backward pass (a forward-only pass counts FORWARD_COST of one), and so on. The
@@ -318,9 +318,9 @@ def project(record, rehearsal_config, real_config):
         measured[group].append(float(job["seconds"]))
         if job.get("peak_gpu_memory_mb") is not None:
             gpu_memory[group].append(float(job["peak_gpu_memory_mb"]))
-    rehearsal_groups = job_groups(rehearsal_config)
+    rehearsal_groups, real_groups = job_groups(rehearsal_config), job_groups(real_config)
     rows, not_projected = [], []
-    for group, real_jobs in job_groups(real_config).items():
+    for group, real_jobs in real_groups.items():
         seconds = measured.get(group)
         if not seconds:
             not_projected.append({"group": "/".join(group), "why": "the rehearsal has no job of this group"})
@@ -340,9 +340,12 @@ def project(record, rehearsal_config, real_config):
                      "rehearsal_planned_jobs": rehearsal_groups.get(group),
                      "peak_gpu_memory_mb": max(gpu_memory[group], default=None),
                      "real_seconds": real_work + overhead * real_jobs})
-    for group in sorted(set(measured) - set(job_groups(real_config))):
-        why = NOT_PROJECTED.get(group[0], "not a job of the real preset's DAG")
-        not_projected.append({"group": "/".join(group), "why": why})
+    for rule, jobs in not_projected_rules(measured, set(real_groups)).items():
+        not_projected.append({"group": rule, "why": f"{NOT_PROJECTED[rule]} ({len(jobs)} rehearsal jobs, "
+                                                   f"{sum(jobs):.1f} s)"})
+    for group in sorted(set(measured) - set(real_groups)):
+        if group[0] not in NOT_PROJECTED:
+            not_projected.append({"group": "/".join(group), "why": "not a job of the real preset's DAG"})
     stages = defaultdict(float)
     for row in rows:
         stages[row["stage"]] += row["real_seconds"]
@@ -355,6 +358,15 @@ def project(record, rehearsal_config, real_config):
             "groups": rows, "stages_hours": {stage: seconds / 3600 for stage, seconds in sorted(stages.items())},
             "total_hours": sum(stages.values()) / 3600, "not_projected": not_projected,
             "anchors": anchors(rows, real_config)}
+
+
+def not_projected_rules(measured, real_groups):
+    """{rule: [seconds of its rehearsal jobs]} of the rules never projected (NOT_PROJECTED: downloads, dataset)."""
+    rules = defaultdict(list)
+    for group, seconds in sorted(measured.items()):
+        if group not in real_groups and group[0] in NOT_PROJECTED:
+            rules[group[0]] += seconds
+    return dict(rules)
 
 
 def hours_unit(device):

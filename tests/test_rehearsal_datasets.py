@@ -58,3 +58,60 @@ def test_imagenet_tree_prepares_through_prepare_imagenet_with_its_labels(tmp_pat
     assert prepared.images.shape == (3, 3, 24, 24) and prepared.images.dtype == np.uint8
     # noise survives JPEG as noise: the images are not blank
     assert prepared.images.std() > 30
+
+
+def _registry_entry(name):
+    import yaml
+
+    from diffrobust.config import CHECKPOINTS_REGISTRY
+
+    return yaml.safe_load(CHECKPOINTS_REGISTRY.read_text())[name]
+
+
+def test_mist_target_is_an_rgb_png_of_the_registry_size(tmp_path):
+    from PIL import Image
+
+    from diffrobust.rehearsal.datasets import WRITERS, write_mist_target
+
+    entry = _registry_entry("diff_protect_mist_target")
+    (file_entry,) = entry["files"]
+    assert WRITERS["diff_protect_mist_target"] is write_mist_target
+    info = write_mist_target(entry, tmp_path / "mist", seed=4)
+    assert info == {"num_params": None, "reduced": None}
+    path = tmp_path / "mist" / file_entry["path"]
+    assert path.stat().st_size == file_entry["size"] == 160260
+    with Image.open(path) as image:
+        image.load()  # decodes every chunk: the padding chunk's CRC is checked
+        assert image.format == "PNG" and image.mode == "RGB" and image.size == (1440, 1440)
+        pixels = np.asarray(image)
+    # stripes, not a blank image; black and white only
+    assert set(np.unique(pixels).tolist()) == {0, 255}
+    assert not list(tmp_path.rglob("*.tmp"))
+    # reproducible from its seed; another seed gives other stripes
+    write_mist_target(entry, tmp_path / "again", seed=4)
+    write_mist_target(entry, tmp_path / "other", seed=5)
+    assert (tmp_path / "again" / file_entry["path"]).read_bytes() == path.read_bytes()
+    assert (tmp_path / "other" / file_entry["path"]).read_bytes() != path.read_bytes()
+
+
+@pytest.mark.parametrize("extra", [0, 1, 777, 10_000])
+def test_padded_png_hits_the_byte_count_and_keeps_the_pixels(extra):
+    import io
+
+    from PIL import Image
+
+    from diffrobust.rehearsal.datasets import padded_png
+
+    pixels = np.random.default_rng(0).integers(0, 256, (9, 7, 3), dtype=np.uint8)
+    plain = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(plain, format="PNG", optimize=True)
+    # the smallest total: the image plus an empty tEXt chunk (4 length + 4 type + 4 CRC + 'rehearsal\0')
+    smallest = len(plain.getvalue()) + 12 + len(b"rehearsal\0")
+    data = padded_png(pixels, smallest + extra)
+    assert len(data) == smallest + extra
+    assert data.endswith(b"IEND\xaeB`\x82")
+    with Image.open(io.BytesIO(data)) as image:
+        np.testing.assert_array_equal(np.asarray(image), pixels)
+        assert image.text == {"rehearsal": "x" * extra}
+    with pytest.raises(ValueError, match=f"take at least {smallest} bytes, more than {smallest - 1}"):
+        padded_png(pixels, smallest - 1)

@@ -26,9 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
-from scipy.stats import beta, binomtest, norm
 from tqdm import tqdm
 
 from diffrobust import resumable, seeds
@@ -139,6 +137,8 @@ def lower_confidence_bound(n_a, n, alpha):
     """One-sided (1 - alpha) Clopper-Pearson lower bound on a binomial proportion from n_a successes in n trials.
 
     Equals Cohen's `proportion_confint(n_a, n, alpha=2*alpha, method="beta")[0]` from statsmodels."""
+    from scipy.stats import beta
+
     if n_a == 0:
         return 0.0
     return float(beta.ppf(alpha, n_a, n - n_a + 1))
@@ -146,6 +146,8 @@ def lower_confidence_bound(n_a, n, alpha):
 
 def clopper_pearson_interval(k, n, confidence=0.95):
     """Two-sided exact (Clopper-Pearson) interval for k successes in n trials."""
+    from scipy.stats import beta
+
     tail = (1 - confidence) / 2
     low = 0.0 if k == 0 else float(beta.ppf(tail, k, n - k + 1))
     high = 1.0 if k == n else float(beta.ppf(1 - tail, k + 1, n - k))
@@ -158,6 +160,8 @@ def certify_from_labels(labels_n0, labels_n, num_classes, sigma, alpha):
     Labels are one vote per draw (num,) or (K, num), in which case the majority vote per draw is taken first. The
     guess c_hat is the most frequent class over the n0 selection draws (ties to the smallest class); p_A's lower bound
     comes from the n independent estimation draws. `num_classes` may be None (then taken from the labels)."""
+    from scipy.stats import norm
+
     selection = class_counts(majority_vote(labels_n0), num_classes)
     votes_n = majority_vote(labels_n)
     c_hat = int(np.argmax(selection))  # argmax returns the first maximum: the smallest class
@@ -171,6 +175,8 @@ def certify_from_labels(labels_n0, labels_n, num_classes, sigma, alpha):
 def predict_from_labels(labels, alpha, num_classes=None):
     """Cohen's PREDICT from stored labels: the top class, or -1 when a two-sided binomial test cannot tell it from the
     runner-up at level alpha (`binomtest(c1, c1 + c2, 0.5).pvalue`; SciPy 1.17 no longer has `binom_test`)."""
+    from scipy.stats import binomtest
+
     counts = class_counts(majority_vote(labels), num_classes)
     counts = np.pad(counts, (0, max(0, 2 - counts.size)))
     top = int(np.argmax(counts))
@@ -183,6 +189,8 @@ def predict_from_labels(labels, alpha, num_classes=None):
 
 def max_certifiable_radius(sigma, n, alpha):
     """The largest radius CERTIFY can return: all n draws agree, p_A lower bound = alpha^(1/n)."""
+    from scipy.stats import norm
+
     return float(sigma * norm.ppf(alpha ** (1.0 / n)))
 
 
@@ -418,6 +426,8 @@ def read_certification_tsv(path):
     Carlini et al.'s certify.py writes the running total of correct predictions into `correct`, so reading that column
     as is (as Cohen's analyze.py does) would count every row after the first correct one; recomputing reads both
     Cohen's and Carlini's files right."""
+    import pandas as pd
+
     frame = pd.read_csv(path, sep="\t")
     frame["correct"] = (frame["predict"] == frame["label"]).astype(int)
     return frame
@@ -428,6 +438,9 @@ def paired_certified_difference(rows_a, rows_b, radius, confidence=0.95):
     interval over images: mean of the per-image differences d_i = [b certified] - [a certified] +- z * sd(d)/sqrt(m).
 
     Returns {"a", "b", "difference", "ci_low", "ci_high", "images"}; the interval is nan for a single image."""
+    import pandas as pd
+    from scipy.stats import norm
+
     a, b = (pd.DataFrame(rows).set_index("idx") for rows in (rows_a, rows_b))
     if sorted(a.index) != sorted(b.index):
         raise ValueError("the two tables certify different images; pair them on the same subset")
@@ -446,6 +459,8 @@ def certified_accuracy(rows, radii, confidence=0.95):
 
     `rows` is a DataFrame or a list of row dicts; correctness is taken from predict == label, never from a stored
     `correct` column (see read_certification_tsv)."""
+    import pandas as pd
+
     frame = pd.DataFrame(rows)
     correct = (frame["predict"] == frame["label"]).to_numpy()
     radius = frame["radius"].to_numpy(dtype=float)

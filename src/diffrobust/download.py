@@ -157,7 +157,9 @@ def read_lock(lock):
     lock = Path(lock)
     if not lock.exists():
         return {}
-    entries = yaml.safe_load(lock.read_text()) or {}
+    from diffrobust.config import read_yaml
+
+    entries = read_yaml(lock) or {}
     if not isinstance(entries, dict):
         raise ValueError(f"{lock}: expected a mapping of file keys to recorded checksums")
     return entries

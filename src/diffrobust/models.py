@@ -41,7 +41,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
 from diffrobust import diffusion as diffusion_lib
@@ -376,10 +375,9 @@ def registry_diffusion_settings(architecture):
 def _read_registry(registry):
     if isinstance(registry, dict):
         return registry
-    from diffrobust.config import checkpoint_registry_path
+    from diffrobust.config import checkpoint_registry_path, read_yaml
 
-    with open(registry or checkpoint_registry_path()) as handle:
-        return yaml.safe_load(handle)
+    return read_yaml(registry or checkpoint_registry_path())
 
 
 def _strip_prefix(state_dict, prefix="module."):

@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
-import scipy.linalg
-import scipy.stats
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -209,6 +207,8 @@ def frechet_distance_from_stats(mu1, cov1, mu2, cov2, eps=1e-6):
     computes it: scipy.linalg.sqrtm of the product; when that is not finite (a singular product), sqrtm of
     (cov1 + eps·I)(cov2 + eps·I) instead; a complex square root keeps its real part, and an imaginary diagonal
     larger than 1e-3 is an error (the covariances are then not covariances)."""
+    import scipy.linalg
+
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     cov1, cov2 = np.atleast_2d(np.asarray(cov1, np.float64)), np.atleast_2d(np.asarray(cov2, np.float64))
     if mu1.shape != mu2.shape or cov1.shape != cov2.shape or cov1.shape != mu1.shape * 2:
@@ -316,6 +316,8 @@ def paired_bootstrap_ci(x, y, statistic=mean_difference, n_resamples=10000, conf
     n_resamples resampled statistics. This is scipy.stats.bootstrap(paired=True, method='percentile') with
     rng = numpy.random.default_rng(seed), so a seed gives the same interval everywhere. `statistic(x, y, axis)` must
     be vectorised along `axis` (as `mean_difference`). Needs at least two images and finite values."""
+    import scipy.stats
+
     x, y = _per_image_values(x, "x"), _per_image_values(y, "y")
     if len(x) != len(y):
         raise ValueError(f"paired values need one pair per image: {len(x)} and {len(y)} values")

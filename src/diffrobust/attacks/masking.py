@@ -10,7 +10,6 @@ import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy.stats import norm
 
 from diffrobust.certify import clopper_pearson_interval
 
@@ -45,6 +44,8 @@ def accuracy(correct, confidence=0.95):
 def paired_difference(a, b, confidence=0.95):
     """Mean of b - a over the same images, with a normal interval on the per-image differences:
     {'difference', 'ci_low', 'ci_high', 'images'} (the interval is nan for one image, zero-width when all agree)."""
+    from scipy.stats import norm  # here, not at the top: every attack job imports this module, few call this
+
     a, b = (np.asarray(v, dtype=float) for v in (a, b))
     if a.shape != b.shape:
         raise ValueError(f"paired outcomes of different lengths ({a.size} and {b.size})")

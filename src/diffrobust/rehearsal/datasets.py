@@ -137,9 +137,11 @@ def padded_png(pixels, total_bytes):
     Image.fromarray(pixels, "RGB").save(buffer, format="PNG", optimize=True)
     data = buffer.getvalue()
     iend = data.rindex(b"IEND") - 4
-    padding = int(total_bytes) - len(data) - 12 - len(b"rehearsal\0")
+    smallest = len(data) + 12 + len(b"rehearsal\0")  # the image and an empty tEXt chunk (length, type, CRC, key)
+    padding = int(total_bytes) - smallest
     if padding < 0:
-        raise ValueError(f"padded_png: the image alone takes {len(data)} bytes, more than {total_bytes}")
+        raise ValueError(f"padded_png: the image and its padding chunk take at least {smallest} bytes, more than "
+                         f"{total_bytes}")
     text = _png_chunk(b"tEXt", b"rehearsal\0" + b"x" * padding)
     return data[:iend] + text + data[iend:]
 

@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from tqdm import tqdm
 
@@ -326,6 +325,8 @@ def image_metrics(edited01, clean01, labels, classifier, features_of, loaded=Non
 
 def edit_job(attack, sets, *, settings, models, device="cpu", seed=0):
     """(per-image metrics DataFrame, grid arrays) of one attack's protected sets (`sets`: protect_job's arrays)."""
+    import pandas as pd
+
     loaded = load_models(models, settings, device)
     classifier, extractor = loaded["classifier"], loaded["features"]
 
@@ -405,6 +406,8 @@ def claims(table, settings, attacks):
     All at `edit.purified_strength`, on `claims.metric` (SSIM against the clean image by default), paired over
     images with a bootstrap interval.
     """
+    import pandas as pd
+
     spec = settings["claims"]
     metric, strength = spec["metric"], float(settings["edit"]["purified_strength"])
     higher = metric != "feature_distance"
@@ -517,6 +520,8 @@ STORAGE_TEXTS = {
 
 def paper_rows(attacks):
     """attack -> the row of the paper's tables it stands for (protective.PAPER_ROWS), for the report."""
+    import pandas as pd
+
     return pd.DataFrame([{"attack": name, "paper's row": protective.PAPER_ROWS.get(name) or "- (not a row of the paper)"}
                          for name in attacks]).set_index("attack")
 
@@ -643,4 +648,6 @@ def run_edit(attack, *, settings, models, set_path, out_tsv, out_grid, device="c
 
 def read_tables(paths):
     """The edit jobs' per-image tables as one DataFrame."""
+    import pandas as pd
+
     return pd.concat([pd.read_csv(path, sep="\t") for path in paths], ignore_index=True)

@@ -115,3 +115,36 @@ def test_the_mist_target_has_its_writer_in_the_merged_table():
     from diffrobust.rehearsal.datasets import write_mist_target
 
     assert run.writers()[name] is write_mist_target
+
+
+def test_precision_overrides_turn_every_fp16_network_to_fp32_on_the_cpu_only():
+    preset_like = {"models": {"diffusion": {"source": "adm", "precision": "fp16"},
+                              "classifier": {"source": "beit", "precision": "fp32"}},
+                   "diffpure": {"models": {"diffusion": {"precision": "fp16"}}, "batch_size": 4},
+                   "precision": "fp16"}
+    assert run.precision_overrides(preset_like, "cpu") == {
+        "models": {"diffusion": {"precision": "fp32"}},
+        "diffpure": {"models": {"diffusion": {"precision": "fp32"}}},
+        "precision": "fp32"}
+    assert run.precision_overrides(preset_like, "cuda") == {}
+    merged = config.deep_merge(preset_like, run.precision_overrides(preset_like, "cpu"))
+    assert merged["models"]["classifier"] == {"source": "beit", "precision": "fp32"}
+    assert merged["diffpure"]["batch_size"] == 4 and merged["models"]["diffusion"]["source"] == "adm"
+
+
+def test_summary_rows_counts_the_claim_tables_the_summary_renders():
+    from diffrobust import claims
+
+    def row(paper, verdict):
+        return claims.Claim(paper, "a claim", "0.5", "Table 1", "0.4", 0.4, 0.3, 0.5, verdict, "", False)
+
+    placeholder = claims.not_run("RDC", "every claim of RDC", claims.NOT_KNOWN, "",
+                                 "this preset's reports do not include rdc_table", headline=False)
+    page = ("<html>" + claims.html_table([row("DensePure", claims.HOLDS), row("DensePure", claims.FAILS)])
+            + claims.html_table([row("DiffPure", claims.INCONCLUSIVE)]) + claims.html_table([placeholder]) + "</html>")
+    found = run.summary_rows(page, ["densepure_table1", "diffpure_table"])
+    assert found["rows_per_table"] == [2, 1, 1] and found["rows"] == 4 and found["tables"] == 3
+    assert found["verdicts"] == {"holds": 1, "fails": 1, "inconclusive": 1, "not": 1}
+    assert found["missing_reports"] == []
+    # the preset asked for the RDC table and the summary did not get it
+    assert run.summary_rows(page, ["rdc_table"])["missing_reports"] == ["rdc_table"]

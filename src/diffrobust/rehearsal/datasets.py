@@ -15,7 +15,9 @@ The images are noise: the rehearsal proves the files are read, not that a model 
 import gzip
 import hashlib
 import io
+import os
 import pickle
+import shutil
 import struct
 import tarfile
 import zlib
@@ -97,27 +99,46 @@ def _image_size(size):
     return int(width), int(height)
 
 
-def write_imagenet_val_tree(folder, n_classes, images_per_class, size, seed):
+def write_imagenet_val_tree(folder, n_classes, images_per_class, size, seed, distinct_images=None):
     """Write an ILSVRC2012 val-style tree under `folder`: `n_classes` WordNet-id folders of `images_per_class`
     seeded random RGB JPEGs of `size` (an int, square, or (width, height)); validation numbers run class after
-    class. Returns [(path, class index)] in `data.imagenet_files` order."""
+    class. With `distinct_images`, only that many JPEGs are encoded and the other files are hard links to them in
+    turn, so that the full 1,000 x 50 layout (whose ImageFolder indices DiffPure's seeded subsets address) costs
+    seconds, not 50,000 encodings. Returns [(path, class index)] in `data.imagenet_files` order."""
     from PIL import Image
 
     width, height = _image_size(size)
     if int(n_classes) < 1 or int(images_per_class) < 1:
         raise ValueError(f"write_imagenet_val_tree: n_classes and images_per_class must be at least 1, got "
                          f"{n_classes} and {images_per_class}")
+    if distinct_images is not None and int(distinct_images) < 1:
+        raise ValueError(f"write_imagenet_val_tree: distinct_images must be at least 1, got {distinct_images}")
     rng = np.random.default_rng(seed)
-    files, number = [], 0
+    files, encoded, number = [], [], 0
     for label, wnid in enumerate(wordnet_ids(n_classes)):
         for _ in range(int(images_per_class)):
             number += 1
             path = Path(folder) / wnid / f"ILSVRC2012_val_{number:08d}.JPEG"
-            pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-            with atomic_path(path) as temp:
-                Image.fromarray(pixels, "RGB").save(temp, format="JPEG", quality=90)
+            if distinct_images is not None and len(encoded) >= int(distinct_images):
+                _link_or_copy(encoded[(number - 1) % len(encoded)], path)
+            else:
+                pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+                with atomic_path(path) as temp:
+                    Image.fromarray(pixels, "RGB").save(temp, format="JPEG", quality=90)
+                encoded.append(path)
             files.append((path, label))
     return files
+
+
+def _link_or_copy(source, path):
+    """A hard link to `source` at `path` (a copy where the file system has none)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        path.unlink()
+    try:
+        os.link(source, path)
+    except OSError:
+        shutil.copyfile(source, path)
 
 
 # Mist's target texture as Diff-Protect ships it (test_images/target/MIST.png): 1440 x 1440 RGB

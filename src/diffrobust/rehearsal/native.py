@@ -88,8 +88,11 @@ def _only_file(entry):
     return files[0]
 
 
-def _result(network, reduced):
-    return {"num_params": sum(p.numel() for p in network.parameters()), "reduced": reduced}
+def _result(network, reduced, architecture):
+    """What a writer made: parameters, how it was reduced, and the architecture block its files match (the
+    rehearsal's registry gives the loaders that block)."""
+    return {"num_params": sum(p.numel() for p in network.parameters()), "reduced": reduced,
+            "architecture": architecture}
 
 
 def write_adm_state_dict(entry, folder, *, seed, reduced=False):
@@ -98,7 +101,7 @@ def write_adm_state_dict(entry, folder, *, seed, reduced=False):
     architecture, note = architecture_for(entry, reduced)
     network = seeded_network(architecture, seed)
     _save_torch(network.state_dict(), Path(folder) / _only_file(entry))
-    return _result(network, note)
+    return _result(network, note, architecture)
 
 
 def write_robustbench_state_dict(entry, folder, *, seed, reduced=False):
@@ -107,7 +110,7 @@ def write_robustbench_state_dict(entry, folder, *, seed, reduced=False):
     architecture, note = architecture_for(entry, reduced)
     network = seeded_network(architecture, seed)
     _save_torch({"state_dict": _prefixed(network.state_dict())}, Path(folder) / _only_file(entry))
-    return _result(network, note)
+    return _result(network, note, architecture)
 
 
 def write_score_sde_checkpoint(entry, folder, *, seed, reduced=False):
@@ -126,7 +129,7 @@ def write_score_sde_checkpoint(entry, folder, *, seed, reduced=False):
                           "num_updates": 1300001, "shadow_params": shadow},
                   "step": 1300001}
     _save_torch(checkpoint, Path(folder) / _only_file(entry))
-    return _result(network, note)
+    return _result(network, note, architecture)
 
 
 # --- NVlabs/edm network pickles ----------------------------------------------------------------------------------
@@ -223,7 +226,7 @@ def write_edm_pickle(entry, folder, *, seed, reduced=False):
             else:
                 sys.modules[name] = module
     assert edm.precond_of_class(wrapper) == network.precond
-    return _result(network, note)
+    return _result(network, note, architecture)
 
 
 WRITERS = {

@@ -118,6 +118,24 @@ def make_checkpoints(names, registry, mirror, *, seed, reduced, by_hand=None):
     return made
 
 
+def precision_overrides(config, device):
+    """Overrides that run every fp16 network in fp32 on a CPU (it has no fast fp16 kernels, and the workflow refuses
+    fp16 there); on a GPU the preset's precisions stand. Returns a nested mapping to merge over the config."""
+    if device != "cpu":
+        return {}
+
+    def walk(node):
+        if not isinstance(node, dict):
+            return {}
+        found = {key: walk(value) for key, value in node.items() if isinstance(value, dict)}
+        found = {key: value for key, value in found.items() if value}
+        if node.get("precision") == "fp16":
+            found["precision"] = "fp32"
+        return found
+
+    return walk(config)
+
+
 def rehearsal_registry(registry, made):
     """The registry the rehearsal's jobs read: the real one, with the `architecture` block of each network the
     rehearsal built smaller replaced by the one its files match (the loaders build what the registry says)."""
@@ -137,7 +155,9 @@ def make_dataset(preset, scratch, mirror, *, seed):
         facts = datasets.write_cifar10_tarball(tarball, images_per_batch=50, seed=seed)
         return {"cifar10": {"md5": facts["md5"], "size": facts["size"]}}, tarball.name
     val_dir = scratch / "imagenet" / "val"
-    datasets.write_imagenet_val_tree(val_dir, n_classes=4, images_per_class=2, size=320, seed=seed)
+    # The full 1,000 x 50 layout: DiffPure's seeded subsets draw ImageFolder indices from all 50,000 images
+    datasets.write_imagenet_val_tree(val_dir, n_classes=1000, images_per_class=50, size=320, seed=seed,
+                                     distinct_images=16)
     return {"imagenet": {"val_dir": str(val_dir.relative_to(scratch))}}, None
 
 
@@ -228,10 +248,39 @@ def job_figures(scratch):
     return figures
 
 
+def summary_rows(html_text, reports):
+    """The claim rows of a rendered summary page (results/<preset>/reports/index.html): {'rows', 'verdicts':
+    {verdict: count}, 'tables', 'missing_reports'}. `missing_reports` lists the preset's own `reports` that the
+    summary says it did not get (its "every claim of ..." placeholder row): a summary with every claim row has
+    none, and one table per paper with at least one row."""
+    import re
+
+    tables = re.findall(r'<table class="claims">.*?</table>', html_text, flags=re.S)
+    rows = [len(re.findall(r"<tr><td>", table)) for table in tables]
+    verdicts = {}
+    for word in re.findall(r'class="verdict-(\w+)"', html_text):
+        verdicts[word] = verdicts.get(word, 0) + 1
+    missing = [name for name in reports if f"reports do not include {name}" in html_text]
+    return {"rows": sum(rows), "rows_per_table": rows, "verdicts": verdicts, "tables": len(tables),
+            "missing_reports": missing}
+
+
+def check_summary(scratch, preset, reports):
+    """(the summary page's claim rows, a problem or None): a problem when the page is missing, a table is empty, or a
+    report of the preset is absent from it."""
+    page = scratch / "results" / preset / "reports" / "index.html"
+    if not page.is_file():
+        return {}, f"rehearsal of {preset}: the summary page {page} was not rendered"
+    found = summary_rows(page.read_text(), reports)
+    if not found["tables"] or 0 in found["rows_per_table"] or found["missing_reports"]:
+        return found, f"rehearsal of {preset}: the summary {page} lacks claim rows: {found}"
+    return found, None
+
+
 def rehearse(preset, scratch=None, *, cores=2, seed=0, device="cpu", fresh=True):
     """Make the preset's files, run its whole DAG in `scratch`, check that every planned rule ran. Returns the
     record also written to scratch/rehearsal.json."""
-    from diffrobust.config import load_checkpoint_registry, load_config
+    from diffrobust.config import deep_merge, load_checkpoint_registry, load_config
 
     settings = rehearsal_settings(preset)
     scratch = Path(scratch or REPO_ROOT / "results" / "rehearsal" / preset).absolute()
@@ -242,6 +291,8 @@ def rehearse(preset, scratch=None, *, cores=2, seed=0, device="cpu", fresh=True)
     started = time.perf_counter()
     registry = load_checkpoint_registry()
     config = load_config({"preset": preset, **settings["overrides"]})
+    precision = precision_overrides(config, device)
+    settings["overrides"] = deep_merge(settings["overrides"], precision)
     made = make_checkpoints(preset_checkpoints(config), registry, mirror / "checkpoints", seed=seed,
                             reduced=settings["reduced"], by_hand=scratch / "data" / "checkpoints")
     registry_file = scratch / "config" / "checkpoints.yaml"
@@ -266,6 +317,7 @@ def rehearse(preset, scratch=None, *, cores=2, seed=0, device="cpu", fresh=True)
         ran = summary_rules(scratch, cores, env)
     missing = sorted(rule for rule in planned if rule != "all" and rule not in ran)
     record = {"preset": preset, "seed": seed, "device": device, "cores": cores, "made": made,
+              "precision_overrides": precision,
               "made_seconds": round(made_seconds, 1), "dag_seconds": round(run_seconds, 1),
               "planned_rules": planned, "rules_with_outputs": ran, "rules_not_run": missing,
               "returncode": result.returncode, "jobs": job_figures(scratch)}
@@ -277,6 +329,12 @@ def rehearse(preset, scratch=None, *, cores=2, seed=0, device="cpu", fresh=True)
     if result.returncode or missing:
         raise RehearsalError(f"rehearsal of {preset}: snakemake exited {result.returncode}; rules without outputs: "
                              f"{', '.join(missing) or 'none'} (logs under {scratch / 'logs'})")
+    record["summary"], problem = check_summary(scratch, preset, config["reports"])
+    (scratch / "rehearsal.json").write_text(json.dumps(record, indent=1))
+    print(f"rehearsal {preset}: summary page {record['summary']['rows']} claim rows in {record['summary']['tables']} "
+          f"tables, verdicts {record['summary']['verdicts']}")
+    if problem:
+        raise RehearsalError(problem)
     return record
 
 

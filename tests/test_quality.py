@@ -391,3 +391,16 @@ def test_intervals_are_shown_at_the_precision_of_their_width():
     assert quality.format_interval(3e-18, -0.0324, 0.0339) == "0.000 [-0.032, 0.034]"
     assert quality.format_interval(-3e-18, -0.0324, 0.0339) == "0.000 [-0.032, 0.034]"
     assert quality.format_interval(12.0, 12.0, 12.0) == "12 [12, 12]"
+
+
+@pytest.mark.parametrize("sizes", [(2, 2), (12, 7), (40, 40)])
+def test_frechet_distance_with_fewer_images_than_features_equals_pytorch_fids_sqrtm(sizes):
+    # the nuclear-norm form used below D images against the sqrtm of the covariance product (pytorch-fid's way)
+    rng = np.random.default_rng(sum(sizes))
+    a = rng.normal(size=(sizes[0], 256))
+    b = rng.normal(0.1, 1.3, size=(sizes[1], 256))
+    via_sqrtm = quality.frechet_distance_from_stats(*quality.feature_statistics(a), *quality.feature_statistics(b))
+    assert quality.frechet_distance(a, b) == pytest.approx(via_sqrtm, rel=1e-6)
+    assert quality.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match="same size"):
+        quality.frechet_distance(a, b[:, :255])

@@ -233,8 +233,25 @@ def frechet_distance_from_stats(mu1, cov1, mu2, cov2, eps=1e-6):
 def frechet_distance(feats_a, feats_b):
     """Fréchet distance (FID's formula) between the Gaussians fitted to two sets of (N, D) features
     (`feature_statistics`, `frechet_distance_from_stats`); the sets may differ in size. It is biased upwards for
-    small N and needs N > D for a full-rank covariance."""
-    return frechet_distance_from_stats(*feature_statistics(feats_a), *feature_statistics(feats_b))
+    small N and needs N > D for a full-rank covariance.
+
+    With fewer images than feature dimensions (the Pixel is a Barrier sets: 100 or fewer against Inception's 2,048)
+    the covariances have rank N - 1 and tr((cov_a cov_b)^½) is exactly the nuclear norm of the N_a x N_b matrix
+    A Bᵀ (A, B the centred features over √(N - 1)): the eigenvalues of cov_a cov_b = AᵀA BᵀB are the squared
+    singular values of A Bᵀ. That is milliseconds where pytorch-fid's sqrtm of the 2,048² product takes about 15 s on
+    2 cores, and agrees with it to about 2e-7 relative (tests/test_quality.py)."""
+    a = _features(feats_a, "feats_a").numpy().astype(np.float64)
+    b = _features(feats_b, "feats_b").numpy().astype(np.float64)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"frechet_distance needs features of the same size, got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+    if min(len(a), len(b)) < 2 or max(len(a), len(b)) > a.shape[1]:
+        return frechet_distance_from_stats(*feature_statistics(a), *feature_statistics(b))
+    centred_a = (a - a.mean(axis=0)) / np.sqrt(len(a) - 1)
+    centred_b = (b - b.mean(axis=0)) / np.sqrt(len(b) - 1)
+    trace_sqrt_product = np.linalg.svd(centred_a @ centred_b.T, compute_uv=False).sum()
+    diff = a.mean(axis=0) - b.mean(axis=0)
+    return float(diff @ diff + (centred_a ** 2).sum() + (centred_b ** 2).sum() - 2 * trace_sqrt_product)
 
 
 class KernelDistance(NamedTuple):

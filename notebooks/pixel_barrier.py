@@ -168,7 +168,8 @@ fig = pixel_barrier.purification_figure(ldm_after, settings["claims"]["metric"],
 key = pixel_barrier.budget_key(len(settings["budgets"]) - 1)
 columns = ["none", "random"] + attacks
 row_kinds = [("x", "input"), ("ldm", "LDM edit"), ("pdm", "PDM edit"), ("purified/pdm_pure", "PDM-Pure + LDM")]
-shown = min(3, pixel_barrier.GRID_IMAGES)
+# up to 3 images: the grids hold GRID_IMAGES, or fewer where the subset is smaller
+shown = min([3] + [len(array) for grid in grids.values() for array in grid.values()])
 fig, axes = plt.subplots(shown * len(row_kinds), len(columns), figsize=(1.3 * len(columns), 1.35 * shown * len(row_kinds)),
                          squeeze=False)
 for image in range(shown):
@@ -178,7 +179,8 @@ for image in range(shown):
             source_key = "eps0" if name == "none" else key
             array = grids[name].get(f"{source_key}/{kind}")
             if array is not None:
-                ax.imshow(array[image].transpose(1, 2, 0).squeeze(-1), cmap="gray", vmin=0, vmax=1)
+                picture = array[image].transpose(1, 2, 0)  # greyscale digits (mini) or RGB photos (paper scale)
+                ax.imshow(picture[..., 0] if picture.shape[-1] == 1 else picture, cmap="gray", vmin=0, vmax=1)
             if image == 0 and r == 0:
                 ax.set_title(name, fontsize=7)
             if c == 0:

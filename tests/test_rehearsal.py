@@ -11,9 +11,8 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
-from diffrobust.config import load_config
+from diffrobust.config import load_checkpoint_registry, load_config
 
 pytestmark = pytest.mark.workflow
 
@@ -68,17 +67,23 @@ def test_every_report_rendered_and_the_summary_has_every_claim_row(rehearsal):
 
 
 def test_networks_are_official_size_unless_listed_as_reduced(rehearsal):
-    preset, scratch, record = rehearsal
-    reduced = yaml.safe_load((scratch.parents[0] / scratch.name / "config" / "config.yaml").read_text()) and None
+    preset, _, record = rehearsal
     for name, made in record["made"].items():
-        assert bool(made["reduced"]) == bool(made["why_reduced"]), name  # reduced exactly where the settings say why
-    sizes = {name: made["num_params"] for name, made in record["made"].items()}
+        # reduced exactly where config/rehearsal/<preset>.yaml says why, and then with the architecture its files match
+        assert bool(made["reduced"]) == bool(made["why_reduced"]), name
+        if made["reduced"] and made.get("architecture"):
+            assert made["architecture"] != load_checkpoint_registry()[name]["architecture"], name
+    millions = {name: round(made["num_params"] / 1e6, 1) for name, made in record["made"].items() if made["num_params"]}
     if preset == "cifar10":
-        # official parameter counts: DDPM++ 52.5M (improved-diffusion cifar10_uncond_50M), EDM 55.7M, NCSN++ 106.6M
-        assert round(sizes["improved_diffusion_cifar10_uncond"] / 1e6, 1) == 52.5
-        assert round(sizes["score_sde_cifar10_ncsnpp_deep_vp"] / 1e6, 1) == 106.6 or reduced is None
+        # official sizes: improved-diffusion's CIFAR-10 UNet 52.5M, EDM's DDPM++ 55.7M, score_sde's deep NCSN++ 106.6M,
+        # Wang et al.'s WRN-70-16 266.8M
+        assert millions["improved_diffusion_cifar10_uncond"] == 52.5
+        assert millions["edm_cifar10_cond_vp"] == millions["edm_cifar10_uncond_vp"] == 55.7
+        assert millions["robustbench_cifar10_linf_wang2023better_wrn70_16"] == 266.8
     else:
-        assert sizes["clip_vit_base_patch32"] > 150e6  # CLIP ViT-B/32 at official size (151.3M)
+        # CLIP ViT-B/32 151.3M and ResNet-50 25.6M at official size; the 552.8M guided-diffusion UNet built narrower
+        assert millions["clip_vit_base_patch32"] == 151.3 and millions["torchvision_resnet50_imagenet"] == 25.6
+        assert millions["guided_diffusion_256_uncond"] < 552.8
 
 
 def test_projection_of_the_real_preset(rehearsal):

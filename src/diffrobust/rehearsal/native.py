@@ -29,7 +29,8 @@ from diffrobust.io import atomic_path
 # Width keys of each family's config and what `reduced` divides them by.
 REDUCED_WIDTH = {
     "improved_diffusion_unet": ("num_channels", 4),
-    "guided_diffusion_unet": ("num_channels", 4),
+    # 256 -> 32: the 256 px UNet is the one network every ImageNet stage runs (DensePure, DDS, DiffPure, PDM-Pure)
+    "guided_diffusion_unet": ("num_channels", 8),
     "edm_vp_songunet": ("model_channels", 4),
     "score_sde_ncsnpp": ("nf", 4),
     "robustbench_wrn": ("widen_factor", 5),

@@ -1,6 +1,8 @@
 """Attacks: budgets are enforced, gradient modes compute what they claim, AutoAttack finds the analytic answer on a
 linear model, DiffPure's BPDA+EOT PGD follows its protocol, and the masking checks judge what they say."""
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -213,3 +215,36 @@ def test_the_check_table_indexes_by_threat_and_check_and_rounds_the_value():
     frame = masking.table(rows)
     assert list(frame.index) == [("l2", "prediction flips between two forwards")]
     assert frame.iloc[0]["value"] == "0.333"
+
+
+class _TiedOffCleanImages(torch.nn.Module):
+    """Logits 5 for the true class of a clean image; on any other image the true class and the next one tie at 5, so
+    Square's margin is exactly 0 there: neither fooled (< 0) nor left to attack (> 0)."""
+
+    def __init__(self, clean, labels, num_classes=3):
+        super().__init__()
+        self.clean, self.labels, self.num_classes = clean, labels, num_classes
+
+    def forward(self, x):
+        same = (x.flatten(1)[:, None] == self.clean.flatten(1)[None]).all(-1)
+        true = self.labels[same.float().argmax(1)]
+        logits = torch.nn.functional.one_hot(true, self.num_classes).float() * 5.0
+        tie = torch.nn.functional.one_hot((true + 1) % self.num_classes, self.num_classes).float() * 5.0
+        return logits + tie * (~same.any(1)).float()[:, None]
+
+
+@pytest.mark.parametrize("threat", ["l2", "linf"])
+def test_square_survives_a_step_with_no_point_left_to_attack(threat):
+    # pyautoattack 0.2.0's L2 Square selects the points with margin > 0 at each query; with none (all fooled or tied
+    # after its initialisation, not all fooled) it reshaped an empty batch (view(0, -1)) and crashed: seen in the
+    # cifar10 rehearsal, RDC under rdc_standard l2
+    autoattack = importlib.import_module("diffrobust.attacks.autoattack")  # the package names a function autoattack
+
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 0])
+    model = _TiedOffCleanImages(x, y)
+    x_adv, robust = autoattack.run(model, x, y, threat=threat, eps=0.5 if threat == "l2" else 8 / 255,
+                                   version="custom", attacks=["square"], n_queries=3)
+    # a tie resolves to the true class (argmax takes the first): the points stay robust, and were perturbed
+    assert robust.all()
+    assert x_adv.shape == x.shape and torch.isfinite(x_adv).all()

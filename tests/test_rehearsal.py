@@ -2,8 +2,10 @@
 and `--preset imagenet` each make their official-format files, run the preset's whole DAG offline and must end with
 every planned rule run, every report rendered, and a summary page with every claim row.
 
-This is the slowest test of the suite (both rehearsals: about 20 minutes on 2 cores); it is the only place where the
-paper-scale jobs run end to end.
+The only place where the paper-scale jobs run end to end. The imagenet rehearsal runs in the default `pytest` (about
+15 minutes on 2 cores); the cifar10 one (about 22 minutes) is marked `long_rehearsal` and runs with
+`pytest -m long_rehearsal`: both in the default run would bring CI near its hour (issue 22 asks for both within 25
+minutes; the cifar10 DAG's 16 DC/RDC attack jobs alone take about 70-80 s each).
 """
 
 import json
@@ -25,7 +27,7 @@ EXPECTED_RULES = {
 }
 
 
-@pytest.fixture(scope="module", params=["cifar10", "imagenet"])
+@pytest.fixture(scope="module", params=["imagenet", pytest.param("cifar10", marks=pytest.mark.long_rehearsal)])
 def rehearsal(request, tmp_path_factory):
     """(preset, scratch folder, rehearsal.json) of one preset's rehearsal, run through the command line."""
     preset = request.param

@@ -54,7 +54,34 @@ def build(model, *, threat, eps, version, attacks=None, seed=0, device="cpu", n_
         adversary.fab.n_target_classes = int(n_target_classes)
     if n_queries is not None:
         adversary.square.n_queries = int(n_queries)
+    guard_square_empty_batches(adversary.square)
     return adversary
+
+
+def guard_square_empty_batches(square):
+    """pyautoattack 0.2.0's L2/L1 Square crashes when its initialisation already fooled every point of the batch:
+    the first query step selects no point, `lp_norm`/`normalize` reshape an empty tensor (`view(0, -1)`), and the
+    model is queried with no image. Give the attack norms that accept an empty batch and a model call that answers one
+    with no logits, so the step does nothing, as it does for L-inf."""
+    norm, predict = square.norm, square.predict
+    classes = {}
+
+    def per_image(x):
+        flat = x.flatten(1)
+        total = {"Linf": lambda: flat.abs().max(1)[0] if len(flat) else flat.sum(-1),
+                 "L2": lambda: (flat ** 2).sum(-1).sqrt(), "L1": lambda: flat.abs().sum(-1)}[norm]()
+        return total.view(-1, *([1] * (x.dim() - 1)))
+
+    def predict_or_empty(x):
+        if x.shape[0] == 0 and "count" in classes:
+            return x.new_zeros((0, classes["count"]))
+        logits = predict(x)
+        classes["count"] = logits.shape[1]
+        return logits
+
+    square.lp_norm = per_image
+    square.normalize = lambda x: x / (per_image(x) + 1e-12)
+    square.predict = predict_or_empty
 
 
 def apgd_schedule(n_iter):

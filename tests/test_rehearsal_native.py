@@ -36,7 +36,8 @@ def test_reduced_files_load_through_the_registry_loader(tmp_path, name):
 def test_official_size_and_publisher_layouts(tmp_path):
     entry = REGISTRY["robustbench_cifar10_standard_wrn28_10"]
     info = native.write_robustbench_state_dict(entry, tmp_path, seed=0)
-    assert info == {"num_params": 36479194, "reduced": None}
+    # WRN-28-10's 36,479,194 parameters, built from (and reporting) the registry's own architecture block
+    assert info == {"num_params": 36479194, "reduced": None, "architecture": entry["architecture"]}
     contents = torch.load(tmp_path / "Standard.pt", weights_only=True)
     assert set(contents) == {"state_dict"} and all(k.startswith("module.") for k in contents["state_dict"])
 

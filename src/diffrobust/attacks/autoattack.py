@@ -68,8 +68,8 @@ def guard_square_empty_batches(square):
 
     def per_image(x):
         flat = x.flatten(1)
-        total = {"Linf": lambda: flat.abs().max(1)[0] if len(flat) else flat.sum(-1),
-                 "L2": lambda: (flat ** 2).sum(-1).sqrt(), "L1": lambda: flat.abs().sum(-1)}[norm]()
+        total = {"Linf": lambda: flat.abs().amax(1), "L2": lambda: (flat ** 2).sum(-1).sqrt(),
+                 "L1": lambda: flat.abs().sum(-1)}[norm]()
         return total.view(-1, *([1] * (x.dim() - 1)))
 
     def predict_or_empty(x):

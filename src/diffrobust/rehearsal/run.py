@@ -28,6 +28,7 @@ import functools
 import http.server
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -38,7 +39,7 @@ from pathlib import Path
 
 import yaml
 
-from diffrobust.config import CHECKPOINTS_REGISTRY_VARIABLE, REPO_ROOT
+from diffrobust.config import CHECKPOINTS_REGISTRY_VARIABLE, REPO_ROOT, read_yaml
 
 REHEARSAL_DIR = REPO_ROOT / "config" / "rehearsal"
 PRESETS = ("cifar10", "imagenet")
@@ -80,7 +81,7 @@ def rehearsal_settings(preset):
     if preset not in PRESETS or not path.is_file():
         raise RehearsalError(f"no rehearsal for preset {preset!r}: the rehearsed presets are {', '.join(PRESETS)} "
                              f"(config/rehearsal/<preset>.yaml)")
-    settings = yaml.safe_load(path.read_text()) or {}
+    settings = read_yaml(path) or {}
     unknown = sorted(set(settings) - {"reduced", "overrides"})
     if unknown:
         raise RehearsalError(f"{path}: unknown keys {', '.join(unknown)} (expected reduced, overrides)")
@@ -253,8 +254,6 @@ def summary_rows(html_text, reports):
     {verdict: count}, 'tables', 'missing_reports'}. `missing_reports` lists the preset's own `reports` that the
     summary says it did not get (its "every claim of ..." placeholder row): a summary with every claim row has
     none, and one table per paper with at least one row."""
-    import re
-
     tables = re.findall(r'<table class="claims">.*?</table>', html_text, flags=re.S)
     rows = [len(re.findall(r"<tr><td>", table)) for table in tables]
     verdicts = {}

@@ -1,13 +1,15 @@
 """The package layout rule of DEVELOPERS.md: library code never imports the workflow stages or the command line.
 
 `stages/` (one module per paper) and `cli` compose the library; if a library module imported them, the library
-would depend on workflow plumbing and the next paper's code would start reaching into the last one's jobs."""
+would depend on workflow plumbing and the next paper's code would start reaching into the last one's jobs.
+`rehearsal/` is workflow side too: it writes a preset's files, runs its whole DAG and projects the preset's jobs
+(it reads the stages' plan), so no library module may import it either."""
 
 import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "diffrobust"
-WORKFLOW_SIDE = ("diffrobust.stages", "diffrobust.cli", "diffrobust.__main__")
+WORKFLOW_SIDE = ("diffrobust.stages", "diffrobust.cli", "diffrobust.__main__", "diffrobust.rehearsal")
 
 
 def imported_modules(path):
@@ -23,7 +25,7 @@ def imported_modules(path):
 
 def test_library_modules_never_import_stages_or_cli():
     library = [path for path in PACKAGE.rglob("*.py")
-               if path.parts[len(PACKAGE.parts)] not in ("stages", "cli.py", "__main__.py")]
+               if path.parts[len(PACKAGE.parts)] not in ("stages", "rehearsal", "cli.py", "__main__.py")]
     assert len(library) > 20
     offenders = {str(path.relative_to(PACKAGE)): sorted(name for name in imported_modules(path)
                                                        if name.startswith(WORKFLOW_SIDE))
